@@ -1,0 +1,339 @@
+"""Policy registry: every policy version is a directory of safetensors + tokenizer + manifest.
+
+    <root>/v3/model.safetensors   weights (tied output weight omitted)
+    <root>/v3/tokenizer.json      the tokenizer the weights were trained with
+    <root>/v3/manifest.json       config, parent version, sha256 + size of each file, metrics
+
+Publishing writes a hidden temp directory, fsyncs every file and the directory, then renames it
+into place, so a reader sees a whole version or none. Loading re-hashes every file and refuses
+a missing, truncated or tampered one with a ``CheckpointError`` naming the version and file.
+No pickle: weights are safetensors, imports use ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from shared.model import PaLM, PaLMConfig
+from shared.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "palmchat-policy/1"
+MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = "model.safetensors", "tokenizer.json", "manifest.json"
+_VERSION_RE = re.compile(r"^v(\d+)$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(Exception):
+    """A policy version that cannot be used; the message names the version and the file."""
+
+    def __init__(self, version: str, reason: str, file: str | None = None) -> None:
+        self.version, self.file, self.reason = version, file, reason
+        where = f"{version}/{file}" if file else version
+        super().__init__(f"policy version {where}: {reason}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A verified, loaded policy version."""
+
+    version: str
+    model: PaLM
+    tokenizer: Tokenizer
+    manifest: dict[str, Any]
+
+    @property
+    def config(self) -> PaLMConfig:
+        return self.model.config
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PolicyRegistry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- listing -----------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Published versions, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p.name)
+            for p in self.root.iterdir()
+            if p.is_dir() and (m := _VERSION_RE.match(p.name))
+        ]
+        return [name for _, name in sorted(found)]
+
+    def latest(self) -> str | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def path(self, version: str) -> Path:
+        if not _VERSION_RE.match(version):
+            raise CheckpointError(version, "not a version name (expected v<number>)")
+        return self.root / version
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(
+        self,
+        model: PaLM,
+        tokenizer: Tokenizer,
+        *,
+        parent: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        dtype: str = "float32",
+        recipe: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Atomically add a new version and return its name."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            params = {name for name, _ in model.named_parameters()}
+            # only weights are narrowed; rotary/norm buffers stay float32 (precision matters)
+            state = {
+                k: v.detach().to("cpu", _DTYPES[dtype] if k in params else v.dtype).contiguous()
+                for k, v in model.state_dict_for_save().items()
+            }
+            save_file(state, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            files = {
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in (MODEL_FILE, TOKENIZER_FILE)
+            }
+            manifest = {
+                "format": FORMAT,
+                "parent": parent,
+                "created_at": datetime.now(UTC).isoformat(),
+                "config": model.config.to_dict(),
+                "dtype": dtype,
+                "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+                "num_params": model.num_params(),
+                "files": files,
+                "metrics": dict(metrics or {}),
+                "recipe": dict(recipe or {}),
+            }
+            return self._commit(tmp, manifest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, tmp: Path, manifest: dict[str, Any]) -> str:
+        while True:
+            latest = self.latest()
+            version = f"v{int(latest[1:]) + 1 if latest else 1}"
+            manifest["version"] = version
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            for name in (MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE):
+                _fsync(tmp / name)
+            _fsync(tmp)
+            try:
+                # rename onto an existing non-empty directory fails: another publisher won the name
+                os.rename(tmp, self.root / version)
+            except OSError:
+                if (self.root / version).exists():
+                    continue
+                raise
+            _fsync(self.root)
+            log.info("published policy %s (parent %s)", version, manifest.get("parent"))
+            return version
+
+    def install(self, source_dir: str | Path, *, parent: str | None = None) -> str:
+        """Copy a verified version directory from elsewhere (e.g. the bundled seed) in."""
+        source = Path(source_dir)
+        manifest = _verify_dir(source, source.name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        shutil.copytree(source, tmp)
+        try:
+            manifest["parent"] = parent if parent is not None else manifest.get("parent")
+            manifest["installed_from"] = manifest.get("version")
+            return self._commit(tmp, manifest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- loading -----------------------------------------------------------------------------
+    def verify(self, version: str) -> dict[str, Any]:
+        """Check every file of a version against its manifest; return the manifest."""
+        return _verify_dir(self.path(version), version)
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        return _read_manifest(self.path(version), version)
+
+    def load(
+        self, version: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Policy:
+        return load_policy_dir(self.path(version), version, device=device, dtype=dtype)
+
+
+def _read_manifest(directory: Path, version: str) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise CheckpointError(version, f"not found in {directory.parent}")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(version, "missing", MANIFEST_FILE)
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(version, f"not valid JSON ({e})", MANIFEST_FILE) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(version, f"not a {FORMAT} manifest", MANIFEST_FILE)
+    for key in ("config", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise CheckpointError(version, f"manifest lacks {key!r}", MANIFEST_FILE)
+    return manifest
+
+
+def _verify_dir(directory: Path, version: str) -> dict[str, Any]:
+    manifest = _read_manifest(directory, version)
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        expected = manifest["files"].get(name)
+        path = directory / name
+        if not isinstance(expected, dict):
+            raise CheckpointError(version, "not listed in the manifest", name)
+        if not path.is_file():
+            raise CheckpointError(version, "missing", name)
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(
+                version,
+                f"truncated or resized: {size} bytes, manifest says {expected.get('bytes')}",
+                name,
+            )
+        if sha256_file(path) != expected.get("sha256"):
+            raise CheckpointError(version, "sha256 mismatch: file was modified", name)
+    return manifest
+
+
+def load_policy_dir(
+    directory: Path,
+    version: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Policy:
+    manifest = _verify_dir(directory, version)
+    try:
+        config = PaLMConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(version, f"bad config: {e}", MANIFEST_FILE) from None
+    try:
+        tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+    except TokenizerError as e:
+        raise CheckpointError(version, str(e), TOKENIZER_FILE) from None
+    if tokenizer.vocab_size > config.num_tokens:
+        raise CheckpointError(
+            version,
+            f"tokenizer has {tokenizer.vocab_size} ids, model only {config.num_tokens}",
+            TOKENIZER_FILE,
+        )
+    try:
+        state = load_file(str(directory / MODEL_FILE))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(version, f"unreadable safetensors: {e}", MODEL_FILE) from None
+    model = PaLM(config)
+    try:
+        model.load_saved_state({k: v.float() for k, v in state.items()})
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(version, f"weights do not fit the config: {e}", MODEL_FILE) from None
+    model = model.to(device=device, dtype=dtype).eval()
+    return Policy(version=version, model=model, tokenizer=tokenizer, manifest=manifest)
+
+
+def config_from_palm_state_dict(
+    state: Mapping[str, torch.Tensor], xpos_scale_base: int = 512, max_seq_len: int = 1024
+) -> PaLMConfig:
+    """Infer a PaLMConfig from a PaLM-rlhf-pytorch state dict's tensor shapes."""
+    try:
+        num_tokens, dim = state["token_emb.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+        dim_head = state["layers.0.fn.rotary_emb.inv_freq"].shape[0] * 2
+        attn_inner = state["layers.0.fn.attn_out.weight"].shape[1]
+        ff_inner = state["layers.0.fn.ff_out.2.weight"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"not a PaLM-rlhf-pytorch state dict: missing {e}") from None
+    return PaLMConfig(
+        num_tokens=int(num_tokens),
+        dim=int(dim),
+        depth=depth,
+        heads=attn_inner // dim_head,
+        dim_head=int(dim_head),
+        ff_mult=ff_inner // dim,
+        qk_rmsnorm="layers.0.fn.q_scale" in state,
+        xpos_scale_base=xpos_scale_base,
+        max_seq_len=max_seq_len,
+    )
+
+
+def import_palm_state_dict(
+    registry: PolicyRegistry,
+    path: str | Path,
+    *,
+    xpos_scale_base: int = 512,
+    max_seq_len: int = 1024,
+) -> str:
+    """Publish a ``torch.save``d PaLM-rlhf-pytorch state dict as a new version (byte tokenizer)."""
+    from shared.tokenizer import ByteTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or pickled-object files
+        raise ValueError(
+            f"{path}: not a weights-only torch state dict ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(f"{path}: expected a mapping of tensor names to tensors")
+    lora = [k for k in state if k.startswith("finetune_modules.")]
+    if lora:
+        log.warning("dropping %d LoRA finetune tensors from %s", len(lora), path)
+    state = {k: v for k, v in state.items() if not k.startswith("finetune_modules.")}
+    config = config_from_palm_state_dict(state, xpos_scale_base, max_seq_len)
+    model = PaLM(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match a PaLM of {config}: {e}") from None
+    return registry.publish(
+        model,
+        ByteTokenizer(config.num_tokens),
+        metrics={},
+        recipe={"imported_from": str(path.resolve()), "source": "palm-rlhf-pytorch"},
+    )

@@ -1,0 +1,48 @@
+"""The one settings object for every palmchat process.
+
+Values come from the environment (prefix ``PALMCHAT_``) or a ``.env`` file, e.g.
+``PALMCHAT_DATA_DIR=/srv/palmchat palmchat up``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PALMCHAT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        Path("./palmchat-data"), description="Where the DB, registry and logs live."
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means a SQLite file in the data dir."
+    )
+    registry_dir: Path | None = Field(
+        None, description="Policy registry root; empty means <data_dir>/policies."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    kv_cache_memory_mb: int = Field(256, description="Memory budget of the paged KV cache.")
+    max_waiting: int = Field(
+        256, description="Waiting-queue bound; beyond it requests are refused."
+    )
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'palmchat.db').as_posix()}"
+        if self.registry_dir is None:
+            self.registry_dir = self.data_dir / "policies"
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
