@@ -8,7 +8,6 @@ is dropped afterwards. Deselect the latter with ``-m "not postgres"``.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -41,26 +40,6 @@ from shared.schema import (
     TrainingRun,
     User,
 )
-
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A freshly created, uniquely named PostgreSQL database, dropped at teardown."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"palmchat_test_{uuid.uuid4().hex[:16]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 not reachable: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(
