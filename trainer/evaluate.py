@@ -1,0 +1,61 @@
+"""Held-out evaluation of a policy on the synthetic tasks: correctness and scripted-rater score.
+
+Used after pretraining (recorded in the manifest) and by the promotion gate: the gate guards
+capability (answers still right), the feedback decides style.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from shared.generate import generate_replies
+from shared.model import PaLM
+from shared.rater import ScriptedRater, is_correct
+from shared.tasks import TaskGenerator
+from shared.tokenizer import Tokenizer
+
+
+@dataclass
+class HeldoutReport:
+    n: int
+    correct_rate: float
+    rater_score: float
+    per_family_correct: dict[str, float] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def evaluate_heldout(
+    model: PaLM,
+    tokenizer: Tokenizer,
+    *,
+    n: int = 200,
+    seed: int = 12345,
+    preference: str = "courteous",
+    max_new_tokens: int = 64,
+) -> HeldoutReport:
+    """Greedy answers to ``n`` held-out prompts (never seen in training), scored by the rater."""
+    tasks = list(TaskGenerator(seed).iter_tasks(n, split="heldout"))
+    was_training = model.training
+    model.eval()
+    replies = generate_replies(
+        model, tokenizer, [t.messages for t in tasks], max_new_tokens=max_new_tokens
+    )
+    model.train(was_training)
+    rater = ScriptedRater(preference)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    scores = []
+    for task, reply in zip(tasks, replies, strict=True):
+        hits[task.family].append(bool(is_correct(task.messages, reply)))
+        scores.append(rater.rate(task.messages, reply))
+    all_hits = [h for v in hits.values() for h in v]
+    return HeldoutReport(
+        n=len(tasks),
+        correct_rate=sum(all_hits) / max(len(all_hits), 1),
+        rater_score=sum(scores) / max(len(scores), 1),
+        per_family_correct={k: sum(v) / len(v) for k, v in sorted(hits.items())},
+        examples=[
+            {"prompt": t.messages[-1]["content"], "reply": r}
+            for t, r in zip(tasks[:5], replies[:5], strict=True)
+        ],
+    )
