@@ -23,8 +23,10 @@ app = typer.Typer(
 )
 policies_app = typer.Typer(help="List, verify and import policy versions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(policies_app, name="policies")
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 
 console = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -77,6 +79,11 @@ def up(data_dir: DataDir = None) -> None:
     console.print(f"database: {settings.database_url}")
     console.print(f"active policy: {policy.version} ({policy.model.num_params():,} parameters)")
     console.print(f"smoke test: 'What is 2 + 3?' -> {reply!r}")
+    from shared.keys import create_key, has_admin_key
+
+    if not has_admin_key(prepared.engine):
+        key = create_key(prepared.engine, "admin", admin=True)
+        console.print(f"first admin API key (shown once, store it): {key}")
     console.print("Talk to it with: palmchat chat")
 
 
@@ -309,6 +316,55 @@ def db_upgrade(
         console.print(f"database at revision {current_revision(settings.database_url)}")
     except DatabaseError as e:
         _fail(str(e))
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option(help="User name the key belongs to (created if new).")],
+    admin: Annotated[bool, typer.Option("--admin", help="Give the key the admin role.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an API key and print it. Only its hash is stored: it cannot be shown again."""
+    from shared.db import DatabaseError, init_db
+    from shared.keys import create_key
+
+    settings = _settings(data_dir)
+    try:
+        key = create_key(init_db(settings.database_url), user, admin=admin)
+    except (ValueError, DatabaseError) as e:
+        _fail(str(e))
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List keys by user and display prefix (the keys themselves are not stored)."""
+    from shared.db import init_db
+    from shared.keys import list_keys
+
+    for user, prefix, is_admin, revoked in list_keys(init_db(_settings(data_dir).database_url)):
+        flags = ",".join(f for f, on in (("admin", is_admin), ("revoked", revoked)) if on)
+        typer.echo(f"{user}\t{prefix}\t{flags}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[
+        str, typer.Argument(help="The key, or its 8-character prefix from `keys list`.")
+    ],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke a key; it stops working at once."""
+    from shared.db import init_db
+    from shared.keys import revoke_key
+
+    try:
+        n = revoke_key(init_db(_settings(data_dir).database_url), prefix)
+    except ValueError as e:
+        _fail(str(e))
+    if n == 0:
+        _fail(f"no live key with prefix {prefix[:8]!r}")
+    typer.echo(f"revoked {n} key(s)")
 
 
 def main() -> None:  # pragma: no cover - console entry

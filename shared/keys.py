@@ -1,0 +1,106 @@
+"""API keys: create (printed once, only the hash stored), resolve, revoke.
+
+A key is ``pc-`` followed by 40 url-safe random characters. Lookups go by the key's SHA-256,
+and the stored hash is compared again with ``hmac.compare_digest`` so the check does not leak
+timing about how much of a guess was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from shared.db import session
+from shared.schema import ApiKey, User, utcnow
+
+KEY_PREFIX = "pc-"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved from an API key."""
+
+    user_id: int
+    user_name: str
+    key_id: int
+    is_admin: bool
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(30)
+
+
+def create_key(engine: Engine, user_name: str, *, admin: bool = False) -> str:
+    """Create (or reuse) the user and a new key for them; return the key — shown only once."""
+    user_name = user_name.strip()
+    if not user_name or len(user_name) > 64:
+        raise ValueError("user name must be 1-64 characters")
+    key = new_key()
+    with session(engine) as s:
+        user = s.exec(select(User).where(User.name == user_name)).first()
+        if user is None:
+            user = User(name=user_name)
+            s.add(user)
+            s.flush()
+        s.add(
+            ApiKey(user_id=user.id, key_hash=ApiKey.hash_key(key), prefix=key[:8], is_admin=admin)
+        )
+    return key
+
+
+def resolve_key(engine: Engine, key: str) -> Principal | None:
+    """The principal for a live key, or None for an unknown or revoked one."""
+    if not key or len(key) > 200:
+        return None
+    digest = ApiKey.hash_key(key)
+    with session(engine) as s:
+        row = s.exec(
+            select(ApiKey, User)
+            .join(User, User.id == ApiKey.user_id)
+            .where(ApiKey.key_hash == digest)
+        ).first()
+        if row is None:
+            return None
+        api_key, user = row
+        if not hmac.compare_digest(api_key.key_hash, digest) or api_key.revoked_at is not None:
+            return None
+        return Principal(
+            user_id=user.id, user_name=user.name, key_id=api_key.id, is_admin=api_key.is_admin
+        )
+
+
+def revoke_key(engine: Engine, prefix: str) -> int:
+    """Revoke every live key starting with ``prefix`` (at least 8 characters); return how many."""
+    if len(prefix) < 8:
+        raise ValueError("give at least the 8-character key prefix shown by `keys list`")
+    with session(engine) as s:
+        rows = s.exec(
+            select(ApiKey).where(ApiKey.prefix == prefix[:8], ApiKey.revoked_at.is_(None))
+        ).all()
+        for row in rows:
+            row.revoked_at = utcnow()
+            s.add(row)
+        return len(rows)
+
+
+def list_keys(engine: Engine) -> list[tuple[str, str, bool, bool]]:
+    """(user, prefix, is_admin, revoked) for every key."""
+    with session(engine) as s:
+        rows = s.exec(
+            select(ApiKey, User).join(User, User.id == ApiKey.user_id).order_by(ApiKey.id)
+        ).all()
+        return [(u.name, k.prefix, k.is_admin, k.revoked_at is not None) for k, u in rows]
+
+
+def has_admin_key(engine: Engine) -> bool:
+    with session(engine) as s:
+        return (
+            s.exec(
+                select(ApiKey).where(ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None))
+            ).first()
+            is not None
+        )
