@@ -186,6 +186,28 @@ class PolicyRegistry:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def export(self, version: str, dest: str | Path, *, dtype: str = "float32") -> Path:
+        """Write a verified copy of ``version`` (optionally narrowed to float16/bfloat16) to
+        ``dest``, keeping its parent, metrics and recipe. ``dest`` must not exist yet."""
+        dest = Path(dest)
+        if dest.exists():
+            raise ValueError(f"{dest} already exists")
+        policy = self.load(version)
+        staging = PolicyRegistry(dest.parent / f".export-{uuid.uuid4().hex}")
+        try:
+            name = staging.publish(
+                policy.model,
+                policy.tokenizer,
+                parent=policy.manifest.get("parent"),
+                metrics=policy.manifest.get("metrics"),
+                recipe=policy.manifest.get("recipe"),
+                dtype=dtype,
+            )
+            os.rename(staging.root / name, dest)
+        finally:
+            shutil.rmtree(staging.root, ignore_errors=True)
+        return dest
+
     # -- loading -----------------------------------------------------------------------------
     def verify(self, version: str) -> dict[str, Any]:
         """Check every file of a version against its manifest; return the manifest."""

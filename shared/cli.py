@@ -301,6 +301,24 @@ def policies_import_palm(
     console.print(f"imported {path} as {version} (status candidate)")
 
 
+@policies_app.command("export")
+def policies_export(
+    version: Annotated[str, typer.Argument(help="Version to export, e.g. v3.")],
+    dest: Annotated[Path, typer.Argument(help="Directory to create with the version's files.")],
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 weights.")] = "float32",
+    data_dir: DataDir = None,
+) -> None:
+    """Copy a verified version out of the registry (backups; the bundled seed is made this way)."""
+    from shared.checkpoints import CheckpointError, PolicyRegistry
+
+    registry = PolicyRegistry(_settings(data_dir).registry_dir)
+    try:
+        path = registry.export(version, dest, dtype=dtype)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"exported {version} to {path} ({dtype})")
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     data_dir: DataDir = None,

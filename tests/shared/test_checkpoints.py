@@ -175,3 +175,22 @@ def test_cli_import_palm_then_verify(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "sha256 mismatch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_export_writes_a_verified_copy_that_installs_as_a_new_version(
+    tmp_path: Path, model: PaLM
+) -> None:
+    registry = PolicyRegistry(tmp_path / "a")
+    version = registry.publish(model, ByteTokenizer(300), metrics={"m": 1})
+    out = registry.export(version, tmp_path / "copy", dtype="float16")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    other = PolicyRegistry(tmp_path / "b")
+    installed = other.install(out)
+    policy = other.load(installed)
+    assert policy.manifest["metrics"] == {"m": 1} and policy.manifest["dtype"] == "float16"
+    with pytest.raises(ValueError, match="exists"):
+        registry.export(version, out)
