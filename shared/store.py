@@ -1,0 +1,542 @@
+"""Conversation log and feedback store, shared by the API server and the trainer.
+
+Plain synchronous functions over a SQLAlchemy ``Engine``; each call is one short
+transaction (the API runs them in a worker thread). Data of other users is reported as
+:class:`NotFound`, like data that does not exist, so ids cannot be probed.
+
+Decisions worth knowing:
+
+* Continuing a conversation stores the request's messages after its last assistant message
+  as children of an *anchor*: the stored assistant message whose text equals the request's
+  last assistant message (newest first), else the best choice of this user's ranking of the
+  newest completion, else the newest assistant message. A stored message with the same role
+  and text under the same parent is reused, so a regeneration (same history sent again)
+  becomes a sibling of the earlier answer, under the same prompt.
+* A ranking may list all choices of a completion or a subset of at least two (unlisted
+  choices stay unranked); indices must be distinct.
+* Exports cover soft-deleted conversations too (rows stay for training) and skip incomplete
+  rated messages. They are generators that read in short, separate transactions, so they can
+  be consumed lazily from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from shared.db import session
+from shared.schema import Conversation, Feedback, Message, Ranking, utcnow
+
+TITLE_MAX = 60
+REASON_MAX = 2000
+LIST_MAX = 500
+_PAGE = 500
+
+
+class NotFound(Exception):
+    """No such object for this user (also for other users' objects)."""
+
+
+class Invalid(ValueError):
+    """The request is malformed (bad rating, bad ranking, bad messages)."""
+
+
+@dataclass
+class LoggedChoice:
+    """One generated candidate of a completion request."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int | None
+    logprobs: Any | None = None
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def _content(message: dict[str, Any]) -> str:
+    """Text of an OpenAI-style message; content parts are concatenated."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    raise Invalid("message content must be a string or a list of parts")
+
+
+def _role(message: dict[str, Any]) -> str:
+    role = message.get("role")
+    role = "system" if role == "developer" else role
+    if role not in ("system", "user", "assistant"):
+        raise Invalid(f"unsupported message role {role!r}")
+    return role
+
+
+def _title(messages: list[dict[str, Any]]) -> str:
+    for m in messages:
+        if m.get("role") == "user":
+            text = " ".join(_content(m).split())
+            return text if len(text) <= TITLE_MAX else text[: TITLE_MAX - 1] + "…"
+    return ""
+
+
+def _own_conversation(s: Session, user_id: int, conversation_id: str) -> Conversation:
+    conv = s.get(Conversation, conversation_id)
+    if conv is None or conv.user_id != user_id or conv.deleted_at is not None:
+        raise NotFound(f"conversation {conversation_id} not found")
+    return conv
+
+
+def _anchor(s: Session, conv: Conversation, user_id: int, reply: str | None) -> Message | None:
+    """The stored message a continuation hangs under (see the module docstring)."""
+    assistants = s.exec(
+        select(Message)
+        .where(Message.conversation_id == conv.id, Message.role == "assistant")
+        .order_by(col(Message.id).desc())
+    ).all()
+    for m in assistants if reply is not None else ():
+        if m.content == reply:
+            return m
+    if assistants:
+        newest = assistants[0]
+        ranking = s.exec(
+            select(Ranking).where(
+                Ranking.completion_id == newest.completion_id, Ranking.user_id == user_id
+            )
+        ).first()
+        if ranking is not None and ranking.ranking:
+            best = s.get(Message, ranking.ranking[0])
+            if best is not None and best.conversation_id == conv.id:
+                return best
+        return newest
+    return s.exec(
+        select(Message).where(Message.conversation_id == conv.id).order_by(col(Message.id).desc())
+    ).first()
+
+
+def log_completion(
+    engine: Engine,
+    *,
+    user_id: int,
+    completion_id: str,
+    messages: list[dict[str, Any]],
+    choices: list[LoggedChoice],
+    prompt_tokens: int | None,
+    policy_version: str | None,
+    sampling_params: dict[str, Any],
+    latency_ms: float | None,
+    incomplete: bool = False,
+    conversation_id: str | None = None,
+) -> str:
+    """Store a completion request and its choices; return the conversation id.
+
+    Idempotent on ``completion_id``: a repeated call returns the existing conversation.
+    """
+    if not choices:
+        raise Invalid("a completion needs at least one choice")
+    if len({c.index for c in choices}) != len(choices):
+        raise Invalid("choice indices must be distinct")
+    if conversation_id is None and not messages:
+        raise Invalid("a new conversation needs at least one prompt message")
+    try:
+        with session(engine) as s:
+            existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()
+            if existing is not None:
+                return _existing_conversation(s, existing, user_id)
+            if conversation_id is None:
+                conv = Conversation(user_id=user_id, title=_title(messages))
+                s.add(conv)
+                s.flush()
+                parent_id, new = None, messages
+            else:
+                conv = _own_conversation(s, user_id, conversation_id)
+                last = max(
+                    (i for i, m in enumerate(messages) if m.get("role") == "assistant"),
+                    default=-1,
+                )
+                reply = _content(messages[last]) if last >= 0 else None
+                anchor = _anchor(s, conv, user_id, reply)
+                parent_id, new = (anchor.id if anchor else None), messages[last + 1 :]
+                conv.updated_at = utcnow()
+                s.add(conv)
+            for m in new:
+                role, content = _role(m), _content(m)
+                row = None
+                if conversation_id is not None and parent_id is not None:
+                    row = s.exec(
+                        select(Message).where(
+                            Message.parent_id == parent_id,
+                            Message.role == role,
+                            Message.content == content,
+                        )
+                    ).first()
+                if row is None:
+                    row = Message(
+                        conversation_id=conv.id, parent_id=parent_id, role=role, content=content
+                    )
+                    s.add(row)
+                    s.flush()
+                parent_id = row.id
+            for c in sorted(choices, key=lambda c: c.index):
+                s.add(
+                    Message(
+                        conversation_id=conv.id,
+                        parent_id=parent_id,
+                        role="assistant",
+                        content=c.text,
+                        policy_version=policy_version,
+                        sampling_params=sampling_params,
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=c.completion_tokens,
+                        completion_id=completion_id,
+                        choice_index=c.index,
+                        finish_reason=c.finish_reason,
+                        logprobs=c.logprobs,
+                        latency_ms=latency_ms,
+                        incomplete=incomplete,
+                    )
+                )
+            s.flush()
+            return conv.id
+    except IntegrityError:
+        # A concurrent retry of the same completion won the race.
+        with session(engine) as s:
+            existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()
+            if existing is None:
+                raise
+            return _existing_conversation(s, existing, user_id)
+
+
+def _existing_conversation(s: Session, message: Message, user_id: int) -> str:
+    conv = s.get(Conversation, message.conversation_id)
+    if conv is None or conv.user_id != user_id:
+        raise Invalid(f"completion id {message.completion_id} is already used")
+    return conv.id
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def list_conversations(
+    engine: Engine, user_id: int, limit: int = 50, before: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The user's live conversations, most recently updated first.
+
+    Page with ``before`` = the ``updated_at`` of the last conversation of the previous page.
+    """
+    if limit < 1:
+        raise Invalid("limit must be positive")
+    query = select(Conversation).where(
+        Conversation.user_id == user_id, col(Conversation.deleted_at).is_(None)
+    )
+    if before is not None:
+        query = query.where(Conversation.updated_at < before)
+    query = query.order_by(col(Conversation.updated_at).desc(), col(Conversation.id).desc())
+    with session(engine) as s:
+        rows = s.exec(query.limit(min(limit, LIST_MAX))).all()
+        return [
+            {"id": c.id, "title": c.title, "created_at": c.created_at, "updated_at": c.updated_at}
+            for c in rows
+        ]
+
+
+def get_conversation(engine: Engine, user_id: int, conversation_id: str) -> dict[str, Any]:
+    """A conversation with all its messages in creation order and the user's ratings."""
+    with session(engine) as s:
+        conv = _own_conversation(s, user_id, conversation_id)
+        rows = s.exec(
+            select(Message, Feedback.rating)
+            .join(
+                Feedback,
+                (Feedback.message_id == Message.id) & (Feedback.user_id == user_id),
+                isouter=True,
+            )
+            .where(Message.conversation_id == conv.id)
+            .order_by(col(Message.id))
+        ).all()
+        fields = ("id", "parent_id", "role", "content", "policy_version", "completion_id")
+        fields += ("choice_index", "finish_reason", "incomplete", "created_at")
+        return {
+            "id": conv.id,
+            "title": conv.title,
+            "created_at": conv.created_at,
+            "updated_at": conv.updated_at,
+            "messages": [{**{f: getattr(m, f) for f in fields}, "rating": r} for m, r in rows],
+        }
+
+
+def delete_conversation(engine: Engine, user_id: int, conversation_id: str) -> None:
+    """Soft-delete a conversation (rows stay for training)."""
+    with session(engine) as s:
+        conv = _own_conversation(s, user_id, conversation_id)
+        conv.deleted_at = utcnow()
+        s.add(conv)
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+def _insert(s: Session) -> Any:
+    """The dialect's INSERT construct with ``on_conflict_do_update``."""
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"upsert not supported on {name}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def record_feedback(
+    engine: Engine,
+    *,
+    user_id: int,
+    completion_id: str,
+    choice_index: int,
+    rating: int,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """Record (or replace) the user's thumbs up (+1) or down (-1) on one choice."""
+    if not _is_int(rating) or rating not in (-1, 1):
+        raise Invalid("rating must be 1 or -1")
+    reason = (reason or "").strip() or None
+    if reason is not None and len(reason) > REASON_MAX:
+        raise Invalid(f"reason is longer than {REASON_MAX} characters")
+    with session(engine) as s:
+        message = s.exec(
+            select(Message)
+            .join(Conversation, col(Conversation.id) == Message.conversation_id)
+            .where(
+                Message.completion_id == completion_id,
+                Message.choice_index == choice_index,
+                Conversation.user_id == user_id,
+                col(Conversation.deleted_at).is_(None),
+            )
+        ).first()
+        if message is None:
+            raise NotFound(f"choice {choice_index} of {completion_id} not found")
+        now = utcnow()
+        values = {"rating": rating, "reason": reason, "updated_at": now}
+        stmt = _insert(s)(Feedback.__table__).values(
+            message_id=message.id, user_id=user_id, created_at=now, **values
+        )
+        s.execute(stmt.on_conflict_do_update(index_elements=["message_id", "user_id"], set_=values))
+        row = s.exec(
+            select(Feedback).where(Feedback.message_id == message.id, Feedback.user_id == user_id)
+        ).one()
+        s.refresh(row)
+        return {
+            "id": row.id,
+            "message_id": row.message_id,
+            "completion_id": completion_id,
+            "choice_index": choice_index,
+            "rating": row.rating,
+            "reason": row.reason,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
+
+
+def record_ranking(
+    engine: Engine, *, user_id: int, completion_id: str, ranking: list[int]
+) -> dict[str, Any]:
+    """Record (or replace) the user's ordering, best first, of a completion's choices."""
+    if not isinstance(ranking, list) or not all(_is_int(i) for i in ranking):
+        raise Invalid("ranking must be a list of choice indices")
+    with session(engine) as s:
+        choices = s.exec(
+            select(Message)
+            .join(Conversation, col(Conversation.id) == Message.conversation_id)
+            .where(
+                Message.completion_id == completion_id,
+                Conversation.user_id == user_id,
+                col(Conversation.deleted_at).is_(None),
+            )
+        ).all()
+        if not choices:
+            raise NotFound(f"completion {completion_id} not found")
+        by_index = {m.choice_index: m.id for m in choices}
+        if len(ranking) < 2 or len(set(ranking)) != len(ranking):
+            raise Invalid("ranking must list at least two distinct choice indices")
+        if not set(ranking) <= by_index.keys():
+            raise Invalid(f"ranking must use choice indices of {completion_id}: {sorted(by_index)}")
+        ids = [by_index[i] for i in ranking]
+        stmt = _insert(s)(Ranking.__table__).values(
+            completion_id=completion_id, user_id=user_id, ranking=ids, created_at=utcnow()
+        )
+        s.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["completion_id", "user_id"], set_={"ranking": ids}
+            )
+        )
+        row = s.exec(
+            select(Ranking).where(
+                Ranking.completion_id == completion_id, Ranking.user_id == user_id
+            )
+        ).one()
+        s.refresh(row)
+        return {
+            "id": row.id,
+            "completion_id": completion_id,
+            "ranking": list(ranking),
+            "message_ids": list(row.ranking),
+            "created_at": row.created_at,
+        }
+
+
+# --------------------------------------------------------------------------- exports
+
+_Node = tuple[int | None, str, str, bool]  # parent_id, role, content, incomplete
+
+
+def _threads(s: Session, message_ids: Iterable[int]) -> dict[int, _Node]:
+    """All messages of the conversations holding ``message_ids``, by id."""
+    conv_ids = select(Message.conversation_id).where(col(Message.id).in_(list(message_ids)))
+    rows = s.exec(
+        select(
+            Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
+        ).where(col(Message.conversation_id).in_(conv_ids))
+    ).all()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def _prompt(nodes: dict[int, _Node], message_id: int) -> list[dict[str, str]]:
+    """The path from the root to the parent of ``message_id``, as chat messages."""
+    path: list[dict[str, str]] = []
+    parent = nodes[message_id][0]
+    while parent is not None and len(path) <= len(nodes):
+        p_parent, role, content, _ = nodes[parent]
+        path.append({"role": role, "content": content})
+        parent = p_parent
+    return path[::-1]
+
+
+def _reply(nodes: dict[int, _Node], message_id: int) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": nodes[message_id][2]}]
+
+
+def _preference_pairs(engine: Engine, since_id: int) -> list[tuple[int, int]]:
+    """(chosen, rejected) message ids from rankings, then from up/down votes per prompt."""
+    pairs: list[tuple[int, int]] = []
+    with session(engine) as s:
+        for ids in s.exec(
+            select(Ranking.ranking).where(Ranking.id > since_id).order_by(col(Ranking.id))
+        ):
+            pairs += [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]]
+        votes = s.exec(
+            select(Feedback.id, Feedback.user_id, Feedback.rating, Message.id, Message.parent_id)
+            .join(Message, col(Message.id) == Feedback.message_id)
+            .where(Message.role == "assistant")
+            .order_by(col(Feedback.id))
+        ).all()
+    groups: dict[tuple[int | None, int], list[tuple[int, int, int]]] = {}
+    for fid, uid, rating, mid, parent in votes:
+        groups.setdefault((parent, uid), []).append((fid, rating, mid))
+    for group in groups.values():
+        for fu, ru, mu in group:
+            for fd, rd, md in group:
+                if ru > 0 > rd and max(fu, fd) > since_id:
+                    pairs.append((mu, md))
+    return pairs
+
+
+def export_preference(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL preference rows ``{"prompt", "chosen", "rejected"}`` (conversational form).
+
+    Every ordered pair of every ranking with id > ``since_id``, then every (thumbs-up,
+    thumbs-down) pair of one user's votes on siblings (same parent message) where either vote
+    has id > ``since_id``. Rankings and feedback have separate id sequences. Pairs already
+    yielded are not repeated; pairs touching an incomplete message are skipped.
+    """
+    seen: set[tuple[int, int]] = set()
+    pairs = [p for p in _preference_pairs(engine, since_id) if not (p in seen or seen.add(p))]
+    for start in range(0, len(pairs), _PAGE):
+        chunk = pairs[start : start + _PAGE]
+        with session(engine) as s:
+            nodes = _threads(s, {m for pair in chunk for m in pair})
+        rows = []
+        for chosen, rejected in chunk:
+            if (
+                chosen not in nodes
+                or rejected not in nodes
+                or nodes[chosen][3]
+                or nodes[rejected][3]
+            ):
+                continue
+            rows.append(
+                {
+                    "prompt": _prompt(nodes, chosen),
+                    "chosen": _reply(nodes, chosen),
+                    "rejected": _reply(nodes, rejected),
+                }
+            )
+        yield from rows
+
+
+def _rated(
+    engine: Engine, since_id: int, up_only: bool
+) -> Iterator[tuple[dict[int, _Node], int, int]]:
+    """(threads, message id, rating) per feedback row on a complete assistant message."""
+    last = since_id
+    while True:
+        query = (
+            select(Feedback.id, Feedback.message_id, Feedback.rating)
+            .join(Message, col(Message.id) == Feedback.message_id)
+            .where(Feedback.id > last, Message.role == "assistant", ~col(Message.incomplete))
+        )
+        if up_only:
+            query = query.where(Feedback.rating > 0)
+        with session(engine) as s:
+            rows = s.exec(query.order_by(col(Feedback.id)).limit(_PAGE)).all()
+            nodes = _threads(s, {r[1] for r in rows}) if rows else {}
+        if not rows:
+            return
+        for _, mid, rating in rows:
+            yield nodes, mid, rating
+        last = rows[-1][0]
+
+
+def export_kto(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per vote."""
+    for nodes, mid, rating in _rated(engine, since_id, up_only=False):
+        yield {"prompt": _prompt(nodes, mid), "completion": _reply(nodes, mid), "label": rating > 0}
+
+
+def export_messages(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL conversational SFT rows ``{"messages": [...prompt, reply]}`` for thumbs-up replies."""
+    for nodes, mid, _ in _rated(engine, since_id, up_only=True):
+        yield {"messages": _prompt(nodes, mid) + _reply(nodes, mid)}
+
+
+def feedback_summary(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Votes per policy version: up, down, count and up_rate (``"unknown"`` if unversioned)."""
+    up = func.sum(case((col(Feedback.rating) > 0, 1), else_=0))
+    with session(engine) as s:
+        rows = s.exec(
+            select(Message.policy_version, up, func.count(col(Feedback.id)))
+            .join(Message, col(Message.id) == Feedback.message_id)
+            .group_by(Message.policy_version)
+        ).all()
+    return {
+        version or "unknown": {
+            "up": int(n_up),
+            "down": int(n) - int(n_up),
+            "count": int(n),
+            "up_rate": int(n_up) / int(n),
+        }
+        for version, n_up, n in rows
+    }
