@@ -8,6 +8,25 @@ from collections.abc import Iterator
 
 import pytest
 
+
+@pytest.fixture(scope="session")
+def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random-weight policy version (BPE tokenizer) to stand in for the bundled seed."""
+    import torch
+
+    from shared.checkpoints import PolicyRegistry
+    from shared.model import PaLM, PaLMConfig
+    from shared.tasks import sft_conversations
+    from shared.tokenizer import BPETokenizer
+
+    texts = [m["content"] for c in sft_conversations(300, seed=0) for m in c]
+    tok = BPETokenizer.train(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=tok.vocab_size, max_seq_len=256))
+    registry = PolicyRegistry(tmp_path_factory.mktemp("tiny-seed"))
+    return registry.path(registry.publish(model, tok))
+
+
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
 
 
@@ -33,3 +52,38 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class LiveServer:
+    """A real uvicorn server for an ASGI app on a free loopback port, run in a thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1") -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind((host, 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,67 @@
+"""Thumbs, rankings, and the admin export of feedback in TRL's dataset formats (JSONL)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from server.api.deps import Admin, CurrentUser, State
+from server.api.protocol import FeedbackRequest, RankingRequest
+from shared import store
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+_EXPORTS = {
+    "preference": store.export_preference,
+    "kto": store.export_kto,
+    "messages": store.export_messages,
+}
+
+
+@router.post("/feedback")
+async def post_feedback(body: FeedbackRequest, state: State, user: CurrentUser) -> dict[str, Any]:
+    row = await run_in_threadpool(
+        lambda: store.record_feedback(
+            state.db,
+            user_id=user.user_id,
+            completion_id=body.completion_id,
+            choice_index=body.choice_index,
+            rating=body.rating,
+            reason=body.reason,
+        )
+    )
+    return {"object": "feedback", **row}
+
+
+@router.post("/rankings")
+async def post_ranking(body: RankingRequest, state: State, user: CurrentUser) -> dict[str, Any]:
+    row = await run_in_threadpool(
+        lambda: store.record_ranking(
+            state.db, user_id=user.user_id, completion_id=body.completion_id, ranking=body.ranking
+        )
+    )
+    return {"object": "ranking", **row}
+
+
+@router.get("/feedback/export")
+async def export_feedback(
+    state: State,
+    _: Admin,
+    format: Annotated[Literal["preference", "kto", "messages"], Query()] = "preference",
+) -> StreamingResponse:
+    rows: Iterator[dict[str, Any]] = _EXPORTS[format](state.db)
+
+    async def lines() -> AsyncIterator[str]:
+        async for row in iterate_in_threadpool(rows):
+            yield json.dumps(row, default=str) + "\n"
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="feedback-{format}.jsonl"'},
+    )
