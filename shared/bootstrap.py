@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
 
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
-from shared.db import init_db, session
-from shared.schema import Policy as PolicyRow
-from shared.schema import utcnow
+from shared.db import init_db
+from shared.policies import activate, active_version, register_version
 
 log = logging.getLogger(__name__)
 
@@ -29,35 +27,6 @@ class Prepared:
     engine: Engine
     registry: PolicyRegistry
     active_version: str
-
-
-def active_version(engine: Engine) -> str | None:
-    with session(engine) as s:
-        row = s.exec(
-            select(PolicyRow)
-            .where(PolicyRow.status == "active")
-            .order_by(PolicyRow.activated_at.desc())
-        ).first()
-        return row.version if row else None
-
-
-def register_version(engine: Engine, registry: PolicyRegistry, version: str, status: str) -> None:
-    """Record a registry version in the ``policies`` table (no-op if already there)."""
-    manifest = registry.manifest(version)
-    with session(engine) as s:
-        if s.get(PolicyRow, version) is not None:
-            return
-        now = utcnow()
-        s.add(
-            PolicyRow(
-                version=version,
-                status=status,
-                parent_version=manifest.get("parent"),
-                metrics=manifest.get("metrics", {}),
-                created_at=now,
-                activated_at=now if status == "active" else None,
-            )
-        )
 
 
 def prepare(settings: Settings, seed_dir: Path = SEED_DIR) -> Prepared:
@@ -76,8 +45,5 @@ def prepare(settings: Settings, seed_dir: Path = SEED_DIR) -> Prepared:
     current = active_version(engine)
     if current is None:
         current = registry.versions()[0]
-        with session(engine) as s:
-            row = s.get(PolicyRow, current)
-            row.status, row.activated_at = "active", utcnow()
-            s.add(row)
+        activate(engine, registry, current)
     return Prepared(engine=engine, registry=registry, active_version=current)

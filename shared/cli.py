@@ -236,25 +236,51 @@ def pretrain(
 
 @policies_app.command("list")
 def policies_list(data_dir: DataDir = None) -> None:
-    """List the registry's versions with their status, parent and metrics."""
+    """List versions with status, parent, feedback count and thumbs-up rate."""
     from shared.bootstrap import prepare
+    from shared.policies import list_policies
 
     prepared = prepare(_settings(data_dir))
-    from sqlmodel import select
-
-    from shared.db import session
-    from shared.schema import Policy as PolicyRow
-
-    with session(prepared.engine) as s:
-        rows = {r.version: r for r in s.exec(select(PolicyRow)).all()}
-    for version in prepared.registry.versions():
-        row = rows.get(version)
-        manifest = prepared.registry.manifest(version)
-        console.print(
-            f"{version}\t{row.status if row else '-'}\tparent={manifest.get('parent')}\t"
-            f"params={manifest.get('num_params')}\tcreated={manifest.get('created_at')}",
-            highlight=False,
+    for p in list_policies(prepared.engine, prepared.registry):
+        rate = "-" if p["thumbs_up_rate"] is None else f"{p['thumbs_up_rate']:.2f}"
+        typer.echo(
+            f"{p['version']}\t{p['status']}\tparent={p['parent']}\t"
+            f"feedback={p['feedback_count']}\tup_rate={rate}"
         )
+
+
+@policies_app.command("activate")
+def policies_activate(
+    version: Annotated[str, typer.Argument(help="Version to serve, e.g. v3.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Make VERSION the active policy (running servers hot-swap to it within seconds)."""
+    from shared.bootstrap import prepare
+    from shared.checkpoints import CheckpointError
+    from shared.policies import activate
+    from shared.store import NotFound
+
+    prepared = prepare(_settings(data_dir))
+    try:
+        previous = activate(prepared.engine, prepared.registry, version)
+    except (CheckpointError, NotFound) as e:
+        _fail(str(e))
+    typer.echo(f"active: {version} (was {previous or version})")
+
+
+@policies_app.command("rollback")
+def policies_rollback(data_dir: DataDir = None) -> None:
+    """Re-activate the previously active version."""
+    from shared.bootstrap import prepare
+    from shared.policies import rollback
+    from shared.store import NotFound
+
+    prepared = prepare(_settings(data_dir))
+    try:
+        old, new = rollback(prepared.engine, prepared.registry)
+    except NotFound as e:
+        _fail(str(e))
+    typer.echo(f"active: {new} (was {old})")
 
 
 @policies_app.command("verify")
@@ -285,9 +311,9 @@ def policies_import_palm(
 
     The file is read with torch.load(weights_only=True): no code in it is ever run.
     """
-    from shared.bootstrap import register_version
     from shared.checkpoints import PolicyRegistry, import_palm_state_dict
     from shared.db import init_db
+    from shared.policies import register_version
 
     settings = _settings(data_dir)
     registry = PolicyRegistry(settings.registry_dir)

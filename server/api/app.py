@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.protocol import APIError
-from server.api.routes import conversations, feedback
+from server.api.routes import conversations, feedback, policies
 from shared.bootstrap import SEED_DIR, prepare
 from shared.config import Settings
 from shared.db import ping
@@ -51,6 +51,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(conversations.router)
     app.include_router(feedback.router)
+    app.include_router(policies.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
