@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         256, description="Waiting-queue bound; beyond it requests are refused."
     )
     log_level: str = "INFO"
+    rate_limit_per_minute: float = Field(
+        600, description="Requests per minute per API key (0 = off)."
+    )
+    rate_limit_burst: int = Field(60, description="Requests a key may send at once.")
+    max_body_bytes: int = Field(1_000_000, description="Largest accepted request body.")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
+from server.api.limits import BodySizeLimit, RateLimiter
 from server.api.protocol import APIError
 from server.api.routes import conversations, feedback, policies
 from shared.bootstrap import SEED_DIR, prepare
@@ -45,9 +46,13 @@ def create_app(
         raise ValueError(f"refusing to disable auth on non-loopback host {settings.host!r}")
     prepared = prepare(settings, seed_dir=seed_dir)
     app = FastAPI(title="palmchat", version="0.1.0")
+    extras.setdefault(
+        "rate_limiter", RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    )
     app.state.palmchat = AppState(
         settings=settings, db=prepared.engine, registry=prepared.registry, auth=auth, extras=extras
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(conversations.router)
     app.include_router(feedback.router)

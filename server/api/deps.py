@@ -60,6 +60,9 @@ async def get_principal(request: Request) -> Principal:
     state = get_state(request)
     principal = await authenticate(state, bearer_token(request.headers.get("authorization")))
     request.state.principal = principal
+    limiter = state.extras.get("rate_limiter")
+    if limiter is not None:
+        limiter.check(principal.key_id)
     return principal
 
 

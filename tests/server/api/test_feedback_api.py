@@ -126,3 +126,35 @@ def test_bad_feedback_is_400_with_the_param_named(server) -> None:
 def test_health_and_readiness(server) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready"}
+
+
+def test_rate_limit_gives_429_with_retry_after(tmp_path: Path, tiny_seed_dir: Path) -> None:
+    settings = Settings(data_dir=tmp_path, rate_limit_per_minute=60, rate_limit_burst=3)
+    app = create_app(settings, seed_dir=tiny_seed_dir)
+    with LiveServer(app) as live:
+        key = create_key(app.state.palmchat.db, "alice")
+        other = create_key(app.state.palmchat.db, "bob")
+        c = httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        codes = [c.get("/v1/conversations").status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+        r = c.get("/v1/conversations")
+        assert (
+            r.json()["error"]["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
+        )
+        # another key has its own bucket
+        assert (
+            httpx.get(
+                f"{live.url}/v1/conversations", headers={"Authorization": f"Bearer {other}"}
+            ).status_code
+            == 200
+        )
+
+
+def test_oversized_body_gets_413_and_the_server_keeps_serving(server) -> None:
+    key, _ = _user(server, "alice")
+    c = _client(server, key)
+    r = c.post(
+        "/v1/feedback", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert c.get("/v1/conversations").status_code == 200

@@ -1,0 +1,97 @@
+"""Per-key rate limiting (token bucket) and a request body size limit.
+
+Limits are per gateway process: with N gateways behind a balancer a key gets up to N times the
+rate, which is the usual trade for keeping gateways stateless.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.protocol import APIError
+
+
+class RateLimiter:
+    """``rate_per_minute`` requests per key, with bursts up to ``burst``."""
+
+    def __init__(self, rate_per_minute: float, burst: int) -> None:
+        self.rate = rate_per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key_id: int) -> None:
+        """Take one token for ``key_id`` or raise a 429 with ``Retry-After``."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key_id] = (tokens, now)
+                wait = max(1, int((1.0 - tokens) / self.rate + 0.999))
+                raise APIError(
+                    429,
+                    f"rate limit exceeded; retry in {wait} s",
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(wait)},
+                )
+            self._buckets[key_id] = (tokens - 1.0, now)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with a 413 before the app reads them whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        err = APIError(
+            413, f"request body larger than {self.max_bytes} bytes", code="body_too_large"
+        )
+        body = json.dumps(err.body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
