@@ -24,6 +24,10 @@ app = typer.Typer(
 policies_app = typer.Typer(help="List, verify and import policy versions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks; results are written as JSON under ops/bench/results/.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 app.add_typer(policies_app, name="policies")
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
@@ -54,44 +58,116 @@ def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+Host = Annotated[
+    str | None, typer.Option(help="Bind address (default $PALMCHAT_HOST or 127.0.0.1).")
+]
+Port = Annotated[int | None, typer.Option(help="Port (default $PALMCHAT_PORT or 8000).")]
+
+
+def _serve(settings, *, auth: bool) -> None:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    try:
+        app = create_app(settings, auth=auth)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(
+        f"serving on http://{settings.host}:{settings.port} (docs at /docs, metrics at /metrics)"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+
+
+def _with_address(settings, host: str | None, port: int | None):
+    updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    return settings.model_copy(update=updates)
+
+
 @app.command()
-def up(data_dir: DataDir = None) -> None:
+def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
     """Start palmchat with the embedded defaults: SQLite + registry in the data dir, seed policy.
 
-    Runs the database migrations, installs the bundled seed policy on first run, loads and
-    verifies the active policy, and answers a smoke-test prompt.
+    Runs the database migrations, installs the bundled seed policy on first run, creates and
+    prints a first admin API key, then serves the API, WebSocket and metrics.
     """
     _logging()
     from shared.bootstrap import prepare
     from shared.checkpoints import CheckpointError
-    from shared.generate import generate_replies
-
-    settings = _settings(data_dir)
-    try:
-        prepared = prepare(settings)
-        policy = prepared.registry.load(prepared.active_version)
-    except (CheckpointError, FileNotFoundError) as e:
-        _fail(str(e))
-    reply = generate_replies(
-        policy.model, policy.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]]
-    )[0]
-    console.print(f"data dir: {settings.data_dir.resolve()}")
-    console.print(f"database: {settings.database_url}")
-    console.print(f"active policy: {policy.version} ({policy.model.num_params():,} parameters)")
-    console.print(f"smoke test: 'What is 2 + 3?' -> {reply!r}")
     from shared.keys import create_key, has_admin_key
 
+    settings = _with_address(_settings(data_dir), host, port)
+    try:
+        prepared = prepare(settings)
+        prepared.registry.verify(prepared.active_version)
+    except (CheckpointError, FileNotFoundError) as e:
+        _fail(str(e))
+    console.print(f"data dir: {settings.data_dir.resolve()}")
+    console.print(f"database: {settings.database_url}")
+    console.print(f"active policy: {prepared.active_version}")
     if not has_admin_key(prepared.engine):
         key = create_key(prepared.engine, "admin", admin=True)
         console.print(f"first admin API key (shown once, store it): {key}")
-    console.print("Talk to it with: palmchat chat")
+    _serve(settings, auth=True)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    host: Host = None,
+    port: Port = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Skip API keys (only allowed on a loopback host).")
+    ] = False,
+) -> None:
+    """Run the API server (OpenAI-compatible REST + SSE, WebSocket, feedback, /metrics)."""
+    _logging()
+    _serve(_with_address(_settings(data_dir), host, port), auth=not no_auth)
+
+
+def _remote_replier(url: str, api_key: str | None, params: dict):
+    """Reply function that chats with a running server over its WebSocket, streaming deltas."""
+    import json as _json
+
+    from websockets.sync.client import connect
+
+    ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:
+        ws = connect(f"{ws_url}/v1/chat/ws", additional_headers=headers, open_timeout=10)
+        hello = _json.loads(ws.recv(timeout=10))
+    except (OSError, TimeoutError) as e:
+        _fail(f"cannot reach {url}: {e}")
+    if hello.get("type") != "ready":
+        _fail(hello.get("error", {}).get("message", f"unexpected reply {hello}"))
+
+    def reply(history: list[dict], out) -> str:
+        ws.send(_json.dumps({"type": "chat", "request_id": "cli", "messages": history, **params}))
+        text = ""
+        while True:
+            frame = _json.loads(ws.recv())
+            if frame["type"] == "delta":
+                text += frame["content"]
+                out(frame["content"])
+            elif frame["type"] == "done":
+                return text
+            elif frame["type"] == "error":
+                _fail(frame["error"]["message"])
+
+    return reply
 
 
 @app.command()
 def chat(
     data_dir: DataDir = None,
+    url: Annotated[
+        str | None, typer.Option(help="Chat with a running server (e.g. http://127.0.0.1:8000).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PALMCHAT_API_KEY", help="Key for --url.")
+    ] = None,
     version: Annotated[
-        str | None, typer.Option(help="Policy version (default: the active one).")
+        str | None, typer.Option(help="Local policy version (default: the active one).")
     ] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -101,21 +177,42 @@ def chat(
         list[str] | None, typer.Option("--message", "-m", help="Send these and exit (no prompt).")
     ] = None,
 ) -> None:
-    """Terminal chat with a local policy. Type /reset to start over, /quit or Ctrl-D to leave."""
-    from shared.bootstrap import prepare
-    from shared.checkpoints import CheckpointError
-    from shared.generate import generate_replies
+    """Terminal chat: with a local policy, or with a server over its WebSocket (--url).
 
-    settings = _settings(data_dir)
-    try:
-        prepared = prepare(settings)
-        policy = prepared.registry.load(version or prepared.active_version)
-    except (CheckpointError, FileNotFoundError) as e:
-        _fail(str(e))
+    Type /reset to start over, /quit or Ctrl-D to leave.
+    """
+    if url:
+        params = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        replier = _remote_replier(url, api_key, params)
+        banner = f"server {url}"
+    else:
+        from shared.bootstrap import prepare
+        from shared.checkpoints import CheckpointError
+        from shared.generate import generate_replies
+
+        try:
+            prepared = prepare(_settings(data_dir))
+            policy = prepared.registry.load(version or prepared.active_version)
+        except (CheckpointError, FileNotFoundError) as e:
+            _fail(str(e))
+        banner = f"policy {policy.version}"
+
+        def replier(history: list[dict], out) -> str:
+            text = generate_replies(
+                policy.model,
+                policy.tokenizer,
+                [history],
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+            )[0]
+            out(text)
+            return text
+
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     scripted = list(message or [])
-    if not scripted:
-        console.print(f"[dim]policy {policy.version}; /reset, /quit[/dim]")
+    if message is None:
+        console.print(f"[dim]{banner}; /reset, /quit[/dim]")
     while True:
         if message is not None:
             if not scripted:
@@ -133,16 +230,10 @@ def chat(
             history = history[:1] if system else []
             continue
         history.append({"role": "user", "content": text})
-        reply = generate_replies(
-            policy.model,
-            policy.tokenizer,
-            [history],
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-        )[0]
+        console.print("[bold cyan]palm>[/bold cyan] ", end="")
+        reply = replier(history, lambda piece: console.print(piece, end="", markup=False))
+        console.print()
         history.append({"role": "assistant", "content": reply})
-        console.print(f"[bold cyan]palm>[/bold cyan] {reply}", highlight=False, markup=False)
 
 
 @app.command()
@@ -232,6 +323,159 @@ def pretrain(
         except ValueError as e:
             _fail(str(e))
     console.print_json(json.dumps(result.__dict__))
+
+
+def _trainer_config(
+    algo: str,
+    min_new: int,
+    poll: float,
+    device: str,
+    lora_rank: int,
+    seed: int,
+    settings: list[str],
+):
+    import dataclasses
+
+    from trainer.config import TrainerConfig
+
+    values: dict = dict(
+        algo=algo, min_new_feedback=min_new, poll_seconds=poll, device=device,
+        lora_rank=lora_rank, seed=seed,
+    )  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            _fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    try:
+        return TrainerConfig(**values)
+    except (TypeError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def trainer(
+    data_dir: DataDir = None,
+    once: Annotated[bool, typer.Option("--once", help="Run one round now, then exit.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Poll and train whenever --min-new items arrived.")
+    ] = False,
+    algo: Annotated[str, typer.Option(help="Policy update: dpo, ppo or kto.")] = "dpo",
+    min_new: Annotated[
+        int, typer.Option(min=1, help="--watch: new feedback items that trigger a round.")
+    ] = 32,
+    poll: Annotated[float, typer.Option(min=0.1, help="--watch: seconds between polls.")] = 10.0,
+    max_rounds: Annotated[
+        int | None, typer.Option(min=1, help="--watch: stop after this many rounds.")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, help="Serve trainer /metrics on this port (0 = off).")
+    ] = 9101,
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda (each torchrun rank its own GPU).")
+    ] = "cpu",
+    lora_rank: Annotated[int, typer.Option(min=0, help="LoRA rank (0 = full fine-tuning).")] = 0,
+    seed: int = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any TrainerConfig field, e.g. --set ppo_iterations=2."),
+    ] = None,
+) -> None:
+    """Online RLHF trainer: learn from the feedback in the database, publish better policies.
+
+    Each round trains a reward model on thumbs and rankings, improves the active policy
+    (DPO, PPO or KTO), gates the candidate against the active policy on held-out prompts
+    (reward up, KL to the reference bounded, correctness kept) and publishes + activates it or
+    records it as rejected. Running servers hot-swap to the new version. Safe to kill at any
+    point. Runs under `torchrun --nproc_per_node=N -m shared.cli trainer ...` with DDP.
+    """
+    _logging("WARNING")
+    logging.getLogger("trainer").setLevel(logging.INFO)
+    if once == watch:
+        _fail("give exactly one of --once and --watch")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shared.checkpoints import CheckpointError
+    from trainer.common import init_distributed
+    from trainer.loop import OnlineTrainer, RoundResult
+    from trainer.metrics import TrainerMetrics
+
+    cfg = _trainer_config(algo, min_new, poll, device, lora_rank, seed, set_ or [])
+    info = init_distributed(cfg.device)
+    metrics = TrainerMetrics()
+    if info.is_main and metrics_port:
+        try:
+            metrics.serve(metrics_port)
+        except OSError as e:
+            _fail(f"cannot serve trainer metrics on port {metrics_port}: {e}")
+    bars = Progress(
+        TextColumn("{task.description:<13}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not info.is_main,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int, text: str) -> None:
+        if phase not in tasks:
+            tasks[phase] = bars.add_task(phase, total=total, info="")
+        bars.update(tasks[phase], completed=done, total=total, info=text)
+
+    def report(result: RoundResult) -> None:
+        for task_id in tasks.values():
+            bars.remove_task(task_id)
+        tasks.clear()
+        if not info.is_main:
+            return
+        if result.status == "skipped":
+            console.print(f"round skipped: {'; '.join(result.reasons)}")
+            return
+        gate = result.metrics.get("gate", {})
+        cand, act = gate.get("candidate", {}), gate.get("active", {})
+        acc = result.rm_accuracy
+        console.print(
+            f"round {result.run_id} [{cfg.algo}] {result.status}: "
+            f"{result.candidate_version or '-'} (parent {result.base_version}), "
+            f"{result.n_feedback} new items, RM held-out acc "
+            f"{'-' if acc is None else f'{acc:.3f}'}, reward {cand.get('reward', 0):+.3f} vs "
+            f"{act.get('reward', 0):+.3f}, KL {cand.get('kl', 0):.2f}, correct "
+            f"{cand.get('correct_rate', 0):.3f} vs {act.get('correct_rate', 0):.3f}, "
+            f"{result.seconds:.0f}s"
+        )
+        for reason in result.reasons:
+            console.print(f"  rejected: {reason}")
+
+    try:
+        with bars:
+            runner = OnlineTrainer(
+                _settings(data_dir), cfg, progress=progress, metrics=metrics, info=info
+            )
+            if once:
+                result = runner.run_round(force=True)
+                report(result)
+                if info.is_main:
+                    console.print_json(json.dumps(result.to_dict(), default=str))
+            else:
+                if info.is_main:
+                    console.print(
+                        f"trainer watching (algo {cfg.algo}, min {cfg.min_new_feedback} new "
+                        f"items, poll {cfg.poll_seconds}s"
+                        + (f", metrics on :{metrics_port}/metrics)" if metrics_port else ")")
+                    )
+                try:
+                    runner.watch(max_rounds=max_rounds, on_round=report)
+                except KeyboardInterrupt:
+                    console.print("trainer stopped")
+    except (CheckpointError, FileNotFoundError) as e:
+        _fail(str(e))
 
 
 @policies_app.command("list")
@@ -409,6 +653,92 @@ def keys_revoke(
     if n == 0:
         _fail(f"no live key with prefix {prefix[:8]!r}")
     typer.echo(f"revoked {n} key(s)")
+
+
+@app.command()
+def simulate(
+    url: Annotated[str, typer.Option(help="Server base URL, e.g. http://127.0.0.1:8000.")],
+    api_key: Annotated[
+        str, typer.Option(envvar="PALMCHAT_API_KEY", help="API key the users chat with.")
+    ],
+    users: Annotated[int, typer.Option(min=1, help="Concurrent simulated users.")] = 4,
+    minutes: Annotated[float, typer.Option(min=0.01, help="How long to run.")] = 1.0,
+    max_requests: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many chats.")
+    ] = None,
+    preference: Annotated[
+        str, typer.Option(help="What the scripted users like: courteous or concise.")
+    ] = "courteous",
+    rank_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of chats with n=2..4 ranked.")
+    ] = 0.3,
+    seed: int = 0,
+    out: Annotated[Path, typer.Option(help="JSON report.")] = Path(
+        "ops/bench/results/simulate-latest.json"
+    ),
+) -> None:
+    """Scripted users chat through the API (REST, SSE, WebSocket), give thumbs and rankings, and
+    report the thumbs-up rate per policy version."""
+    import asyncio
+
+    from shared.simulator import SimConfig, run_simulation
+
+    try:
+        cfg = SimConfig(
+            url=url,
+            api_key=api_key,
+            users=users,
+            minutes=minutes,
+            max_requests=max_requests,
+            preference=preference,
+            rank_fraction=rank_fraction,
+            seed=seed,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    report = asyncio.run(run_simulation(cfg, out))
+    for version, row in report.per_version.items():
+        typer.echo(
+            f"{version}\treplies={row['replies']}\tthumbs_up_rate={row['thumbs_up_rate']:.3f}"
+        )
+    typer.echo(
+        f"chats={report.chats} feedback={report.feedback_sent} rankings={report.rankings_sent} "
+        f"errors={len(report.errors)} -> {out}"
+    )
+    if report.chats == 0:
+        _fail("no chat succeeded: " + "; ".join(report.errors[:3]))
+
+
+@bench_app.command("engine")
+def bench_engine(
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 256,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF transformers' Llama.")] = False,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Skip PaLM-rlhf-pytorch's generate.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+) -> None:
+    """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
+    generate and HF transformers' Llama generate, on the same weights and prompts."""
+    from server.engine.bench import run_engine_benchmark
+
+    results = run_engine_benchmark(
+        new_tokens=new_tokens, include_hf=not no_hf, include_reference=not no_reference, out_dir=out
+    )
+    console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
+
+
+@bench_app.command("api")
+def bench_api(
+    streams: Annotated[int, typer.Option(min=1, help="Concurrent SSE streams.")] = 32,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per stream.")] = 128,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+) -> None:
+    """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT."""
+    _logging("WARNING")
+    from server.api.bench import run_api_benchmark
+
+    console.print_json(json.dumps(run_api_benchmark(streams, new_tokens, out_dir=out)))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         256, description="Waiting-queue bound; beyond it requests are refused."
     )
     log_level: str = "INFO"
+    policy_poll_seconds: float = Field(
+        2.0, description="How often servers check the active policy."
+    )
     rate_limit_per_minute: float = Field(
         600, description="Requests per minute per API key (0 = off)."
     )

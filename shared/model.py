@@ -207,7 +207,45 @@ class ParallelTransformerBlock(nn.Module):
         cos, sin, scale = self.rotary_emb(positions)  # (B, T, dh)
         q = apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1), scale.unsqueeze(1))
         k = apply_rotary(k, cos, sin, scale.reciprocal())  # (B, T, dh)
+        return self._attend_and_project(q, k, v, ff, positions, cache, layer)
 
+    def forward_step(
+        self, x: Tensor, rotary: Rotary, positions: Tensor, cache: AttentionCache, layer: int
+    ) -> Tensor:
+        """``forward`` for the serving engine: rotary tables precomputed once for all layers and
+        applied to queries and the key in one go. A cache with an ``attend(layer, q, k, v,
+        positions)`` method (q (B, T, H, dh), k and v (B, T, dh); returns (B, T, H * dh))
+        computes the attention itself, e.g. straight from paged blocks; otherwise
+        ``update`` + SDPA as in ``forward``."""
+        b, n, _ = x.shape
+        h, dh = self.heads, self.dim_head
+        qk, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(
+            (h * dh + dh, dh, self.fused_dims[3]), dim=-1
+        )
+        qk = qk.view(b, n, h + 1, dh)
+        if self.qk_rmsnorm:
+            scales = torch.cat((self.q_scale.expand(h, dh), self.k_scale.unsqueeze(0)))
+            qk = F.normalize(qk, dim=-1) * scales
+        # rotate_half(x) == x.roll(dh / 2) * [-1.., +1..]; the sign is folded into rotary.sin
+        qk = torch.addcmul(qk * rotary.cos, qk.roll(dh // 2, dims=-1), rotary.sin)
+        q, k = qk[:, :, :h], qk[:, :, h]
+        attend = getattr(cache, "attend", None)
+        if attend is None:
+            return self._attend_and_project(q.transpose(1, 2), k, v, ff, positions, cache, layer)
+        out = attend(layer, q, k, v, positions)
+        return self.attn_out(out) + self.ff_out(ff)
+
+    def _attend_and_project(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        ff: Tensor,
+        positions: Tensor,
+        cache: AttentionCache | None,
+        layer: int,
+    ) -> Tensor:
+        b, _, n, _ = q.shape
         if cache is None:
             out = F.scaled_dot_product_attention(
                 q,
@@ -225,6 +263,34 @@ class ParallelTransformerBlock(nn.Module):
             )
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, T, H*dh)
         return self.attn_out(out) + self.ff_out(ff)
+
+
+@dataclass(slots=True)
+class Rotary:
+    """Rotary tables for queries and the key together, (B, T, heads + 1, dh): the xpos scale
+    folded in (scale for the queries, 1/scale for the key) and ``sin`` signed so that
+    ``rotate_half(x) * sin == x.roll(dh / 2) * rotary.sin``."""
+
+    cos: Tensor
+    sin: Tensor
+
+    @classmethod
+    def at(
+        cls, rotary_emb: RotaryEmbedding, positions: Tensor, heads: int, dtype: torch.dtype
+    ) -> Rotary:
+        cos, sin, scale = rotary_emb(positions)  # (B, T, dh), in the buffers' precision
+        half = cos.shape[-1] // 2
+        sign = torch.ones_like(cos[0, 0])
+        sign[:half] = -1
+        sin = sin * sign
+        inv = scale.reciprocal()
+        b, t, dh = cos.shape
+        q_cos = (cos * scale).unsqueeze(2).expand(b, t, heads, dh)
+        q_sin = (sin * scale).unsqueeze(2).expand(b, t, heads, dh)
+        return cls(
+            torch.cat((q_cos, (cos * inv).unsqueeze(2)), dim=2).to(dtype),
+            torch.cat((q_sin, (sin * inv).unsqueeze(2)), dim=2).to(dtype),
+        )
 
 
 class Residual(nn.Module):
@@ -278,6 +344,25 @@ class PaLM(nn.Module):
         self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
     ) -> Tensor:
         return self.to_logits(self.hidden(tokens, positions, cache))  # (B, T, V)
+
+    def forward_step(
+        self, tokens: Tensor, positions: Tensor, cache: AttentionCache, last: Tensor | None = None
+    ) -> Tensor:
+        """Logits for a serving step: ``tokens`` and ``positions`` (B, T) with a cache.
+
+        Rotary tables are computed once for every layer; with ``last`` (B,) only the logits at
+        those indices along T are computed, (B, V) - all a sampler needs after a prefill.
+        """
+        block = self.layers[0].fn
+        x = self.token_emb(tokens)
+        rotary = Rotary.at(block.rotary_emb, positions, block.heads, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.fn.forward_step(x, rotary, positions, cache, i)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        elif x.shape[1] == 1:
+            x = x[:, 0]
+        return self.to_logits(self.norm(x))
 
     def state_dict_for_save(self) -> dict[str, Tensor]:
         """State dict without the tied output weight (safetensors refuses shared storage)."""

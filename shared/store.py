@@ -346,6 +346,7 @@ def record_feedback(
             "choice_index": choice_index,
             "rating": row.rating,
             "reason": row.reason,
+            "policy_version": message.policy_version,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
         }

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from server.api.live import LiveServer  # noqa: F401  (tests import it from here)
+
 
 @pytest.fixture(scope="session")
 def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
@@ -52,38 +54,3 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class LiveServer:
-    """A real uvicorn server for an ASGI app on a free loopback port, run in a thread."""
-
-    def __init__(self, app, host: str = "127.0.0.1") -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind((host, 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)

@@ -5,22 +5,31 @@ palmchat serve            # or: uvicorn --factory server.api.app:create_app_from
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
+from server.api.metrics import Metrics
 from server.api.protocol import APIError
-from server.api.routes import conversations, feedback, policies
+from server.api.routes import chat, conversations, feedback, policies, ws
+from server.engine import AsyncEngine, EngineConfig, LLMEngine
 from shared.bootstrap import SEED_DIR, prepare
+from shared.checkpoints import CheckpointError
 from shared.config import Settings
 from shared.db import ping
+from shared.policies import active_version
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the engine on the active policy and a watcher that hot-swaps to whatever the
+    ``policies`` table says is active (an admin's activation or the trainer's publish)."""
+    state: AppState = app.state.palmchat
+    state.extras["started_at"] = time.time()
+    own_engine = "engine" not in state.extras
+    if own_engine:
+        version = await run_in_threadpool(active_version, state.db)
+        engine = LLMEngine.from_registry(
+            state.registry, version, EngineConfig.from_settings(state.settings)
+        )
+        state.extras["engine"] = AsyncEngine(engine)
+    watcher = asyncio.create_task(_watch_active_policy(state))
+
+    async def sync_now() -> None:
+        await _sync_policy(state)
+
+    state.extras["on_policy_change"] = sync_now
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        if own_engine:
+            state.extras.pop("engine").shutdown()
+
+
+async def _sync_policy(state: AppState) -> None:
+    engine: AsyncEngine = state.extras["engine"]
+    wanted = await run_in_threadpool(active_version, state.db)
+    if wanted and wanted != engine.version:
+        try:
+            await engine.load_policy(wanted)
+            state.extras["metrics"].swaps.inc()
+            log.info("hot-swapped to policy %s", wanted)
+        except CheckpointError as e:
+            log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
+
+
+async def _watch_active_policy(state: AppState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.policy_poll_seconds)
+        try:
+            await _sync_policy(state)
+        except Exception:  # a DB hiccup must not kill the watcher
+            log.exception("policy watcher")
+
+
 def create_app(
     settings: Settings, *, auth: bool = True, seed_dir: Path = SEED_DIR, **extras: Any
 ) -> FastAPI:
@@ -45,18 +102,26 @@ def create_app(
     if not auth and not is_loopback(settings.host):
         raise ValueError(f"refusing to disable auth on non-loopback host {settings.host!r}")
     prepared = prepare(settings, seed_dir=seed_dir)
-    app = FastAPI(title="palmchat", version="0.1.0")
+    app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan)
     extras.setdefault(
         "rate_limiter", RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     )
+    extras["metrics"] = Metrics(lambda: app.state.palmchat.extras.get("engine"))
     app.state.palmchat = AppState(
         settings=settings, db=prepared.engine, registry=prepared.registry, auth=auth, extras=extras
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
+    app.include_router(chat.router)
     app.include_router(conversations.router)
     app.include_router(feedback.router)
     app.include_router(policies.router)
+    app.include_router(ws.router)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics(state: State) -> Response:
+        registry = state.extras["metrics"].registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -99,6 +99,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     conversation_id: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end token
 
     @field_validator("stop")
     @classmethod

@@ -35,6 +35,9 @@ async def post_feedback(body: FeedbackRequest, state: State, user: CurrentUser) 
             reason=body.reason,
         )
     )
+    state.extras["metrics"].feedback.labels(
+        str(row["rating"]), row["policy_version"] or "unknown"
+    ).inc()
     return {"object": "feedback", **row}
 
 

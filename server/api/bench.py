@@ -1,0 +1,156 @@
+"""``palmchat bench api``: concurrent SSE streams through uvicorn vs the engine alone, one run.
+
+Same random-weight policy (the seed's shape), same prompts, greedy, ``ignore_eos`` so every
+stream makes exactly ``new_tokens``. Reports generated tokens/s for both, their ratio, and
+time-to-first-token p50/p95 as seen by the HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from server.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
+from server.engine.bench import RESULTS_DIR, bench_policy, bench_prompts
+from shared.checkpoints import PolicyRegistry
+from shared.config import Settings
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def _engine_alone(
+    front: AsyncEngine, prompts: list[list[int]], new_tokens: int
+) -> dict[str, Any]:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    ttfts: list[float] = []
+
+    async def one(prompt: list[int]) -> int:
+        start, n = time.perf_counter(), 0
+        async for delta in front.generate(prompt, params):
+            if n == 0 and delta.token_ids:
+                ttfts.append(time.perf_counter() - start)
+            n += len(delta.token_ids)
+        return n
+
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
+    seconds = time.perf_counter() - start
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
+        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+    }
+
+
+async def _through_api(url: str, key: str, texts: list[str], new_tokens: int) -> dict[str, Any]:
+    ttfts: list[float] = []
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def one(client: httpx.AsyncClient, text: str) -> int:
+        body = {
+            "model": "palmchat",
+            "messages": [{"role": "user", "content": text}],
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": new_tokens,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        start, first, tokens = time.perf_counter(), True, 0
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first and chunk["choices"]:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return tokens
+
+    limits = httpx.Limits(max_connections=len(texts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(client, t) for t in texts)))
+        seconds = time.perf_counter() - start
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
+        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+    }
+
+
+def run_api_benchmark(
+    streams: int = 32, new_tokens: int = 128, out_dir: Path | None = RESULTS_DIR
+) -> dict[str, Any]:
+    """Engine alone, then the same requests as SSE streams through uvicorn; returns results."""
+    from server.api.app import create_app
+    from server.api.live import LiveServer
+    from shared.keys import create_key
+    from shared.tokenizer import apply_chat_template
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    policy = bench_policy()
+    vocab = policy.config.num_tokens
+    # printable prompts of 16-48 bytes (the bench tokenizer is byte-level)
+    texts = ["".join(chr(97 + t % 26) for t in ids) for ids in bench_prompts(streams, vocab)]
+    prompts = [
+        apply_chat_template(policy.tokenizer, [{"role": "user", "content": t}]) for t in texts
+    ]
+    results: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu_threads": threads, "torch": torch.__version__},
+        "model": {**policy.config.to_dict(), "params": policy.model.num_params()},
+        "streams": streams,
+        "new_tokens": new_tokens,
+    }
+    config = EngineConfig(max_num_seqs=64, max_batched_tokens=8192)
+    front = AsyncEngine(LLMEngine(policy, config))
+    try:
+        asyncio.run(_engine_alone(front, prompts[:2], 4))  # warm-up
+        results["engine_alone"] = asyncio.run(_engine_alone(front, prompts, new_tokens))
+    finally:
+        front.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = PolicyRegistry(Path(tmp) / "seed")
+        seed = registry.path(registry.publish(policy.model, policy.tokenizer))
+        settings = Settings(
+            data_dir=Path(tmp) / "data", rate_limit_per_minute=0, log_level="WARNING"
+        )
+        app = create_app(settings, seed_dir=seed, engine=AsyncEngine(LLMEngine(policy, config)))
+        try:
+            with LiveServer(app) as live:
+                key = create_key(app.state.palmchat.db, "bench")
+                asyncio.run(_through_api(live.url, key, texts[:2], 4))  # warm-up
+                results["through_api"] = asyncio.run(_through_api(live.url, key, texts, new_tokens))
+        finally:
+            app.state.palmchat.extras["engine"].shutdown()
+    results["api_vs_engine"] = round(
+        results["through_api"]["tokens_per_s"] / results["engine_alone"]["tokens_per_s"], 3
+    )
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(results, indent=2) + "\n"
+        stamp = results["created_at"].replace(":", "").replace("+0000", "")
+        (out_dir / f"api-{stamp}.json").write_text(text)
+        (out_dir / "api-latest.json").write_text(text)
+    return results

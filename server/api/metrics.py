@@ -1,0 +1,111 @@
+"""Prometheus metrics of the gateway, vLLM-style names with a ``palmchat_`` prefix.
+
+Histograms and counters are updated as requests finish; engine gauges and counters are read
+from the engine's stats snapshot at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+if TYPE_CHECKING:
+    from server.engine import AsyncEngine, RequestMetrics
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class EngineCollector:
+    def __init__(self, get_engine) -> None:
+        self.get_engine = get_engine
+
+    def collect(self):
+        engine: AsyncEngine | None = self.get_engine()
+        if engine is None:
+            return
+        s = engine.stats()
+        yield GaugeMetricFamily(
+            "palmchat_num_requests_running", "Sequences in the running batch.", value=s.running
+        )
+        yield GaugeMetricFamily(
+            "palmchat_num_requests_waiting", "Sequences waiting to be scheduled.", value=s.waiting
+        )
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        yield GaugeMetricFamily(
+            "palmchat_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", value=usage
+        )
+        for name, doc, value in (
+            (
+                "palmchat_prefix_cache_queries",
+                "Prompt blocks looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            (
+                "palmchat_prefix_cache_hits",
+                "Prompt blocks served from the prefix cache.",
+                s.prefix_cache_hits,
+            ),
+            ("palmchat_prompt_tokens", "Prompt tokens admitted.", s.prompt_tokens),
+            ("palmchat_generation_tokens", "Tokens generated.", s.generated_tokens),
+            ("palmchat_preemptions", "Sequences preempted for lack of KV blocks.", s.preemptions),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        info = InfoMetricFamily("palmchat_policy", "The policy version serving new requests.")
+        info.add_metric([], {"version": engine.version})
+        yield info
+
+
+class Metrics:
+    def __init__(self, get_engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "palmchat_requests",
+            "Chat requests by outcome.",
+            ["status", "finish_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "palmchat_time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "palmchat_inter_token_latency_seconds",
+            "Time between output tokens.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "palmchat_e2e_request_latency_seconds",
+            "Request latency, end to end.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "palmchat_request_queue_time_seconds",
+            "Time spent waiting to be scheduled.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feedback = Counter(
+            "palmchat_feedback",
+            "Thumbs by rating and policy version.",
+            ["rating", "policy_version"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "palmchat_policy_swaps", "Hot-swaps to a new policy version.", registry=r
+        )
+        r.register(EngineCollector(get_engine))
+
+    def observe_candidate(self, m: RequestMetrics) -> None:
+        self.queue.observe(m.queue_time)
+        if m.time_to_first_token is not None:
+            self.ttft.observe(m.time_to_first_token)
+        for gap in m.inter_token_latencies:
+            self.itl.observe(gap)

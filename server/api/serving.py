@@ -1,0 +1,347 @@
+"""Chat completion logic shared by the REST/SSE routes and the WebSocket.
+
+Request → chat template → engine stream → OpenAI response or chunks; after the last token the
+completion is written to the conversation log (off the event loop), or marked incomplete when
+the client went away mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from server.api.deps import AppState
+from server.api.protocol import (
+    APIError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    new_completion_id,
+)
+from server.api.protocol import (
+    Choice as ResponseChoice,
+)
+from server.engine import AsyncEngine, EngineOverloaded, SamplingParams
+from server.engine import Delta as EngineDelta
+from shared.keys import Principal
+from shared.store import LoggedChoice, log_completion
+from shared.tokenizer import Tokenizer, apply_chat_template
+
+log = logging.getLogger(__name__)
+
+MODEL_ALIAS = "palmchat"
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class CandidateState:
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """One request in flight: its params, candidates so far, and where it came from."""
+
+    id: str
+    request: ChatCompletionRequest
+    principal: Principal
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    policy_version: str = ""
+    candidates: list[CandidateState] = field(default_factory=list)
+    conversation_id: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.candidates)
+
+    def usage(self) -> Usage:
+        out = sum(c.tokens for c in self.candidates)
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=out,
+            total_tokens=len(self.prompt_ids) + out,
+        )
+
+
+def _engine(state: AppState) -> AsyncEngine:
+    engine = state.extras.get("engine")
+    if engine is None:
+        raise APIError(503, "no policy is loaded yet", type="service_unavailable")
+    return engine
+
+
+def served_models(state: AppState) -> list[str]:
+    return [MODEL_ALIAS, _engine(state).version]
+
+
+def _token_text(tok: Tokenizer, token_id: int) -> tuple[str, list[int]]:
+    raw = tok.token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _convert_logprobs(tok: Tokenizer, items: list[Any], top_n: int) -> list[TokenLogprob]:
+    out = []
+    for lp in items:
+        text, raw = _token_text(tok, lp.token_id)
+        tops = []
+        for token_id, value in lp.top[:top_n]:
+            t, b = _token_text(tok, token_id)
+            tops.append(TopLogprob(token=t, logprob=value, bytes=b))
+        out.append(TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=tops))
+    return out
+
+
+def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Principal) -> Completion:
+    """Validate against the served policy and build the engine request (400/404 on misuse)."""
+    engine = _engine(state)
+    if req.model not in served_models(state):
+        raise APIError(
+            404,
+            f"model {req.model!r} does not exist or is not served; see GET /v1/models",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    messages = []
+    for i, m in enumerate(req.messages):
+        try:
+            content = m.text()
+        except ValueError as e:
+            raise APIError(
+                400, f"messages[{i}].content: {e}", param=f"messages.{i}.content"
+            ) from None
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    worker = engine.engine.current
+    tok = worker.policy.tokenizer
+    prompt_ids = apply_chat_template(tok, messages, add_generation_prompt=True)
+    context = worker.policy.config.max_seq_len
+    if len(prompt_ids) >= context:
+        raise APIError(
+            400,
+            f"the messages take {len(prompt_ids)} tokens; this model's context is {context} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    room = context - len(prompt_ids)
+    max_tokens = req.token_limit or min(DEFAULT_MAX_TOKENS, room)
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} + {len(prompt_ids)} prompt tokens exceed the "
+            f"context of {context} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    try:
+        params = SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            max_tokens=max_tokens,
+            stop=tuple(req.stop or ()),
+            seed=req.seed,
+            n=req.n,
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs or 0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return Completion(
+        id=new_completion_id(),
+        request=req,
+        principal=who,
+        messages=messages,
+        prompt_ids=prompt_ids,
+        params=params,
+        tokenizer=tok,
+        candidates=[CandidateState() for _ in range(req.n)],
+        conversation_id=req.conversation_id,
+    )
+
+
+async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelta]:
+    """Stream the engine's deltas for ``c``, updating its candidates; abort on early exit."""
+    engine = _engine(state)
+    metrics = state.extras["metrics"]
+    try:
+        stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
+    except EngineOverloaded as e:
+        metrics.requests.labels("overloaded", "").inc()
+        raise APIError(
+            429, str(e), type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
+        ) from None
+    try:
+        async for delta in stream:
+            cand = c.candidates[delta.index]
+            cand.text += delta.text
+            cand.tokens += len(delta.token_ids)
+            c.policy_version = delta.policy_version
+            if delta.logprobs:
+                cand.logprobs.extend(
+                    _convert_logprobs(c.tokenizer, delta.logprobs, c.params.top_logprobs)
+                )
+            if delta.finish_reason is not None:
+                cand.finish_reason = str(getattr(delta.finish_reason, "value", delta.finish_reason))
+                metrics.requests.labels("ok", cand.finish_reason).inc()
+            if delta.metrics is not None:
+                metrics.observe_candidate(delta.metrics)
+            yield delta
+        metrics.e2e.observe(time.perf_counter() - c.started)
+    finally:
+        if not c.done:
+            stream.cancel()
+
+
+async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False) -> None:
+    """Write the completion to the conversation log; errors are logged, never raised to a client."""
+    choices = [
+        LoggedChoice(
+            index=i,
+            text=cand.text,
+            finish_reason=cand.finish_reason,
+            completion_tokens=cand.tokens,
+            logprobs=[lp.model_dump() for lp in cand.logprobs] if cand.logprobs else None,
+        )
+        for i, cand in enumerate(c.candidates)
+    ]
+    params = c.request.model_dump(
+        include={
+            "temperature",
+            "top_p",
+            "top_k",
+            "n",
+            "seed",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+        }
+    )
+    params["max_tokens"] = c.params.max_tokens
+    try:
+        c.conversation_id = await run_in_threadpool(
+            lambda: log_completion(
+                state.db,
+                user_id=c.principal.user_id,
+                completion_id=c.id,
+                messages=c.messages,
+                choices=choices,
+                prompt_tokens=len(c.prompt_ids),
+                policy_version=c.policy_version or None,
+                sampling_params=params,
+                latency_ms=(time.perf_counter() - c.started) * 1000,
+                incomplete=incomplete or not c.done,
+                conversation_id=c.conversation_id,
+            )
+        )
+    except Exception:
+        log.exception("could not log completion %s", c.id)
+        if c.request.conversation_id:
+            raise
+
+
+_pending_writes: set[asyncio.Task] = set()
+
+
+def log_in_background(state: AppState, c: Completion) -> None:
+    """Log a cut-off completion from a cancelled handler: the write must outlive it."""
+    task = asyncio.get_running_loop().create_task(log_to_db(state, c, incomplete=True))
+    _pending_writes.add(task)
+    task.add_done_callback(_pending_writes.discard)
+
+
+async def complete(state: AppState, c: Completion) -> ChatCompletionResponse:
+    """Non-streaming: run to the end, log, answer."""
+    try:
+        async for _ in run_engine(state, c):
+            pass
+    except asyncio.CancelledError:
+        log_in_background(state, c)
+        raise
+    await log_to_db(state, c)
+    choices = [
+        ResponseChoice(
+            index=i,
+            message={"role": "assistant", "content": cand.text},
+            logprobs=ChoiceLogprobs(content=cand.logprobs) if c.params.logprobs else None,
+            finish_reason=cand.finish_reason,
+        )
+        for i, cand in enumerate(c.candidates)
+    ]
+    return ChatCompletionResponse(
+        id=c.id,
+        created=c.created,
+        model=c.request.model,
+        system_fingerprint=c.policy_version,
+        choices=choices,
+        usage=c.usage(),
+        conversation_id=c.conversation_id,
+    )
+
+
+def _chunk(c: Completion, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+    return ChatCompletionChunk(
+        id=c.id,
+        created=c.created,
+        model=c.request.model,
+        system_fingerprint=c.policy_version or None,
+        choices=choices,
+        usage=usage,
+    ).model_dump_json(exclude_none=False)
+
+
+async def stream_chunks(state: AppState, c: Completion) -> AsyncIterator[str]:
+    """Streaming: OpenAI chunk JSON strings, then the usage chunk if asked; the caller adds
+    ``[DONE]``. A client that disconnects cancels the request and it is logged incomplete."""
+    include_usage = bool(c.request.stream_options and c.request.stream_options.include_usage)
+    started = [False] * c.request.n
+    try:
+        async for delta in run_engine(state, c):
+            choice = ChunkChoice(index=delta.index, delta=Delta(content=delta.text or None))
+            if not started[delta.index]:
+                choice.delta.role = "assistant"
+                started[delta.index] = True
+            if delta.logprobs and c.params.logprobs:
+                n = len(delta.logprobs)
+                choice.logprobs = ChoiceLogprobs(content=c.candidates[delta.index].logprobs[-n:])
+            if delta.finish_reason is not None:
+                choice.finish_reason = c.candidates[delta.index].finish_reason
+            if (
+                choice.delta.content is None
+                and choice.delta.role is None
+                and choice.finish_reason is None
+            ):
+                continue
+            yield _chunk(c, [choice])
+    except asyncio.CancelledError:
+        log_in_background(state, c)
+        raise
+    except GeneratorExit:
+        log_in_background(state, c)
+        raise
+    await log_to_db(state, c)
+    if include_usage:
+        yield _chunk(c, [], usage=c.usage())

@@ -1,0 +1,105 @@
+"""The paged KV cache tensors and the attention that reads them.
+
+Layer ``l`` keeps keys and values in ``(num_blocks + 1, block_size, dim_head)`` pools (multi-query
+attention: one k/v head). The extra last block is scratch: padding tokens of a ragged prefill
+write there and no block table points at it. Before each forward the runner calls
+:meth:`PagedKVCache.prepare` with the batch's block tables and positions; every layer then
+writes its new keys/values into their slots and attends over the sequence's blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shared.model import PaLMConfig
+
+
+def blocks_for_budget(config: PaLMConfig, block_size: int, memory_mb: float, dtype: torch.dtype):
+    """How many blocks of ``block_size`` tokens fit ``memory_mb`` of keys + values."""
+    per_block = 2 * config.depth * block_size * config.dim_head * dtype.itemsize
+    return int(memory_mb * 2**20 // per_block)
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        config: PaLMConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch = num_blocks
+        shape = (config.depth, num_blocks + 1, block_size, config.dim_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.device = device
+        self.scale = config.dim_head**-0.5
+        self._slots: Tensor | None = None
+        self._tables: Tensor | None = None
+        self._mask: Tensor | None = None
+        self._rows = 0
+
+    def prepare(
+        self, tables: Sequence[Sequence[int]], positions: Tensor, valid: Tensor | None = None
+    ) -> None:
+        """Set up one forward: block table per row, positions (B, T) of the tokens, and which of
+        them are real (False for right padding, which writes to scratch)."""
+        bs = self.block_size
+        width = max(len(t) for t in tables)
+        table = torch.tensor(
+            [[*t, *[self.scratch] * (width - len(t))] for t in tables], dtype=torch.long
+        ).to(self.device)
+        block = table.gather(1, (positions // bs).clamp(max=width - 1))
+        slots = block * bs + positions % bs
+        if valid is not None:
+            slots = torch.where(valid, slots, self.scratch * bs)
+        self._slots = slots.reshape(-1)
+        self._tables = table.view(-1)
+        self._rows = len(tables)
+        key_pos = torch.arange(width * bs, device=self.device)
+        if positions.shape[1] == 1:
+            # decode: an additive mask (B, 1, S) for the batched-matmul attention below
+            hidden = key_pos.unsqueeze(0) > positions
+            self._mask = torch.zeros(hidden.shape, device=self.device, dtype=self.k.dtype)
+            self._mask = self._mask.masked_fill_(hidden, float("-inf")).unsqueeze(1)
+        else:
+            self._mask = key_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``AttentionCache`` protocol: store, then return the rows' keys/values and mask."""
+        assert self._slots is not None and self._tables is not None and self._mask is not None
+        dh = k.shape[-1]
+        flat_k = self.k[layer].view(-1, dh)
+        flat_v = self.v[layer].view(-1, dh)
+        flat_k.index_copy_(0, self._slots, k.reshape(-1, dh).to(flat_k.dtype))
+        flat_v.index_copy_(0, self._slots, v.reshape(-1, dh).to(flat_v.dtype))
+        keys = self.k[layer].index_select(0, self._tables).view(self._rows, -1, dh)
+        values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
+        return keys, values, self._mask
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Attention of q (B, T, H, dh) over each row's cached keys, the new k/v (B, T, dh)
+        included; returns (B, T, H * dh)."""
+        keys, values, mask = self.update(layer, k, v, positions)
+        b, t, h, dh = q.shape
+        if t == 1:
+            # one query per row: (B, H, dh) x (B, dh, S) matmuls, no per-head copy of the keys
+            scores = torch.baddbmm(
+                mask, q.reshape(b, h, dh), keys.transpose(1, 2).to(q.dtype), alpha=self.scale
+            )
+            return torch.bmm(scores.softmax(dim=-1), values.to(q.dtype)).view(b, 1, h * dh)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.to(q.dtype).unsqueeze(1).expand(-1, h, -1, -1),
+            values.to(q.dtype).unsqueeze(1).expand(-1, h, -1, -1),
+            attn_mask=mask,
+        )
+        return out.transpose(1, 2).reshape(b, t, h * dh)

@@ -1,0 +1,306 @@
+"""The synchronous engine: requests in, one batched step at a time, deltas out.
+
+Each loaded policy version is a :class:`PolicyWorker` (model, paged KV cache, block manager,
+scheduler). New requests go to the current worker; :meth:`LLMEngine.load_policy` adds a worker
+for another version and makes it current while the old one finishes its in-flight sequences,
+after which it is dropped and its memory freed. Not thread-safe: :class:`AsyncEngine` drives
+it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.kv_cache import PagedKVCache, blocks_for_budget
+from server.engine.model_runner import ModelRunner
+from server.engine.outputs import Delta, TextState, metrics_of
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import FinishReason, Sequence, TokenLogprob
+from server.engine.stats import EngineStats
+from shared.checkpoints import Policy, PolicyRegistry
+from shared.model import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 429/503)."""
+
+
+@dataclass
+class PolicyWorker:
+    policy: Policy
+    blocks: BlockManager
+    scheduler: Scheduler
+    runner: ModelRunner
+
+    @property
+    def version(self) -> str:
+        return self.policy.version
+
+
+def build_worker(policy: Policy, config: EngineConfig) -> PolicyWorker:
+    device, dtype = config.torch_device(), config.torch_dtype()
+    model = policy.model.to(device=device).eval()
+    for module in model.modules():  # rotary frequencies stay float32 (precision matters)
+        if isinstance(module, RotaryEmbedding):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(dtype))
+    num_blocks = config.num_blocks or blocks_for_budget(
+        model.config, config.block_size, config.kv_cache_memory_mb, dtype
+    )
+    blocks = BlockManager(num_blocks, config.block_size)
+    cache = PagedKVCache(model.config, num_blocks, config.block_size, device, dtype)
+    scheduler = Scheduler(config, blocks, model.config.max_seq_len)
+    return PolicyWorker(policy, blocks, scheduler, ModelRunner(model, cache, config.seed))
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        policy: Policy,
+        config: EngineConfig | None = None,
+        registry: PolicyRegistry | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        if self.config.torch_device().type == "cpu":
+            torch.set_num_threads(self.config.threads())
+        self.registry = registry
+        self.workers: dict[str, PolicyWorker] = {}
+        self.current = self.add_worker(build_worker(policy, self.config))
+        self.texts: dict[Sequence, TextState] = {}
+        self.requests: dict[str, list[Sequence]] = {}
+        self._ids = itertools.count()
+        self._stats = EngineStats()
+
+    @classmethod
+    def from_registry(
+        cls,
+        registry: PolicyRegistry,
+        version: str | None = None,
+        config: EngineConfig | None = None,
+    ) -> LLMEngine:
+        version = version or registry.latest()
+        if version is None:
+            raise ValueError(f"no policy versions in {registry.root}")
+        return cls(registry.load(version), config, registry)
+
+    # -- policies ---------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self.current.version
+
+    def add_worker(self, worker: PolicyWorker) -> PolicyWorker:
+        if worker.version in self.workers:
+            raise ValueError(f"policy {worker.version} is already loaded")
+        self.workers[worker.version] = worker
+        self.current = worker
+        log.info("serving policy %s for new requests", worker.version)
+        return worker
+
+    def prepare_policy(self, version: str) -> PolicyWorker:
+        """Load and verify a version and build its worker (raises ``CheckpointError``); safe to
+        call from another thread while the loop runs."""
+        if self.registry is None:
+            raise RuntimeError("this engine has no policy registry to load versions from")
+        if version in self.workers:
+            raise ValueError(f"policy {version} is already loaded")
+        return build_worker(self.registry.load(version), self.config)
+
+    def load_policy(self, version: str) -> str:
+        """Serve ``version`` to new requests; in-flight ones finish on theirs."""
+        if version == self.version:
+            return version
+        self.add_worker(self.prepare_policy(version))
+        return version
+
+    # -- requests ---------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(w.scheduler.waiting) for w in self.workers.values())
+
+    def has_work(self) -> bool:
+        return any(len(w.scheduler) for w in self.workers.values())
+
+    def add_request(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if self.num_waiting >= self.config.max_waiting:
+            raise EngineOverloaded(
+                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
+            )
+        worker = self.current
+        limit = worker.policy.config.max_seq_len
+        if not 1 <= len(prompt_ids) < limit:
+            raise ValueError(f"prompt must have 1 to {limit - 1} tokens, got {len(prompt_ids)}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.perf_counter()
+        seqs = [
+            Sequence(request_id, i, list(prompt_ids), params, worker.version, arrival=now)
+            for i in range(params.n)
+        ]
+        for seq in seqs:
+            worker.scheduler.add(seq)
+            self.texts[seq] = TextState(worker.policy.tokenizer, params.stop)
+        self.requests[request_id] = seqs
+        return request_id
+
+    def abort(self, request_id: str) -> list[Delta]:
+        """Cancel a request: its blocks are freed now; returns its final deltas."""
+        deltas = []
+        for seq in self.requests.get(request_id, []):
+            if not seq.is_finished:
+                worker = self.workers[seq.policy_version]
+                worker.scheduler.finish(seq, FinishReason.CANCELLED)
+                self._stats.requests_cancelled += 1
+                deltas.append(self._final(seq, FinishReason.CANCELLED, [], [], False))
+        self._forget_done(request_id)
+        self._drop_drained_workers()
+        return deltas
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        """Run one batch per policy that has work; return every candidate's new output."""
+        deltas: list[Delta] = []
+        for worker in list(self.workers.values()):
+            batch = worker.scheduler.schedule(time.perf_counter())
+            if batch is None:
+                continue
+            out = worker.runner.run(batch.seqs, batch.is_prefill)
+            now = time.perf_counter()
+            self._stats.steps += 1
+            if batch.is_prefill:
+                for seq in batch.seqs:
+                    self._stats.prefill_tokens += seq.num_tokens - seq.num_cached_tokens
+                    if seq.num_preemptions == 0:
+                        self._stats.prompt_tokens += seq.num_prompt_tokens
+            results = worker.scheduler.postprocess(
+                batch, out.token_ids, now, worker.policy.tokenizer.end_id
+            )
+            for row, (seq, is_output) in enumerate(results):
+                lp = None
+                if seq.params.logprobs and is_output:
+                    lp = TokenLogprob(
+                        out.token_ids[row], out.logprobs[row] or 0.0, out.top_logprobs[row] or []
+                    )
+                    seq.logprobs.append(lp)
+                deltas.append(self._process(worker, seq, is_output, lp))
+        self._drop_drained_workers()
+        return deltas
+
+    def _process(
+        self, worker: PolicyWorker, seq: Sequence, is_output: bool, lp: TokenLogprob | None
+    ) -> Delta:
+        text = self.texts[seq]
+        token_ids = [seq.output_ids[-1]] if is_output else []
+        if is_output:
+            self._stats.generated_tokens += 1
+        logprobs = [lp] if lp is not None else ([] if seq.params.logprobs else None)
+        by_string = is_output and text.push(seq.output_ids[-1])
+        if by_string:
+            seq.finish_reason = FinishReason.STOP
+        if seq.finish_reason is None:
+            return Delta(
+                seq.request_id,
+                seq.index,
+                token_ids,
+                text.take(False),
+                logprobs,
+                None,
+                seq.policy_version,
+            )
+        reason = seq.finish_reason
+        worker.scheduler.finish(seq, reason)
+        self._stats.requests_finished += 1
+        delta = self._final(seq, reason, token_ids, logprobs, by_string)
+        self._forget_done(seq.request_id)
+        return delta
+
+    def _final(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        token_ids: list[int],
+        logprobs: list[TokenLogprob] | None,
+        by_string: bool,
+    ) -> Delta:
+        text = self.texts.pop(seq)
+        text.finish(stopped_by_string=by_string)
+        metrics = metrics_of(seq)
+        self._stats.recent.append(metrics)
+        self._stats.preemptions += seq.num_preemptions
+        return Delta(
+            seq.request_id,
+            seq.index,
+            token_ids,
+            text.take(True),
+            logprobs,
+            reason,
+            seq.policy_version,
+            metrics,
+        )
+
+    def _forget_done(self, request_id: str) -> None:
+        seqs = self.requests.get(request_id)
+        if seqs is not None and all(s.is_finished for s in seqs):
+            del self.requests[request_id]
+
+    def _drop_drained_workers(self) -> None:
+        for version, worker in list(self.workers.items()):
+            if worker is not self.current and not len(worker.scheduler):
+                del self.workers[version]
+                log.info("policy %s drained and unloaded", version)
+
+    # -- stats ------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.running = sum(len(w.scheduler.running) for w in self.workers.values())
+        s.waiting = self.num_waiting
+        s.kv_blocks_used = sum(w.blocks.num_used for w in self.workers.values())
+        s.kv_blocks_total = sum(w.blocks.num_blocks for w in self.workers.values())
+        s.prefix_cache_queries = sum(w.blocks.stats.queries for w in self.workers.values())
+        s.prefix_cache_hits = sum(w.blocks.stats.hits for w in self.workers.values())
+        s.policy_versions = list(self.workers)
+        return s.snapshot()
+
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | None = None
+    ) -> list[list[Delta]]:
+        """Run prompts to completion (offline use, tests); returns each request's final
+        deltas, one per candidate, merged (all token ids, whole text, all logprobs)."""
+        ids = [self.add_request(p, params) for p in prompts]
+        merged: dict[tuple[str, int], Delta] = {}
+        while self.has_work():
+            for d in self.step():
+                key = (d.request_id, d.index)
+                if key not in merged:
+                    merged[key] = d
+                    continue
+                m = merged[key]
+                m.token_ids += d.token_ids
+                m.text += d.text
+                if m.logprobs is not None and d.logprobs:
+                    m.logprobs += d.logprobs
+                m.finish_reason, m.metrics = d.finish_reason, d.metrics
+        return [
+            sorted((d for k, d in merged.items() if k[0] == rid), key=lambda d: d.index)
+            for rid in ids
+        ]

@@ -1,0 +1,129 @@
+"""Continuous batching for one policy: admit waiting sequences, decode running ones, preempt.
+
+Each :meth:`Scheduler.schedule` call returns one batch: a prefill of newly admitted sequences
+(bounded by ``max_num_seqs`` and the padded token budget), or else one decode token for every
+running sequence. When a decode needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+(prompt + what it generated so far) when blocks free up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.config import EngineConfig
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_seq_len: int) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.max_seq_len = max_seq_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_needed(seq.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens does not fit a KV cache of "
+                f"{self.blocks.num_blocks} blocks x {self.blocks.block_size} tokens"
+            )
+        self.waiting.append(seq)
+
+    def schedule(self, now: float) -> ScheduledBatch | None:
+        batch = self._admit(now)
+        if batch:
+            return ScheduledBatch(batch, is_prefill=True)
+        decode: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while not self.blocks.can_append(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append_slot(seq)
+                decode.append(seq)
+        return ScheduledBatch(decode, is_prefill=False) if decode else None
+
+    def _admit(self, now: float) -> list[Sequence]:
+        batch: list[Sequence] = []
+        width = 0
+        deferred: list[Sequence] = []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if self.blocks.waits_for_prefix(seq):
+                # shares a prefix that a sequence in this batch is computing: next step
+                deferred.append(self.waiting.popleft())
+                continue
+            # budget check before allocation assumes nothing is cached (conservative)
+            new_width = max(width, seq.num_tokens)
+            if batch and (len(batch) + 1) * new_width > self.config.max_batched_tokens:
+                break
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            width = max(width, seq.num_tokens - seq.num_cached_tokens)
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                seq.first_cached_tokens = seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(seq)
+        self.waiting.extendleft(reversed(deferred))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(
+        self, batch: ScheduledBatch, token_ids: list[int], now: float, end_id: int
+    ) -> list[tuple[Sequence, bool]]:
+        """Append each sampled token; return (sequence, token_is_output) pairs. An end token
+        finishes its sequence (and is not output), as do max_tokens and the model's context."""
+        out = []
+        for seq, token in zip(batch.seqs, token_ids, strict=True):
+            if batch.is_prefill:
+                self.blocks.mark_ready(seq)
+            if token == end_id and not seq.params.ignore_eos:
+                seq.finish_reason = FinishReason.STOP
+                if seq.first_token is None:
+                    seq.first_token = now
+                out.append((seq, False))
+                continue
+            seq.append(token, now)
+            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
+                seq.finish_reason = FinishReason.LENGTH
+            out.append((seq, True))
+        return out
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a sequence (done or cancelled) and free its blocks now."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED

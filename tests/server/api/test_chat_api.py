@@ -1,0 +1,150 @@
+"""Chat completions over real HTTP with the official openai SDK, httpx and SSE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.api.app import create_app
+from shared.config import Settings
+from shared.keys import create_key
+from tests.conftest import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("chat"), kv_cache_memory_mb=16)
+    app = create_app(settings, seed_dir=tiny_seed_dir)
+    with LiveServer(app) as live:
+        live.state = app.state.palmchat
+        live.key = create_key(live.state.db, "alice")
+        yield live
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
+
+
+MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def test_non_streaming_completion_reports_version_usage_and_is_logged(server, client) -> None:
+    r = client.chat.completions.create(
+        model="palmchat", messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.system_fingerprint == "v1"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    convs = httpx.get(
+        f"{server.url}/v1/conversations/{r.conversation_id}",
+        headers={"Authorization": f"Bearer {server.key}"},
+    ).json()
+    answer = [m for m in convs["messages"] if m["role"] == "assistant"][0]
+    assert answer["content"] == r.choices[0].message.content and answer["completion_id"] == r.id
+    assert answer["policy_version"] == "v1"
+
+
+def test_streaming_equals_non_streaming_for_greedy(client) -> None:
+    full = client.chat.completions.create(
+        model="palmchat", messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="palmchat",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[
+        0
+    ].finish_reason
+
+
+async def test_async_sdk_n3_with_logprobs(server) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
+    r = await client.chat.completions.create(
+        model="palmchat",
+        messages=MESSAGES,
+        max_tokens=6,
+        n=3,
+        seed=7,
+        temperature=1.0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for choice in r.choices:
+        assert len(choice.logprobs.content) >= 1
+        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in choice.logprobs.content)
+
+
+def test_unknown_model_is_404_and_bad_params_are_400(client) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="palmchat", messages=MESSAGES, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="palmchat", messages=MESSAGES, max_tokens=10**9)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="palmchat", messages=[])
+
+
+def test_models_lists_alias_and_active_version(client) -> None:
+    assert [m.id for m in client.models.list()] == ["palmchat", "v1"]
+
+
+def test_sse_stream_ends_with_done(server) -> None:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"model": "palmchat", "messages": MESSAGES, "max_tokens": 4, "stream": True},
+    ) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert (
+        first["object"] == "chat.completion.chunk"
+        and first["choices"][0]["delta"]["role"] == "assistant"
+    )
+
+
+def test_metrics_change_after_traffic(server, client) -> None:
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    client.chat.completions.create(model="palmchat", messages=MESSAGES, max_tokens=5, temperature=0)
+    after = scrape()
+    assert after["palmchat_generation_tokens_total"] > before.get(
+        "palmchat_generation_tokens_total", 0
+    )
+    assert after["palmchat_time_to_first_token_seconds_count"] > before.get(
+        "palmchat_time_to_first_token_seconds_count", 0
+    )
+    assert sum(v for k, v in after.items() if k.startswith("palmchat_requests_total")) > sum(
+        v for k, v in before.items() if k.startswith("palmchat_requests_total")
+    )
+    assert after['palmchat_policy_info{version="v1"}'] == 1.0
+    assert 0.0 <= after["palmchat_kv_cache_usage_perc"] <= 1.0

@@ -1,0 +1,58 @@
+"""Tiny random-weight policies in a temporary registry, and unbatched greedy references."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine import EngineConfig, LLMEngine
+from shared.checkpoints import PolicyRegistry
+from shared.model import PaLM, PaLMConfig
+from shared.tokenizer import ByteTokenizer
+
+VOCAB = 300
+
+
+def random_policy(seed: int) -> PaLM:
+    """A tiny PaLM whose weights are large enough that its logits have no near-ties."""
+    torch.manual_seed(seed)
+    model = PaLM(PaLMConfig(num_tokens=VOCAB, dim=64, depth=2, heads=4, dim_head=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> PolicyRegistry:
+    registry = PolicyRegistry(tmp_path / "policies")
+    registry.publish(random_policy(0), ByteTokenizer(VOCAB))
+    return registry
+
+
+@pytest.fixture
+def make_engine(registry: PolicyRegistry) -> Callable[..., LLMEngine]:
+    def make(version: str = "v1", **config: object) -> LLMEngine:
+        config = {"num_blocks": 256, "block_size": 4, "num_threads": 2, **config}
+        return LLMEngine.from_registry(registry, version, EngineConfig(**config))
+
+    return make
+
+
+@torch.no_grad()
+def greedy_reference(
+    model: PaLM, prompt: list[int], max_tokens: int, end_id: int | None
+) -> list[int]:
+    """Greedy continuation by full forward passes, no cache and no batching."""
+    tokens = list(prompt)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        nxt = int(model(torch.tensor([tokens]))[0, -1].argmax())
+        if nxt == end_id:
+            break
+        out.append(nxt)
+        tokens.append(nxt)
+    return out

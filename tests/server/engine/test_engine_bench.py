@@ -1,0 +1,31 @@
+"""The engine benchmark runs end to end and writes its JSON (tiny settings, no baselines)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import random_policy
+
+from server.engine.bench import markdown_table, run_engine_benchmark
+from shared.checkpoints import Policy
+from shared.tokenizer import ByteTokenizer
+
+
+def test_benchmark_writes_json_with_every_contender_and_the_targets(tmp_path):
+    policy = Policy("v1", random_policy(0), ByteTokenizer(300), {})
+    results = run_engine_benchmark(
+        new_tokens=4,
+        concurrency=(1, 4),
+        sequential_requests=2,
+        policy=policy,
+        include_hf=False,
+        include_reference=False,
+        out_dir=tmp_path,
+        engine_overrides={"kv_cache_memory_mb": 8},
+    )
+    written = json.loads((tmp_path / "engine-latest.json").read_text())
+    assert written["engine"]["4"]["tokens"] == 16
+    assert written["one_at_a_time"]["tokens"] == 8
+    assert written["prefix_cache"]["n"] == 4
+    assert "batch32_vs_one_at_a_time" not in written["targets"]["engine"]  # no 32 measured
+    assert "| palmchat engine (continuous batching) |" in markdown_table(results)

@@ -1,0 +1,44 @@
+"""Scripted users chat over REST, SSE and WebSocket; their thumbs and rankings land in the DB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlmodel import select
+
+from server.api.app import create_app
+from shared.config import Settings
+from shared.db import session
+from shared.keys import create_key
+from shared.schema import Feedback, Ranking
+from shared.simulator import SimConfig, run_simulation
+from tests.conftest import LiveServer
+
+
+async def test_simulated_users_leave_feedback_through_every_transport(
+    tmp_path: Path, tiny_seed_dir: Path
+) -> None:
+    app = create_app(Settings(data_dir=tmp_path, kv_cache_memory_mb=16), seed_dir=tiny_seed_dir)
+    with LiveServer(app) as live:
+        db = app.state.palmchat.db
+        key = create_key(db, "sim")
+        cfg = SimConfig(
+            url=live.url,
+            api_key=key,
+            users=3,
+            minutes=2,
+            max_requests=12,
+            max_tokens=8,
+            rank_fraction=0.5,
+            seed=1,
+        )
+        report = await run_simulation(cfg, tmp_path / "sim.json")
+    assert report.errors == []
+    assert report.chats == 12
+    assert {e.transport for e in report.events} == {"rest", "sse", "ws"}
+    assert report.feedback_sent + report.rankings_sent == 12 and report.rankings_sent >= 1
+    assert set(report.per_version) == {"v1"}
+    with session(db) as s:
+        assert len(s.exec(select(Feedback)).all()) == report.feedback_sent
+        assert len(s.exec(select(Ranking)).all()) == report.rankings_sent
+    assert (tmp_path / "sim.json").is_file()
