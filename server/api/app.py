@@ -80,6 +80,8 @@ async def _sync_policy(state: AppState) -> None:
             log.info("hot-swapped to policy %s", wanted)
         except CheckpointError as e:
             log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
+        except Exception:  # the table already says what to serve; the watcher retries
+            log.exception("hot-swap to %s failed; keeping %s", wanted, engine.version)
 
 
 async def _watch_active_policy(state: AppState) -> None:
