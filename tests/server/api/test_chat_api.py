@@ -148,3 +148,41 @@ def test_metrics_change_after_traffic(server, client) -> None:
     )
     assert after['palmchat_policy_info{version="v1"}'] == 1.0
     assert 0.0 <= after["palmchat_kv_cache_usage_perc"] <= 1.0
+
+
+def test_conversation_id_continues_the_thread(server, client) -> None:
+    first = client.chat.completions.create(
+        model="palmchat", messages=MESSAGES, max_tokens=4, temperature=0
+    )
+    follow = [
+        *MESSAGES,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And double that?"},
+    ]
+    second = client.chat.completions.create(
+        model="palmchat",
+        messages=follow,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"conversation_id": first.conversation_id},
+    )
+    assert second.conversation_id == first.conversation_id
+    thread = httpx.get(
+        f"{server.url}/v1/conversations/{first.conversation_id}",
+        headers={"Authorization": f"Bearer {server.key}"},
+    ).json()
+    roles = [m["role"] for m in thread["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    by_id = {m["id"]: m for m in thread["messages"]}
+    last = thread["messages"][-1]
+    assert by_id[by_id[last["parent_id"]]["parent_id"]]["completion_id"] == first.id
+
+
+def test_auth_can_be_turned_off_only_on_loopback(tmp_path: Path, tiny_seed_dir: Path) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        create_app(Settings(data_dir=tmp_path, host="0.0.0.0"), auth=False, seed_dir=tiny_seed_dir)
+    app = create_app(
+        Settings(data_dir=tmp_path, host="127.0.0.1"), auth=False, seed_dir=tiny_seed_dir
+    )
+    with LiveServer(app) as live:
+        assert httpx.get(f"{live.url}/v1/models").status_code == 200
