@@ -350,12 +350,13 @@ class PaLM(nn.Module):
     ) -> Tensor:
         """Logits for a serving step: ``tokens`` and ``positions`` (B, T) with a cache.
 
-        Rotary tables are computed once for every layer; with ``last`` (B,) only the logits at
-        those indices along T are computed, (B, V) - all a sampler needs after a prefill.
+        Positions must be below ``config.max_seq_len`` (rotary tables are precomputed up to
+        there). With ``last`` (B,) only the logits at those indices along T are computed,
+        (B, V) - all a sampler needs after a prefill.
         """
-        block = self.layers[0].fn
         x = self.token_emb(tokens)
-        rotary = Rotary.at(block.rotary_emb, positions, block.heads, x.dtype)
+        cos, sin = self._rotary_tables(x.dtype)
+        rotary = Rotary(cos[positions], sin[positions])
         for i, layer in enumerate(self.layers):
             x = x + layer.fn.forward_step(x, rotary, positions, cache, i)
         if last is not None:
@@ -363,6 +364,19 @@ class PaLM(nn.Module):
         elif x.shape[1] == 1:
             x = x[:, 0]
         return self.to_logits(self.norm(x))
+
+    def _rotary_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``Rotary`` tables of every position below ``max_seq_len``, (S, heads + 1, dh); built
+        once per dtype and device (the rotary buffers are constants of the config)."""
+        key = (dtype, self.device)
+        cached = self.__dict__.get("_rotary_cache")
+        if cached is None or cached[0] != key:
+            block = self.layers[0].fn
+            positions = torch.arange(self.config.max_seq_len, device=self.device).unsqueeze(0)
+            rotary = Rotary.at(block.rotary_emb, positions, block.heads, dtype)
+            cached = (key, rotary.cos[0], rotary.sin[0])
+            self.__dict__["_rotary_cache"] = cached
+        return cached[1], cached[2]
 
     def state_dict_for_save(self) -> dict[str, Tensor]:
         """State dict without the tied output weight (safetensors refuses shared storage)."""

@@ -1,10 +1,19 @@
 """The serving engine: continuous batching over a paged KV cache (pure PyTorch).
 
-engine = LLMEngine.from_registry(PolicyRegistry(root), config=EngineConfig())
-async_engine = AsyncEngine(engine)
-async for delta in async_engine.generate(prompt_ids, SamplingParams(temperature=0)):
-    ...
+    engine = AsyncEngine.from_registry(PolicyRegistry(root), config=EngineConfig())
+    async for delta in engine.generate(prompt_ids, SamplingParams(temperature=0)):
+        ...  # delta.token_ids, delta.text, delta.logprobs, delta.finish_reason, ...
+    await engine.load_policy("v7")  # hot-swap; in-flight requests finish on their version
+
+OpenMP workers that spin while they wait collapse throughput (20x and more, measured) when the
+cores are shared, e.g. with a trainer on the same machine; sleeping workers cost the engine's
+small ops little. The setting is read when torch loads, so set ``OMP_WAIT_POLICY=PASSIVE`` in
+the environment of any process that imports torch before this package.
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.config import EngineConfig

@@ -20,10 +20,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineOverloaded, LLMEngine
 from server.engine.outputs import Delta
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
+from shared.checkpoints import PolicyRegistry
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,16 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="palmchat-engine", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_registry(
+        cls,
+        registry: PolicyRegistry,
+        version: str | None = None,
+        config: EngineConfig | None = None,
+    ) -> AsyncEngine:
+        """Serve ``version`` (default: the latest) of ``registry``; the engine thread starts."""
+        return cls(LLMEngine.from_registry(registry, version, config))
+
     # -- requests ---------------------------------------------------------------------------
     def generate(
         self,
@@ -141,17 +153,23 @@ class AsyncEngine:
         A version that fails verification raises ``CheckpointError``; the current one stays."""
         if version == self.engine.version:
             return version
+        if await self._on_loop(lambda: self.engine.reuse_worker(version)):
+            return version
         worker = await asyncio.to_thread(self.engine.prepare_policy, version)
-        done: Future[str] = Future()
+        await self._on_loop(lambda: self.engine.add_worker(worker))
+        return version
 
-        def swap() -> None:
+    async def _on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between steps and return its result."""
+        done: Future[Any] = Future()
+
+        def call() -> None:
             try:
-                self.engine.add_worker(worker)
-                done.set_result(version)
+                done.set_result(fn())
             except Exception as exc:
                 done.set_exception(exc)
 
-        self._submit(swap)
+        self._submit(call)
         return await asyncio.wrap_future(done)
 
     @property

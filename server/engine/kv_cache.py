@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from server.engine.decode_workspace import DecodeWorkspace
 from shared.model import PaLMConfig
 
 
@@ -44,6 +45,7 @@ class PagedKVCache:
         self._tables: Tensor | None = None
         self._mask: Tensor | None = None
         self._rows = 0
+        self.workspace = DecodeWorkspace(self.k, self.v, config.max_seq_len)
 
     def prepare(
         self, tables: Sequence[Sequence[int]], positions: Tensor, valid: Tensor | None = None
@@ -59,28 +61,44 @@ class PagedKVCache:
         slots = block * bs + positions % bs
         if valid is not None:
             slots = torch.where(valid, slots, self.scratch * bs)
-        self._slots = slots.reshape(-1)
-        self._tables = table.view(-1)
-        self._rows = len(tables)
+        self._set(table, slots.reshape(-1))
         key_pos = torch.arange(width * bs, device=self.device)
-        if positions.shape[1] == 1:
-            # decode: an additive mask (B, 1, S) for the batched-matmul attention below
-            hidden = key_pos.unsqueeze(0) > positions
-            self._mask = torch.zeros(hidden.shape, device=self.device, dtype=self.k.dtype)
-            self._mask = self._mask.masked_fill_(hidden, float("-inf")).unsqueeze(1)
-        else:
-            self._mask = key_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+        self._mask = key_pos.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
+
+    def prepare_decode(
+        self, tables: Sequence[Sequence[int]], positions: list[int], uids: list[int]
+    ) -> None:
+        """``prepare`` for one token per row at ``positions`` of the sequences ``uids``: keys
+        and values are read from the decode workspace instead of being gathered per layer."""
+        bs = self.block_size
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        self._slots = torch.tensor(slots, dtype=torch.long).to(self.device)
+        self._tables = None
+        self._rows = len(tables)
+        self.workspace.prepare(uids, tables, positions, self.scratch)
+        # additive mask (B, 1, S): -inf on slots past each row's position
+        pos = torch.tensor(positions, device=self.device).unsqueeze(1)
+        hidden = torch.arange(self.workspace.width, device=self.device).unsqueeze(0) > pos
+        mask = torch.zeros(hidden.shape, device=self.device, dtype=self.k.dtype)
+        self._mask = mask.masked_fill_(hidden, float("-inf")).unsqueeze(1)
+
+    def _set(self, table: Tensor, slots: Tensor) -> None:
+        self._tables = table.view(-1)
+        self._rows = table.shape[0]
+        self._slots = slots
 
     def update(
         self, layer: int, k: Tensor, v: Tensor, positions: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The ``AttentionCache`` protocol: store, then return the rows' keys/values and mask."""
-        assert self._slots is not None and self._tables is not None and self._mask is not None
+        assert self._slots is not None and self._mask is not None
         dh = k.shape[-1]
-        flat_k = self.k[layer].view(-1, dh)
-        flat_v = self.v[layer].view(-1, dh)
-        flat_k.index_copy_(0, self._slots, k.reshape(-1, dh).to(flat_k.dtype))
-        flat_v.index_copy_(0, self._slots, v.reshape(-1, dh).to(flat_v.dtype))
+        k, v = k.reshape(-1, dh), v.reshape(-1, dh)
+        self.k[layer].view(-1, dh).index_copy_(0, self._slots, k)
+        self.v[layer].view(-1, dh).index_copy_(0, self._slots, v)
+        if self._tables is None:  # decode: the workspace has every row's keys and values
+            keys, values = self.workspace.write_and_read(layer, k, v)
+            return keys, values, self._mask
         keys = self.k[layer].index_select(0, self._tables).view(self._rows, -1, dh)
         values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
         return keys, values, self._mask
@@ -90,16 +108,16 @@ class PagedKVCache:
         included; returns (B, T, H * dh)."""
         keys, values, mask = self.update(layer, k, v, positions)
         b, t, h, dh = q.shape
-        if t == 1:
-            # one query per row: (B, H, dh) x (B, dh, S) matmuls, no per-head copy of the keys
+        if mask.dtype != torch.bool:
+            # decode: one query per row, (B, H, dh) x (B, dh, S) matmuls, no per-head key copy
             scores = torch.baddbmm(
-                mask, q.reshape(b, h, dh), keys.transpose(1, 2).to(q.dtype), alpha=self.scale
+                mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=self.scale
             )
-            return torch.bmm(scores.softmax(dim=-1), values.to(q.dtype)).view(b, 1, h * dh)
+            return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
-            keys.to(q.dtype).unsqueeze(1).expand(-1, h, -1, -1),
-            values.to(q.dtype).unsqueeze(1).expand(-1, h, -1, -1),
+            keys.unsqueeze(1).expand(-1, h, -1, -1),
+            values.unsqueeze(1).expand(-1, h, -1, -1),
             attn_mask=mask,
         )
         return out.transpose(1, 2).reshape(b, t, h * dh)

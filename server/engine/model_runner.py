@@ -46,8 +46,9 @@ class ModelRunner:
     def decode(self, seqs: Seq[Sequence]) -> Tensor:
         """One new token per row: the last sampled token at position ``num_tokens - 1``."""
         tokens = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
-        self.cache.prepare([s.block_table for s in seqs], positions)
+        where = [s.num_tokens - 1 for s in seqs]
+        self.cache.prepare_decode([s.block_table for s in seqs], where, [s.uid for s in seqs])
+        positions = torch.tensor(where, device=self.device).unsqueeze(1)
         return self.model.forward_step(tokens, positions, self.cache)
 
     def sample(self, seqs: Seq[Sequence], logits: Tensor) -> SampleOutput:

@@ -30,6 +30,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -93,6 +94,7 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def postprocess(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.sampling import SamplingParams
+
+_uids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -56,6 +59,7 @@ class Sequence:
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
+        self.uid = next(_uids)  # unique for the process: identifies it in a decode batch
         if not self.prompt_ids:
             raise ValueError("a prompt needs at least one token")
         self.token_ids = list(self.prompt_ids)

@@ -36,7 +36,7 @@ def registry(tmp_path: Path) -> PolicyRegistry:
 @pytest.fixture
 def make_engine(registry: PolicyRegistry) -> Callable[..., LLMEngine]:
     def make(version: str = "v1", **config: object) -> LLMEngine:
-        config = {"num_blocks": 256, "block_size": 4, "num_threads": 2, **config}
+        config = {"num_blocks": 256, "block_size": 4, "num_threads": 1, **config}
         return LLMEngine.from_registry(registry, version, EngineConfig(**config))
 
     return make

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_policy
+from conftest import greedy_reference, random_policy
 
 from server.engine.block_manager import BlockManager
 from server.engine.kv_cache import PagedKVCache
@@ -98,3 +98,26 @@ def test_the_block_holding_the_last_prompt_token_is_never_shared():
     blocks.allocate(b)
     assert b.num_cached_tokens == 4  # the second block holds the last token: recomputed
     assert b.block_table[1] != a.block_table[1]
+
+
+def test_decode_workspace_regrows_and_rebuilds_without_changing_the_output(make_engine):
+    engine = make_engine()
+    workspace = engine.current.runner.cache.workspace
+    workspace.headroom = 3  # regrow every few steps
+    rebuilds = []
+    original = workspace._rebuild
+    workspace._rebuild = lambda *a: (rebuilds.append(1), original(*a))
+    prompts = [list(range(40, 47)), list(range(60, 75)), [33]]
+    lengths = [30, 9, 17]  # finishing at different steps changes the batch
+    ids = [
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+    model = engine.current.runner.model
+    for rid, prompt, n in zip(ids, prompts, lengths, strict=True):
+        assert out[rid] == greedy_reference(model, prompt, n, None)
+    assert len(rebuilds) > 3

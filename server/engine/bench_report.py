@@ -1,0 +1,112 @@
+"""The benchmark's report: targets of issue 4, the README table, the JSON and the PNG plot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    def tps(section: str, key: str) -> float | None:
+        value = r.get(section, {}).get(key)
+        return value["tokens_per_s"] if isinstance(value, dict) else None
+
+    out: dict[str, Any] = {}
+    for name in ("engine", "engine_async"):
+        b1, b32 = tps(name, "1"), tps(name, "32")
+        seq = r["one_at_a_time"]["tokens_per_s"]
+        checks = {"batch32_vs_one_at_a_time": (b32 / seq if b32 else None, 12.0)}
+        if (hf1 := tps("hf_llama", "1")) and b1:
+            checks["batch1_vs_hf"] = (b1 / hf1, 1.5)
+        if (hf32 := tps("hf_llama", "32")) and b32:
+            checks["batch32_vs_hf"] = (b32 / hf32, 1.5)
+        if (ref := tps("palm_rlhf_pytorch", "1")) and b1:
+            checks["batch1_vs_palm_rlhf_pytorch"] = (b1 / ref, 6.0)
+        out[name] = {
+            k: {"ratio": round(v, 2), "target": t, "met": v >= t}
+            for k, (v, t) in checks.items()
+            if v is not None
+        }
+    ratio = r["prefix_cache"]["ratio"]
+    out["prefix_cache_n4_vs_1"] = {"ratio": ratio, "target": "< 1.5", "met": ratio < 1.5}
+    return out
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """The README table: generated tokens/s by concurrency for every contender."""
+
+    def cell(section: str, key: str) -> str:
+        value = r.get(section, {}).get(key)
+        return f"{value['tokens_per_s']:,.0f}" if isinstance(value, dict) else "-"
+
+    keys = sorted({k for s in ("engine", "hf_llama") for k in r.get(s, {}) if k.isdigit()}, key=int)
+    rows = [
+        ("palmchat engine (continuous batching)", "engine"),
+        ("palmchat engine via AsyncEngine streams", "engine_async"),
+        ("HF transformers Llama `generate` (same size, random weights)", "hf_llama"),
+        ("PaLM-rlhf-pytorch `generate` (same weights, no KV cache)", "palm_rlhf_pytorch"),
+    ]
+    lines = [
+        "| generated tokens/s | " + " | ".join(f"{k} concurrent" for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for label, section in rows:
+        if section in r:
+            lines.append(f"| {label} | " + " | ".join(cell(section, k) for k in keys) + " |")
+    one = r["one_at_a_time"]["tokens_per_s"]
+    lines.append(
+        f"| palmchat engine, one request at a time | {one:,.0f} |" + " |" * (len(keys) - 1)
+    )
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = results["created_at"].replace(":", "").replace("+0000", "")
+    path = out_dir / f"engine-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "engine-latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    with contextlib.suppress(ImportError):  # matplotlib is optional
+        _plot(results, out_dir / "engine-latest.png")
+    return path
+
+
+def _plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in (
+        ("engine", "palmchat engine"),
+        ("engine_async", "engine (async front)"),
+        ("hf_llama", "HF transformers Llama"),
+    ):
+        points = sorted(
+            (int(k), v["tokens_per_s"]) for k, v in r.get(name, {}).items() if isinstance(v, dict)
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    for name, label in (("one_at_a_time", "engine, one at a time"),):
+        ax.axhline(r[name]["tokens_per_s"], ls="--", color="gray", label=label)
+    if "palm_rlhf_pytorch" in r:
+        ax.axhline(
+            r["palm_rlhf_pytorch"]["1"]["tokens_per_s"],
+            ls=":",
+            color="red",
+            label="PaLM-rlhf-pytorch generate (batch 1)",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests (batch)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(
+        f"{r['model']['params'] / 1e6:.1f}M params, {r['new_tokens']} new tokens, "
+        f"{r['machine']['cpu_threads']} CPU threads"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
