@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first and pinned: the CPU wheel; an unpinned resolve would pull a multi-GB CUDA build
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[dev]'
+python -m pip install -q -e '.[dev,triton]'
 ruff check .
 ruff format --check .
 python -m pytest -q "$@"

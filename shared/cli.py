@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+
+# Spinning OpenMP workers steal the cores from everything else on a shared CPU box and can make
+# every op many times slower; must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Annotated
 
@@ -64,13 +69,13 @@ Host = Annotated[
 Port = Annotated[int | None, typer.Option(help="Port (default $PALMCHAT_PORT or 8000).")]
 
 
-def _serve(settings, *, auth: bool) -> None:
+def _serve(settings, *, auth: bool, **extras) -> None:
     import uvicorn
 
     from server.api.app import create_app
 
     try:
-        app = create_app(settings, auth=auth)
+        app = create_app(settings, auth=auth, **extras)
     except ValueError as e:
         _fail(str(e))
     console.print(
@@ -119,10 +124,136 @@ def serve(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Skip API keys (only allowed on a loopback host).")
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="engine: run the policy in this process; triton: use a Triton Inference "
+            "Server (see `palmchat triton`) over gRPC streaming."
+        ),
+    ] = "engine",
+    triton_url: Annotated[
+        str,
+        typer.Option(help="HOST:PORT of Triton's gRPC endpoint (with --backend triton)."),
+    ] = "127.0.0.1:8001",
 ) -> None:
-    """Run the API server (OpenAI-compatible REST + SSE, WebSocket, feedback, /metrics)."""
+    """Run the API server (OpenAI-compatible REST + SSE, WebSocket, feedback, /metrics).
+
+    With --backend triton the gateway runs no model: each chat is a gRPC stream to the
+    `palmchat` model of the Triton server at --triton-url, and activating or rolling back a
+    policy loads that version in Triton through its model-control API.
+    """
     _logging()
-    _serve(_with_address(_settings(data_dir), host, port), auth=not no_auth)
+    if backend not in ("engine", "triton"):
+        _fail(f"--backend must be engine or triton, got {backend!r}")
+    host_part, sep, port_part = triton_url.rpartition(":")
+    if backend == "triton" and (not sep or not host_part or not port_part.isdigit()):
+        _fail(f"--triton-url must be HOST:PORT, got {triton_url!r}")
+    extras = {"backend": "triton", "triton_url": triton_url} if backend == "triton" else {}
+    _serve(_with_address(_settings(data_dir), host, port), auth=not no_auth, **extras)
+
+
+@app.command()
+def triton(
+    data_dir: DataDir = None,
+    host: Annotated[str, typer.Option(help="Address Triton binds (gRPC and HTTP).")] = (
+        "127.0.0.1"
+    ),
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (what --triton-url names).")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port (health, model control).")] = 8002,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, help="Triton's own Prometheus metrics port (0 = off).")
+    ] = 0,
+    version: Annotated[
+        str | None, typer.Option(help="Policy version to load (default: the active one).")
+    ] = None,
+    kv_cache_memory_mb: Annotated[
+        float | None, typer.Option(help="KV-cache pool per loaded version (default: settings).")
+    ] = None,
+    num_threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads of the engine (default: all cores).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Model repository + backend files (default: <data dir>/triton)."),
+    ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Append tritonserver's log here (default: stdout).")
+    ] = None,
+) -> None:
+    """Start a Triton Inference Server that serves the policy (needs the triton extra).
+
+    Runs the tritonserver binary of the nvidia-pytriton wheel (CPU or GPU) with the palmchat
+    model: this project's engine (continuous batching, paged KV cache) inside Triton's Python
+    backend, in decoupled mode (one request, a stream of token responses). Policy version vN
+    is Triton model version N; it loads the active version (or --version) through the
+    model-control API, and gateways started with `palmchat serve --backend triton
+    --triton-url HOST:PORT` load later versions the same way. Ctrl-C stops it.
+    """
+    _logging()
+    import signal
+    import time
+
+    from rich.markup import escape
+
+    from shared.bootstrap import prepare
+    from shared.checkpoints import CheckpointError
+
+    try:
+        from server.triton.server import TritonServer, TritonUnavailable, pytriton_dir
+
+        pytriton_dir()
+    except Exception as e:  # the extra is missing
+        _fail(escape(str(e)))
+    settings = _settings(data_dir)
+    try:
+        prepared = prepare(settings)
+        version = version or prepared.active_version
+        prepared.registry.verify(version)
+    except (CheckpointError, FileNotFoundError) as e:
+        _fail(str(e))
+    engine: dict = {
+        "kv_cache_memory_mb": kv_cache_memory_mb or settings.kv_cache_memory_mb,
+        "max_waiting": settings.max_waiting,
+        "device": settings.device,
+    }
+    if num_threads:
+        engine["num_threads"] = num_threads
+    server = TritonServer(
+        settings.registry_dir,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port or None,
+        workdir=workdir or settings.data_dir / "triton",
+        engine=engine,
+        log_file=log_file,
+        inherit_output=log_file is None,
+    )
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)  # also when started with SIGINT ignored (nohup, &)
+    console.print(f"starting tritonserver with policy {version} (loading takes a while)...")
+    try:
+        server.start(version)
+    except TritonUnavailable as e:
+        _fail(escape(str(e)))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print(
+        f"Triton serves palmchat {version} on gRPC {server.url} (HTTP {host}:{http_port}); "
+        f"gateway: palmchat serve --backend triton --triton-url {server.url}"
+    )
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        _fail("tritonserver exited")
+    except KeyboardInterrupt:
+        console.print("stopping tritonserver")
+    finally:
+        server.stop()
 
 
 def _remote_replier(url: str, api_key: str | None, params: dict):
@@ -374,7 +505,7 @@ def trainer(
         int | None, typer.Option(min=1, help="--watch: stop after this many rounds.")
     ] = None,
     metrics_port: Annotated[
-        int, typer.Option(min=0, help="Serve trainer /metrics on this port (0 = off).")
+        int, typer.Option(min=0, help="Trainer /metrics port on $PALMCHAT_HOST (0 = off).")
     ] = 9101,
     device: Annotated[
         str, typer.Option(help="cpu or cuda (each torchrun rank its own GPU).")
@@ -406,11 +537,12 @@ def trainer(
     from trainer.metrics import TrainerMetrics
 
     cfg = _trainer_config(algo, min_new, poll, device, lora_rank, seed, set_ or [])
+    settings = _settings(data_dir)
     info = init_distributed(cfg.device)
     metrics = TrainerMetrics()
     if info.is_main and metrics_port:
         try:
-            metrics.serve(metrics_port)
+            metrics.serve(metrics_port, addr=settings.host)
         except OSError as e:
             _fail(f"cannot serve trainer metrics on port {metrics_port}: {e}")
     bars = Progress(
@@ -455,9 +587,7 @@ def trainer(
 
     try:
         with bars:
-            runner = OnlineTrainer(
-                _settings(data_dir), cfg, progress=progress, metrics=metrics, info=info
-            )
+            runner = OnlineTrainer(settings, cfg, progress=progress, metrics=metrics, info=info)
             if once:
                 result = runner.run_round(force=True)
                 report(result)
@@ -733,12 +863,35 @@ def bench_api(
     streams: Annotated[int, typer.Option(min=1, help="Concurrent SSE streams.")] = 32,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per stream.")] = 128,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="engine: engine alone vs the API; triton: also through a gateway whose "
+            "backend is a tritonserver on loopback (needs the triton extra)."
+        ),
+    ] = "engine",
 ) -> None:
-    """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT."""
+    """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT.
+
+    With --backend triton the same streams also go through a gateway backed by a real
+    tritonserver, reported next to the in-process gateway.
+    """
     _logging("WARNING")
+    from rich.markup import escape
+
     from server.api.bench import run_api_benchmark
 
-    console.print_json(json.dumps(run_api_benchmark(streams, new_tokens, out_dir=out)))
+    if backend not in ("engine", "triton"):
+        _fail(f"--backend must be engine or triton, got {backend!r}")
+    if backend == "triton":
+        try:
+            from server.triton.server import pytriton_dir
+
+            pytriton_dir()
+        except Exception as e:
+            _fail(escape(str(e)))
+    results = run_api_benchmark(streams, new_tokens, out_dir=out, backend=backend)
+    console.print_json(json.dumps(results))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -104,3 +104,15 @@ def has_admin_key(engine: Engine) -> bool:
             ).first()
             is not None
         )
+
+
+def local_principal(engine: Engine, name: str = "local") -> Principal:
+    """The admin principal used when auth is off (loopback only): a real user row, so the
+    conversation log and feedback keep their foreign keys."""
+    with session(engine) as s:
+        user = s.exec(select(User).where(User.name == name)).first()
+        if user is None:
+            user = User(name=name)
+            s.add(user)
+            s.flush()
+        return Principal(user_id=user.id, user_name=name, key_id=0, is_admin=True)

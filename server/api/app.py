@@ -23,12 +23,13 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
 from server.api.metrics import Metrics
 from server.api.protocol import APIError
-from server.api.routes import chat, conversations, feedback, policies, ws
+from server.api.routes import chat, conversations, feedback, policies, web, ws
 from server.engine import AsyncEngine, EngineConfig, LLMEngine
 from shared.bootstrap import SEED_DIR, prepare
 from shared.checkpoints import CheckpointError
 from shared.config import Settings
 from shared.db import ping
+from shared.keys import local_principal
 from shared.policies import active_version
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     own_engine = "engine" not in state.extras
     if own_engine:
         version = await run_in_threadpool(active_version, state.db)
-        engine = LLMEngine.from_registry(
-            state.registry, version, EngineConfig.from_settings(state.settings)
-        )
-        state.extras["engine"] = AsyncEngine(engine)
+        if state.extras.get("backend", "engine") == "triton":  # palmchat serve --backend triton
+            from server.triton.client import TritonBackend
+
+            backend = TritonBackend(state.extras["triton_url"], state.registry)
+            state.extras["engine"] = await backend.connect(version)
+        else:
+            engine = LLMEngine.from_registry(
+                state.registry, version, EngineConfig.from_settings(state.settings)
+            )
+            state.extras["engine"] = AsyncEngine(engine)
     watcher = asyncio.create_task(_watch_active_policy(state))
 
     async def sync_now() -> None:
@@ -67,11 +74,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         watcher.cancel()
         if own_engine:
-            state.extras.pop("engine").shutdown()
+            engine = state.extras.pop("engine")
+            engine.shutdown()
+            if hasattr(engine, "aclose"):
+                await engine.aclose()
 
 
 async def _sync_policy(state: AppState) -> None:
-    engine: AsyncEngine = state.extras["engine"]
+    engine = state.extras["engine"]  # AsyncEngine or TritonBackend (serving.Backend)
     wanted = await run_in_threadpool(active_version, state.db)
     if wanted and wanted != engine.version:
         try:
@@ -110,7 +120,12 @@ def create_app(
     )
     extras["metrics"] = Metrics(lambda: app.state.palmchat.extras.get("engine"))
     app.state.palmchat = AppState(
-        settings=settings, db=prepared.engine, registry=prepared.registry, auth=auth, extras=extras
+        settings=settings,
+        db=prepared.engine,
+        registry=prepared.registry,
+        auth=auth,
+        extras=extras,
+        local=None if auth else local_principal(prepared.engine),
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
@@ -119,6 +134,7 @@ def create_app(
     app.include_router(feedback.router)
     app.include_router(policies.router)
     app.include_router(ws.router)
+    app.include_router(web.router)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics(state: State) -> Response:

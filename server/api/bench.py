@@ -99,9 +99,19 @@ async def _through_api(url: str, key: str, texts: list[str], new_tokens: int) ->
 
 
 def run_api_benchmark(
-    streams: int = 32, new_tokens: int = 128, out_dir: Path | None = RESULTS_DIR
+    streams: int = 32,
+    new_tokens: int = 128,
+    out_dir: Path | None = RESULTS_DIR,
+    backend: str = "engine",
 ) -> dict[str, Any]:
-    """Engine alone, then the same requests as SSE streams through uvicorn; returns results."""
+    """Engine alone, then the same requests as SSE streams through uvicorn; returns results.
+
+    ``backend="triton"`` adds a third leg in the same run: the same streams through a gateway
+    whose backend is a real tritonserver on loopback (the engine inside Triton's Python
+    backend, reached over gRPC streaming), and ``triton_vs_in_process``.
+    """
+    if backend not in ("engine", "triton"):
+        raise ValueError(f"backend must be engine or triton, got {backend!r}")
     from server.api.app import create_app
     from server.api.live import LiveServer
     from shared.keys import create_key
@@ -144,9 +154,18 @@ def run_api_benchmark(
                 results["through_api"] = asyncio.run(_through_api(live.url, key, texts, new_tokens))
         finally:
             app.state.palmchat.extras["engine"].shutdown()
+        if backend == "triton":
+            results["through_api_triton"] = _through_triton(
+                Path(tmp), seed, config, texts, new_tokens
+            )
     results["api_vs_engine"] = round(
         results["through_api"]["tokens_per_s"] / results["engine_alone"]["tokens_per_s"], 3
     )
+    if backend == "triton":
+        results["triton_vs_in_process"] = round(
+            results["through_api_triton"]["tokens_per_s"] / results["through_api"]["tokens_per_s"],
+            3,
+        )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2) + "\n"
@@ -154,3 +173,32 @@ def run_api_benchmark(
         (out_dir / f"api-{stamp}.json").write_text(text)
         (out_dir / "api-latest.json").write_text(text)
     return results
+
+
+def _through_triton(
+    tmp: Path, seed: Path, config: EngineConfig, texts: list[str], new_tokens: int
+) -> dict[str, Any]:
+    """The API leg again, the gateway's backend being a tritonserver on loopback."""
+    from server.api.app import create_app
+    from server.api.live import LiveServer
+    from server.triton.server import TritonServer, free_port
+    from shared.keys import create_key
+
+    settings = Settings(data_dir=tmp / "data-triton", rate_limit_per_minute=0, log_level="WARNING")
+    triton = TritonServer(
+        settings.registry_dir,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        workdir=tmp / "triton",
+        engine={
+            "max_num_seqs": config.max_num_seqs,
+            "max_batched_tokens": config.max_batched_tokens,
+            "kv_cache_memory_mb": config.kv_cache_memory_mb,
+        },
+        log_file=tmp / "tritonserver.log",
+    )
+    app = create_app(settings, seed_dir=seed, backend="triton", triton_url=triton.url)
+    with triton.start("v1"), LiveServer(app) as live:
+        key = create_key(app.state.palmchat.db, "bench")
+        asyncio.run(_through_api(live.url, key, texts[:2], 4))  # warm-up
+        return asyncio.run(_through_api(live.url, key, texts, new_tokens))

@@ -14,8 +14,6 @@ from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_key
 
-LOCAL_PRINCIPAL = Principal(user_id=0, user_name="local", key_id=0, is_admin=True)
-
 
 @dataclass
 class AppState:
@@ -24,6 +22,7 @@ class AppState:
     registry: PolicyRegistry
     auth: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
+    local: Principal | None = None  # who everyone is when auth is off (a real "local" user)
 
 
 def get_state(request: Request) -> AppState:
@@ -40,7 +39,8 @@ def bearer_token(header: str | None) -> str | None:
 async def authenticate(state: AppState, key: str | None) -> Principal:
     """The principal for ``key``; 401 in OpenAI's shape when missing, unknown or revoked."""
     if not state.auth:
-        return LOCAL_PRINCIPAL
+        assert state.local is not None
+        return state.local
     if not key:
         raise APIError(
             401,

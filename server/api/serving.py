@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -83,11 +83,38 @@ class Completion:
         )
 
 
-def _engine(state: AppState) -> AsyncEngine:
+class Backend(Protocol):
+    """What serving needs from ``state.extras["engine"]``: the in-process
+    :class:`~server.engine.AsyncEngine`, or :class:`server.triton.client.TritonBackend` (the
+    same calls over Triton's gRPC streaming API). ``generate`` returns an async iterator of
+    engine deltas with ``cancel()``; overload surfaces as ``EngineOverloaded``."""
+
+    @property
+    def version(self) -> str: ...
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Any: ...
+
+    def stats(self) -> Any: ...
+
+    async def load_policy(self, version: str) -> str: ...
+
+
+def _engine(state: AppState) -> Backend:
     engine = state.extras.get("engine")
     if engine is None:
         raise APIError(503, "no policy is loaded yet", type="service_unavailable")
     return engine
+
+
+def serving_policy(engine: Backend) -> tuple[Tokenizer, int]:
+    """Tokenizer and context length of the version that serves new requests: a remote backend
+    has them as attributes; the in-process engine, on its current worker's policy."""
+    if isinstance(engine, AsyncEngine):
+        policy = engine.engine.current.policy
+        return policy.tokenizer, policy.config.max_seq_len
+    return engine.tokenizer, engine.max_seq_len
 
 
 def served_models(state: AppState) -> list[str]:
@@ -131,10 +158,8 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
                 400, f"messages[{i}].content: {e}", param=f"messages.{i}.content"
             ) from None
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    worker = engine.engine.current
-    tok = worker.policy.tokenizer
+    tok, context = serving_policy(engine)
     prompt_ids = apply_chat_template(tok, messages, add_generation_prompt=True)
-    context = worker.policy.config.max_seq_len
     if len(prompt_ids) >= context:
         raise APIError(
             400,
@@ -186,14 +211,9 @@ async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelt
     """Stream the engine's deltas for ``c``, updating its candidates; abort on early exit."""
     engine = _engine(state)
     metrics = state.extras["metrics"]
+    stream = None
     try:
         stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
-    except EngineOverloaded as e:
-        metrics.requests.labels("overloaded", "").inc()
-        raise APIError(
-            429, str(e), type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
-        ) from None
-    try:
         async for delta in stream:
             cand = c.candidates[delta.index]
             cand.text += delta.text
@@ -210,8 +230,13 @@ async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelt
                 metrics.observe_candidate(delta.metrics)
             yield delta
         metrics.e2e.observe(time.perf_counter() - c.started)
+    except EngineOverloaded as e:  # at submission (in-process) or as the first reply (Triton)
+        metrics.requests.labels("overloaded", "").inc()
+        raise APIError(
+            429, str(e), type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
+        ) from None
     finally:
-        if not c.done:
+        if stream is not None and not c.done:
             stream.cancel()
 
 

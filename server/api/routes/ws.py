@@ -174,6 +174,9 @@ class ChatSocket:
         except store.Invalid as e:
             await self.send(_error(APIError(400, str(e))))
             return
+        self.state.extras["metrics"].feedback.labels(
+            str(row["rating"]), row["policy_version"] or "unknown"
+        ).inc()
         await self.send(
             {"type": "feedback", "ok": True, **json.loads(json.dumps(row, default=str))}
         )

@@ -186,3 +186,11 @@ def test_auth_can_be_turned_off_only_on_loopback(tmp_path: Path, tiny_seed_dir: 
     )
     with LiveServer(app) as live:
         assert httpx.get(f"{live.url}/v1/models").status_code == 200
+        r = httpx.post(
+            f"{live.url}/v1/chat/completions",
+            timeout=60,
+            json={"model": "palmchat", "messages": MESSAGES, "max_tokens": 3},
+        )
+        assert r.status_code == 200
+        convs = httpx.get(f"{live.url}/v1/conversations").json()["data"]
+        assert convs and convs[0]["id"] == r.json()["conversation_id"]

@@ -1,0 +1,730 @@
+// The chat page: sign in, conversation list, streaming answers over the WebSocket with a stop
+// button, thumbs up/down with a reason, regenerate, and compare mode (two answers side by side,
+// the preferred one stored as a ranking).
+
+import { ApiError, api, el, getKey, setupSignIn, thumbIcon } from "./api.js";
+import { buildTurns, historyOf } from "./conversation.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  app: $("app"),
+  messages: $("messages"),
+  empty: $("empty-state"),
+  composer: $("composer"),
+  input: $("composer-input"),
+  send: $("send"),
+  stop: $("stop"),
+  compare: $("compare"),
+  temperature: $("temperature"),
+  maxTokens: $("max-tokens"),
+  status: $("status"),
+  list: $("conversation-list"),
+  listEmpty: $("conversation-empty"),
+  newChat: $("new-chat"),
+  sidebar: $("sidebar"),
+  menu: $("menu-toggle"),
+  policy: $("policy-badge"),
+  user: $("user-name"),
+  signout: $("signout"),
+};
+
+const SETTINGS_STORAGE = "palmchat.settings";
+
+// The conversation on screen: its id (null until the server stored its first answer) and turns.
+let conv = { id: null, turns: [] };
+let conversations = [];
+const running = new Map(); // request_id -> assistant turn being generated
+let requestCounter = 0;
+
+// ----------------------------------------------------------------------------- status line
+
+function setStatus(text, kind = "") {
+  ui.status.textContent = text;
+  ui.status.className = `status ${kind}`;
+}
+
+// ----------------------------------------------------------------------------- WebSocket
+
+let socket = null;
+let socketReady = null;
+
+function connect() {
+  if (socketReady) return socketReady;
+  socketReady = new Promise((resolve, reject) => {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const ws = new WebSocket(`${scheme}://${location.host}/v1/chat/ws`);
+    let ready = false;
+    ws.addEventListener("open", () => {
+      // The key goes in the first frame, not the URL, so it never lands in access logs.
+      ws.send(JSON.stringify({ type: "auth", api_key: getKey() }));
+    });
+    ws.addEventListener("message", (event) => {
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (!ready) {
+        if (frame.type === "ready") {
+          ready = true;
+          socket = ws;
+          ui.user.textContent = frame.user || "";
+          resolve(ws);
+        } else if (frame.type === "error") {
+          reject(new ApiError(frame.error?.type === "authentication_error" ? 401 : 400, frame));
+        }
+        return;
+      }
+      onFrame(frame);
+    });
+    ws.addEventListener("close", () => {
+      socket = null;
+      socketReady = null;
+      if (!ready) {
+        reject(new ApiError(0, { error: { message: "could not open the chat connection" } }));
+        return;
+      }
+      for (const turn of running.values()) {
+        failTurn(turn, "The connection to the server was lost; try again.");
+      }
+      running.clear();
+      updateBusy();
+    });
+  });
+  return socketReady;
+}
+
+function onFrame(frame) {
+  const turn = frame.request_id ? running.get(frame.request_id) : null;
+  if (frame.type === "delta" && turn) {
+    const choice = turn.choices[frame.index];
+    if (!choice) return;
+    choice.text += frame.content;
+    renderChoiceText(turn, choice);
+    keepScrolled();
+  } else if (frame.type === "done" && turn) {
+    running.delete(frame.request_id);
+    finishTurn(turn, frame);
+  } else if (frame.type === "error") {
+    const message = frame.error?.message || "error";
+    if (turn) {
+      running.delete(frame.request_id);
+      failTurn(turn, message);
+    } else {
+      setStatus(message, "error");
+    }
+  }
+  updateBusy();
+}
+
+// ----------------------------------------------------------------------------- settings
+
+function loadSettings() {
+  try {
+    const s = JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || "{}");
+    if (s.temperature !== undefined) ui.temperature.value = s.temperature;
+    if (s.maxTokens !== undefined) ui.maxTokens.value = s.maxTokens;
+    ui.compare.checked = !!s.compare;
+  } catch {
+    localStorage.removeItem(SETTINGS_STORAGE);
+  }
+}
+
+function saveSettings() {
+  localStorage.setItem(
+    SETTINGS_STORAGE,
+    JSON.stringify({
+      temperature: ui.temperature.value,
+      maxTokens: ui.maxTokens.value,
+      compare: ui.compare.checked,
+    }),
+  );
+}
+
+function samplingParams() {
+  const params = {};
+  const t = Number.parseFloat(ui.temperature.value);
+  if (Number.isFinite(t)) params.temperature = Math.min(2, Math.max(0, t));
+  const m = Number.parseInt(ui.maxTokens.value, 10);
+  if (Number.isFinite(m) && m > 0) params.max_tokens = m;
+  return params;
+}
+
+// ----------------------------------------------------------------------------- rendering
+
+function render() {
+  ui.messages.replaceChildren();
+  conv.turns.forEach((turn) => ui.messages.append(renderTurn(turn)));
+  ui.empty.hidden = conv.turns.length > 0;
+  updateRegenerate();
+  renderList();
+}
+
+function renderTurn(turn) {
+  if (turn.kind !== "assistant") {
+    turn.el = el(
+      "article",
+      { class: `turn ${turn.kind}`, "aria-label": turn.kind === "user" ? "You" : "System" },
+      el("div", { class: "who", "aria-hidden": "true" }, turn.kind === "user" ? "You" : "System"),
+      el("div", { class: "text" }, turn.content),
+    );
+    return turn.el;
+  }
+  const compare = turn.choices.length > 1;
+  turn.choicesEl = el("div", { class: compare ? "choices compare" : "choices" });
+  turn.choices.forEach((choice) => turn.choicesEl.append(renderChoice(turn, choice)));
+  turn.regenerate = el(
+    "button",
+    {
+      type: "button",
+      class: "link-button regenerate",
+      onclick: () => regenerate(turn),
+      "aria-label": "Regenerate this answer",
+    },
+    "↻ Regenerate",
+  );
+  turn.noteEl = el("p", { class: "turn-note", role: "note" });
+  turn.el = el(
+    "article",
+    {
+      class: "turn assistant",
+      "aria-label": compare ? "Two answers to compare" : "Answer",
+      "aria-busy": turn.status === "streaming" ? "true" : "false",
+    },
+    turn.choicesEl,
+    el("div", { class: "turn-actions" }, turn.noteEl, turn.regenerate),
+  );
+  updateTurn(turn);
+  return turn.el;
+}
+
+function renderChoice(turn, choice) {
+  const compare = turn.choices.length > 1;
+  const label = compare ? `Answer ${choice.index + 1}` : "Answer";
+  choice.textEl = el("div", { class: "text" });
+  choice.versionEl = el("span", { class: "badge version", title: "Policy version" });
+  choice.stateEl = el("span", { class: "choice-state muted" });
+  choice.up = el(
+    "button",
+    {
+      type: "button",
+      class: "thumb up",
+      "aria-label": compare ? `Good answer ${choice.index + 1}` : "Good answer",
+      "aria-pressed": "false",
+      title: "Good answer",
+      onclick: () => rate(turn, choice, 1),
+    },
+    thumbIcon(),
+  );
+  choice.down = el(
+    "button",
+    {
+      type: "button",
+      class: "thumb down",
+      "aria-label": compare ? `Bad answer ${choice.index + 1}` : "Bad answer",
+      "aria-pressed": "false",
+      title: "Bad answer",
+      onclick: () => rate(turn, choice, -1),
+    },
+    thumbIcon(),
+  );
+  choice.pick = compare
+    ? el(
+        "button",
+        {
+          type: "button",
+          class: "pick",
+          "aria-pressed": "false",
+          onclick: () => pick(turn, choice),
+        },
+        `Prefer answer ${choice.index + 1}`,
+      )
+    : null;
+  const reasonId = `reason-${turn.uid}-${choice.index}`;
+  choice.reasonInput = el("input", {
+    id: reasonId,
+    name: "reason",
+    type: "text",
+    maxlength: 2000,
+    placeholder: "Why? (optional)",
+    autocomplete: "off",
+  });
+  choice.reasonNote = el("span", { class: "muted small", role: "status" });
+  choice.reasonForm = el(
+    "form",
+    {
+      class: "reason",
+      hidden: true,
+      onsubmit: (event) => {
+        event.preventDefault();
+        rate(turn, choice, choice.rating, choice.reasonInput.value);
+      },
+    },
+    el("label", { for: reasonId, class: "visually-hidden" }, `Reason for your rating of ${label}`),
+    choice.reasonInput,
+    el("button", { type: "submit", class: "small-button" }, "Save reason"),
+    choice.reasonNote,
+  );
+  choice.el = el(
+    "section",
+    { class: "choice", "aria-label": label, dataset: { index: choice.index } },
+    el(
+      "header",
+      { class: "choice-head" },
+      el("span", { class: "who" }, compare ? `palmchat · ${choice.index + 1}` : "palmchat"),
+      choice.versionEl,
+      choice.stateEl,
+    ),
+    choice.textEl,
+    el(
+      "div",
+      { class: "choice-actions" },
+      el("div", { class: "thumbs", role: "group", "aria-label": `Rate ${label}` }, choice.up, choice.down),
+      choice.pick,
+    ),
+    choice.reasonForm,
+  );
+  renderChoiceText(turn, choice);
+  return choice.el;
+}
+
+function renderChoiceText(turn, choice) {
+  if (!choice.textEl) return;
+  const streaming = turn.status === "streaming";
+  if (!choice.text && !streaming) {
+    choice.textEl.textContent = "(empty answer)";
+    choice.textEl.classList.add("muted");
+  } else {
+    choice.textEl.textContent = choice.text;
+    choice.textEl.classList.remove("muted");
+  }
+  choice.textEl.classList.toggle("streaming", streaming);
+}
+
+const FINISH_LABELS = {
+  stop: "",
+  length: "hit max tokens",
+  cancelled: "stopped",
+};
+
+function updateTurn(turn) {
+  if (!turn.el) return;
+  const streaming = turn.status === "streaming";
+  turn.el.setAttribute("aria-busy", streaming ? "true" : "false");
+  turn.el.classList.toggle("failed", turn.status === "error");
+  const canRate = !!turn.completionId && !streaming && turn.status !== "error";
+  for (const choice of turn.choices) {
+    renderChoiceText(turn, choice);
+    choice.versionEl.textContent = turn.policyVersion || "";
+    choice.versionEl.hidden = !turn.policyVersion;
+    if (streaming) choice.stateEl.textContent = "writing…";
+    else if (turn.status === "cancelled") choice.stateEl.textContent = "stopped";
+    else choice.stateEl.textContent = FINISH_LABELS[choice.finishReason] ?? "";
+    choice.up.disabled = choice.down.disabled = !canRate;
+    choice.up.setAttribute("aria-pressed", String(choice.rating === 1));
+    choice.down.setAttribute("aria-pressed", String(choice.rating === -1));
+    if (choice.pick) {
+      choice.pick.disabled = !canRate;
+      const picked = turn.picked === choice.index;
+      choice.pick.setAttribute("aria-pressed", String(picked));
+      choice.pick.textContent = picked ? "✓ Preferred" : `Prefer answer ${choice.index + 1}`;
+      choice.el.classList.toggle("picked", picked);
+      choice.el.classList.toggle("not-picked", turn.picked !== null && !picked);
+    }
+  }
+  turn.noteEl.textContent = turn.error || "";
+  turn.noteEl.classList.toggle("error", !!turn.error);
+}
+
+function updateRegenerate() {
+  const lastAssistant = [...conv.turns].reverse().find((t) => t.kind === "assistant");
+  for (const turn of conv.turns) {
+    if (turn.kind !== "assistant" || !turn.regenerate) continue;
+    const show = turn === lastAssistant && turn === conv.turns.at(-1);
+    turn.regenerate.hidden = !show;
+    turn.regenerate.disabled = running.size > 0;
+  }
+}
+
+function updateBusy() {
+  const busy = running.size > 0;
+  ui.stop.hidden = !busy;
+  ui.send.disabled = busy;
+  if (busy) setStatus("palmchat is writing… (Esc or Stop to stop)");
+  updateRegenerate();
+}
+
+function keepScrolled() {
+  const box = ui.messages;
+  if (box.scrollHeight - box.scrollTop - box.clientHeight < 160) box.scrollTop = box.scrollHeight;
+}
+
+// ----------------------------------------------------------------------------- conversation list
+
+function renderList() {
+  ui.list.replaceChildren();
+  ui.listEmpty.hidden = conversations.length > 0;
+  for (const c of conversations) {
+    const title = c.title || "Untitled";
+    const current = c.id === conv.id;
+    ui.list.append(
+      el(
+        "li",
+        { class: current ? "current" : "", dataset: { id: c.id } },
+        el(
+          "button",
+          {
+            type: "button",
+            class: "conversation-open",
+            "aria-current": current ? "true" : null,
+            title,
+            onclick: () => openConversation(c.id),
+          },
+          title,
+        ),
+        el(
+          "button",
+          {
+            type: "button",
+            class: "icon-button conversation-delete",
+            "aria-label": `Delete conversation: ${title}`,
+            title: "Delete",
+            onclick: () => deleteConversation(c.id),
+          },
+          el("span", { "aria-hidden": "true" }, "✕"),
+        ),
+      ),
+    );
+  }
+}
+
+async function refreshList() {
+  try {
+    const res = await api("/v1/conversations?limit=100");
+    conversations = res.data;
+    renderList();
+  } catch (e) {
+    handleApiError(e, "Could not load your conversations");
+  }
+}
+
+function stopAll() {
+  for (const requestId of running.keys()) {
+    socket?.send(JSON.stringify({ type: "cancel", request_id: requestId }));
+  }
+}
+
+async function openConversation(id) {
+  closeSidebar();
+  if (running.size) stopAll();
+  setStatus("Loading…");
+  try {
+    const data = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+    conv = { id: data.id, turns: buildTurns(data.messages) };
+    conv.turns.forEach((t) => {
+      t.uid = ++requestCounter;
+    });
+    render();
+    setStatus("");
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+    ui.input.focus();
+  } catch (e) {
+    if (e.status === 404) {
+      setStatus("That conversation no longer exists.", "error");
+      await refreshList();
+    } else handleApiError(e, "Could not open the conversation");
+  }
+}
+
+function newConversation() {
+  closeSidebar();
+  if (running.size) stopAll();
+  conv = { id: null, turns: [] };
+  render();
+  setStatus("");
+  ui.input.focus();
+}
+
+async function deleteConversation(id) {
+  const title = conversations.find((c) => c.id === id)?.title || "conversation";
+  try {
+    await api(`/v1/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (e) {
+    if (e.status !== 404) {
+      handleApiError(e, "Could not delete the conversation");
+      return;
+    }
+  }
+  conversations = conversations.filter((c) => c.id !== id);
+  if (conv.id === id) newConversation();
+  else renderList();
+  setStatus(`Deleted “${title}”.`);
+  (ui.list.querySelector(".conversation-open") || ui.newChat).focus();
+}
+
+/** The conversation a cut-off first answer was stored in (a cancelled answer's done frame has
+ * no conversation id, and it is written in the background). */
+async function findConversation(completionId) {
+  for (let attempt = 0; attempt < 10; attempt++) {
+    try {
+      const res = await api("/v1/conversations?limit=5");
+      for (const c of res.data) {
+        const data = await api(`/v1/conversations/${encodeURIComponent(c.id)}`);
+        if (data.messages.some((m) => m.completion_id === completionId)) return c.id;
+      }
+    } catch (e) {
+      if (e.status === 401) throw e;
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return null;
+}
+
+// ----------------------------------------------------------------------------- generating
+
+function newAssistantTurn(n) {
+  return {
+    kind: "assistant",
+    uid: ++requestCounter,
+    completionId: null,
+    policyVersion: null,
+    choices: Array.from({ length: n }, (_, index) => ({ index, text: "", rating: null })),
+    picked: null,
+    status: "streaming",
+    conv,
+  };
+}
+
+async function generate(history, turn, { continueConversation = true } = {}) {
+  const requestId = `page-${turn.uid}`;
+  turn.requestId = requestId;
+  running.set(requestId, turn);
+  updateBusy();
+  const frame = {
+    type: "chat",
+    request_id: requestId,
+    messages: history,
+    n: turn.choices.length,
+    ...samplingParams(),
+  };
+  try {
+    if (turn.conv.pending) await turn.conv.pending;
+    if (continueConversation && turn.conv.id) frame.conversation_id = turn.conv.id;
+    const ws = await connect();
+    ws.send(JSON.stringify(frame));
+  } catch (e) {
+    running.delete(requestId);
+    failTurn(turn, e.message);
+    updateBusy();
+    if (e.status === 401) signOut("Your API key is no longer valid.");
+  }
+}
+
+async function finishTurn(turn, frame) {
+  turn.status = frame.cancelled ? "cancelled" : "done";
+  turn.completionId = frame.completion_id;
+  turn.policyVersion = frame.policy_version || null;
+  (frame.finish_reasons || []).forEach((reason, i) => {
+    if (turn.choices[i]) turn.choices[i].finishReason = reason;
+  });
+  if (turn.policyVersion) ui.policy.textContent = `serving ${turn.policyVersion}`;
+  updateTurn(turn);
+  updateRegenerate();
+  setStatus(frame.cancelled ? "Stopped." : "");
+  const owner = turn.conv;
+  if (frame.conversation_id) {
+    owner.id = frame.conversation_id;
+  } else if (!owner.id && frame.completion_id) {
+    // A next message must wait for this id, or it would start yet another conversation.
+    owner.pending = findConversation(frame.completion_id).catch(() => null);
+    owner.id = await owner.pending;
+    owner.pending = null;
+  }
+  await refreshList();
+}
+
+function failTurn(turn, message) {
+  turn.status = "error";
+  turn.error = message;
+  updateTurn(turn);
+  updateRegenerate();
+  setStatus(message, "error");
+}
+
+function send() {
+  const text = ui.input.value;
+  if (!text.trim()) {
+    setStatus("Type a message first.");
+    return;
+  }
+  if (running.size) {
+    setStatus("Wait for the answer, or press Stop (Esc).");
+    return;
+  }
+  const n = ui.compare.checked ? 2 : 1;
+  conv.turns.push({ kind: "user", content: text });
+  const history = historyOf(conv.turns);
+  const turn = newAssistantTurn(n);
+  conv.turns.push(turn);
+  ui.input.value = "";
+  render();
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  generate(history, turn);
+}
+
+function regenerate(turn) {
+  if (running.size) return;
+  const at = conv.turns.indexOf(turn);
+  if (at < 0) return;
+  const before = conv.turns.slice(0, at);
+  const history = historyOf(before);
+  // The store files a regeneration next to the earlier answer by matching the last assistant
+  // message of the history; a first answer has none to match, so it starts a new conversation.
+  const continueConversation = before.some((t) => t.kind === "assistant" && t.status !== "error");
+  if (!continueConversation) conv = { id: null, turns: before };
+  const fresh = newAssistantTurn(turn.choices.length);
+  conv.turns = [...before, fresh];
+  render();
+  generate(history, fresh, { continueConversation });
+}
+
+// ----------------------------------------------------------------------------- feedback
+
+async function rate(turn, choice, rating, reason) {
+  if (!turn.completionId || !rating) return;
+  const body = { completion_id: turn.completionId, choice_index: choice.index, rating };
+  if (reason !== undefined) body.reason = reason;
+  choice.reasonNote.textContent = reason !== undefined ? "Saving…" : "";
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await api("/v1/feedback", { method: "POST", body });
+      break;
+    } catch (e) {
+      // A stopped answer is written in the background; give it a moment.
+      if (e.status === 404 && attempt < 5) {
+        await new Promise((r) => setTimeout(r, 300));
+        continue;
+      }
+      choice.reasonNote.textContent = "";
+      handleApiError(e, "Could not save your rating");
+      return;
+    }
+  }
+  choice.rating = rating;
+  updateTurn(turn);
+  if (reason === undefined) {
+    choice.reasonForm.hidden = false;
+    choice.reasonNote.textContent = rating === 1 ? "Thanks! Add a reason?" : "Sorry. What went wrong?";
+    choice.reasonInput.focus();
+    setStatus(rating === 1 ? "Marked as a good answer." : "Marked as a bad answer.");
+  } else {
+    choice.reasonNote.textContent = "Reason saved.";
+    setStatus("Thanks, your reason was saved.");
+  }
+}
+
+async function pick(turn, choice) {
+  if (!turn.completionId) return;
+  const ranking = [choice.index, ...turn.choices.map((c) => c.index).filter((i) => i !== choice.index)];
+  try {
+    await api("/v1/rankings", {
+      method: "POST",
+      body: { completion_id: turn.completionId, ranking },
+    });
+  } catch (e) {
+    handleApiError(e, "Could not save your choice");
+    return;
+  }
+  turn.picked = choice.index;
+  updateTurn(turn);
+  setStatus(`Answer ${choice.index + 1} preferred; the conversation goes on from it.`);
+}
+
+// ----------------------------------------------------------------------------- plumbing
+
+function handleApiError(e, what) {
+  if (e.status === 401) {
+    signOut("Your API key is no longer valid.");
+    return;
+  }
+  setStatus(`${what}: ${e.message}`, "error");
+}
+
+function closeSidebar() {
+  ui.app.classList.remove("sidebar-open");
+  ui.menu.setAttribute("aria-expanded", "false");
+}
+
+let signOutForm = () => {};
+
+function signOut(message) {
+  stopAll();
+  socket?.close();
+  conv = { id: null, turns: [] };
+  conversations = [];
+  render();
+  signOutForm();
+  if (message) document.getElementById("signin-error").textContent = message;
+}
+
+async function onSignedIn() {
+  loadSettings();
+  conv = { id: null, turns: [] };
+  render();
+  ui.input.focus();
+  connect().catch((e) => setStatus(e.message, "error"));
+  await refreshList();
+  try {
+    const models = await api("/v1/models");
+    const version = models.data.find((m) => m.id !== "palmchat")?.id;
+    if (version) ui.policy.textContent = `serving ${version}`;
+  } catch {
+    ui.policy.textContent = "";
+  }
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape") return;
+  if (running.size) {
+    event.preventDefault();
+    stopAll();
+  } else if (ui.app.classList.contains("sidebar-open")) {
+    closeSidebar();
+    ui.menu.focus();
+  }
+});
+ui.stop.addEventListener("click", () => {
+  stopAll();
+  ui.input.focus();
+});
+ui.newChat.addEventListener("click", newConversation);
+ui.signout.addEventListener("click", () => signOut(""));
+ui.menu.addEventListener("click", () => {
+  const open = ui.app.classList.toggle("sidebar-open");
+  ui.menu.setAttribute("aria-expanded", String(open));
+  if (open) ui.newChat.focus();
+});
+for (const input of [ui.temperature, ui.maxTokens, ui.compare]) {
+  input.addEventListener("change", saveSettings);
+}
+
+signOutForm = setupSignIn({
+  section: document.getElementById("signin"),
+  form: document.getElementById("signin-form"),
+  input: document.getElementById("api-key"),
+  errorBox: document.getElementById("signin-error"),
+  app: ui.app,
+  check: (key) => api("/v1/models", { key }),
+  onSignedIn,
+});
