@@ -23,6 +23,7 @@ class HeldoutReport:
     rater_score: float
     per_family_correct: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)  # per prompt, in order (paired comparisons)
 
 
 def evaluate_heldout(
@@ -45,8 +46,10 @@ def evaluate_heldout(
     rater = ScriptedRater(preference)
     hits: dict[str, list[bool]] = defaultdict(list)
     scores = []
+    in_order = []
     for task, reply in zip(tasks, replies, strict=True):
-        hits[task.family].append(bool(is_correct(task.messages, reply)))
+        in_order.append(bool(is_correct(task.messages, reply)))
+        hits[task.family].append(in_order[-1])
         scores.append(rater.rate(task.messages, reply))
     all_hits = [h for v in hits.values() for h in v]
     return HeldoutReport(
@@ -58,4 +61,5 @@ def evaluate_heldout(
             {"prompt": t.messages[-1]["content"], "reply": r}
             for t, r in zip(tasks[:5], replies[:5], strict=True)
         ],
+        hits=in_order,
     )

@@ -1,0 +1,145 @@
+"""Feedback ingestion: pairs from rankings and thumbs, and the watermark that makes a restarted
+trainer resume without counting anything twice."""
+
+from __future__ import annotations
+
+from sqlmodel import select
+
+from shared.db import init_db, session
+from shared.schema import Feedback, Message
+from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
+from trainer.feedback import (
+    Watermark,
+    is_heldout,
+    load_feedback,
+    load_watermark,
+    pending,
+    save_watermark,
+)
+
+PROMPT = [{"role": "user", "content": "What is 2 plus 2?"}]
+
+
+def _completion(dd, cid: str, replies: list[str], prompt=PROMPT, incomplete=False) -> None:
+    log_completion(
+        dd.ctx.engine,
+        user_id=dd.user_id,
+        completion_id=cid,
+        messages=prompt,
+        choices=[LoggedChoice(i, r, "stop", None) for i, r in enumerate(replies)],
+        prompt_tokens=None,
+        policy_version="v1",
+        sampling_params={},
+        latency_ms=None,
+        incomplete=incomplete,
+    )
+
+
+def _vote(dd, cid: str, index: int, rating: int) -> None:
+    record_feedback(
+        dd.ctx.engine, user_id=dd.user_id, completion_id=cid, choice_index=index, rating=rating
+    )
+
+
+def test_rankings_give_every_ordered_pair_and_thumbs_give_labels_and_up_down_pairs(
+    data_dir,
+) -> None:
+    _completion(data_dir, "c1", ["Sure! It is 4.", "4", "Well, let me think... 4."])
+    record_ranking(data_dir.ctx.engine, user_id=data_dir.user_id, completion_id="c1",
+                   ranking=[0, 1, 2])  # fmt: skip
+    _vote(data_dir, "c1", 0, 1)
+    _vote(data_dir, "c1", 1, -1)
+    # a second request with the same prompt (another conversation): its down vote pairs
+    # with the first request's up vote
+    _completion(data_dir, "c2", ["5"])
+    _vote(data_dir, "c2", 0, -1)
+    data = load_feedback(data_dir.ctx.engine, margin=0.5)
+    ranking = [(p.chosen, p.rejected, p.margin, p.decisive) for p in data.pairs
+               if p.source == "ranking"]  # fmt: skip
+    assert ranking == [
+        ("Sure! It is 4.", "4", 0.5, True),
+        ("Sure! It is 4.", "Well, let me think... 4.", 1.0, None),
+        ("4", "Well, let me think... 4.", 0.5, None),
+    ]
+    thumbs_pairs = {(p.chosen, p.rejected) for p in data.pairs if p.source == "thumbs"}
+    assert thumbs_pairs == {("Sure! It is 4.", "4"), ("Sure! It is 4.", "5")}
+    assert sorted((t.reply, t.label) for t in data.thumbs) == [
+        ("4", -1),
+        ("5", -1),
+        ("Sure! It is 4.", 1),
+    ]
+    assert all(p.prompt == PROMPT for p in data.pairs)
+    assert data.prompts == [PROMPT]
+
+
+def test_incomplete_replies_are_never_used_or_counted(data_dir) -> None:
+    _completion(data_dir, "cut", ["Sure! It is"], incomplete=True)
+    _vote(data_dir, "cut", 0, -1)
+    assert len(load_feedback(data_dir.ctx.engine)) == 0
+    assert pending(data_dir.ctx.engine, Watermark()).total == 0
+
+
+def test_watermark_resume_never_double_counts(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    _completion(data_dir, "a", ["Sure! 4.", "4"])
+    _vote(data_dir, "a", 0, 1)
+    _vote(data_dir, "a", 1, -1)
+    record_ranking(engine, user_id=data_dir.user_id, completion_id="a", ranking=[0, 1])
+    first = pending(engine, load_watermark(engine))
+    assert (first.n_feedback, first.n_rankings) == (2, 1)
+    # until a round records its outcome, the watermark does not move: a crash redoes it all
+    assert pending(engine, load_watermark(engine)).total == 3
+    with session(engine) as s:
+        save_watermark(s, first.watermark)
+
+    # a restarted trainer: new engine, watermark read back from the database
+    engine2 = init_db(data_dir.settings.database_url)
+    wm = load_watermark(engine2)
+    assert wm == first.watermark
+    assert pending(engine2, wm).total == 0
+
+    _completion(data_dir, "b", ["Of course! 4.", "four"])
+    _vote(data_dir, "b", 0, 1)
+    _vote(data_dir, "a", 1, 1)  # a changed vote: same row, new updated_at -> new once
+    second = pending(engine2, wm)
+    assert (second.n_feedback, second.n_rankings) == (2, 0)
+    with session(engine2) as s:
+        save_watermark(s, second.watermark)
+        assert len(s.exec(select(Feedback)).all()) == 3  # the changed vote kept its row
+    assert pending(engine2, load_watermark(engine2)).total == 0
+    # training data is the current state: the changed vote is one thumb, with its new value
+    thumbs = {t.reply: t.label for t in load_feedback(engine2).thumbs}
+    assert thumbs == {"Sure! 4.": 1, "4": 1, "Of course! 4.": 1}
+
+
+def test_feedback_younger_than_the_settle_time_waits_for_the_next_poll(data_dir) -> None:
+    _completion(data_dir, "a", ["4"])
+    _vote(data_dir, "a", 0, 1)
+    assert pending(data_dir.ctx.engine, Watermark(), settle_seconds=3600).total == 0
+    assert pending(data_dir.ctx.engine, Watermark(), settle_seconds=0).total == 1
+
+
+def test_heldout_split_is_by_prompt_and_stable() -> None:
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(400)]
+    held = [p for p in prompts if is_heldout(p, 15)]
+    assert 30 < len(held) < 90
+    assert held == [p for p in prompts if is_heldout(p, 15)]
+
+
+def test_messages_of_the_log_are_walked_from_the_root(data_dir) -> None:
+    _completion(data_dir, "a", ["4"])
+    with session(data_dir.ctx.engine) as s:
+        reply = s.exec(select(Message).where(Message.completion_id == "a")).one()
+    log_completion(
+        data_dir.ctx.engine,
+        user_id=data_dir.user_id,
+        completion_id="b",
+        messages=[*PROMPT, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "And double that?"}],
+        choices=[LoggedChoice(0, "8", "stop", None)],
+        prompt_tokens=None, policy_version="v1", sampling_params={}, latency_ms=None,
+        conversation_id=reply.conversation_id,
+    )  # fmt: skip
+    _vote(data_dir, "b", 0, 1)
+    (thumb,) = load_feedback(data_dir.ctx.engine).thumbs
+    assert [m["content"] for m in thumb.prompt] == ["What is 2 plus 2?", "4", "And double that?"]

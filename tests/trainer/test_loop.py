@@ -1,0 +1,226 @@
+"""Trainer rounds end to end on a tiny policy: publish + activate, the promotion gate, crash
+safety (a killed trainer leaves the active version and the watermark intact and redoes the
+round), the --once CLI and the trainer's own /metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+from trainer_helpers import add_feedback, tiny_config
+
+from shared.db import session
+from shared.policies import active_version
+from shared.schema import Policy, TrainingRun
+from trainer.feedback import load_watermark, pending
+from trainer.gate import PolicyEval, decide
+from trainer.loop import CRASH_ENV, OnlineTrainer
+from trainer.metrics import TrainerMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _runs(dd) -> list[TrainingRun]:
+    with session(dd.ctx.engine) as s:
+        return list(s.exec(select(TrainingRun).order_by(TrainingRun.id)).all())
+
+
+def _policies(dd) -> dict[str, Policy]:
+    with session(dd.ctx.engine) as s:
+        return {p.version: p for p in s.exec(select(Policy)).all()}
+
+
+def test_a_round_publishes_activates_and_advances_the_watermark(data_dir) -> None:
+    add_feedback(data_dir, n_prompts=8)
+    cfg = tiny_config(algo="dpo", gate_min_reward_gain=-1e9, rm_heldout_percent=50)
+    trainer = OnlineTrainer(data_dir.ctx, cfg)
+    assert trainer.pending().total == 8 * 2 + 8
+    result = trainer.run_round()
+    assert result.status == "published", result.reasons
+    assert (result.base_version, result.candidate_version) == ("v1", "v2")
+    assert active_version(data_dir.ctx.engine) == "v2"
+    assert result.n_feedback == 24 and result.n_pairs > 0 and result.n_thumbs == 16
+    assert result.rm_accuracy is not None and result.kl is not None
+    assert result.reward_model_version == "v1"
+    manifest = data_dir.ctx.registry.manifest("v2")
+    assert manifest["parent"] == "v1" and manifest["metrics"]["gate"]["passed"]
+    (run,) = _runs(data_dir)
+    assert (run.status, run.candidate_version, run.n_feedback) == ("published", "v2", 24)
+    assert trainer.pending().total == 0
+    # nothing new: the next round waits for feedback
+    skipped = trainer.run_round()
+    assert skipped.status == "skipped" and "0 new feedback" in skipped.reasons[0]
+
+
+@pytest.mark.parametrize("algo,lora_rank", [("ppo", 0), ("kto", 0), ("dpo", 4)])
+def test_ppo_kto_and_lora_rounds_complete(data_dir, algo, lora_rank) -> None:
+    add_feedback(data_dir, n_prompts=6)
+    cfg = tiny_config(algo=algo, lora_rank=lora_rank)
+    result = OnlineTrainer(data_dir.ctx, cfg).run_round(force=True)
+    assert result.status in ("published", "rejected")
+    policy = result.metrics["policy"]
+    assert policy["policy_loss" if algo == "ppo" else "loss_last"] is not None
+    if algo == "ppo":
+        assert policy["rollouts"] == 8 and policy["kl_coef"] is not None
+    # the published candidate is a plain PaLM (LoRA merged) that the registry loads
+    data_dir.ctx.registry.load(result.candidate_version)
+
+
+def test_gate_rejects_a_worse_candidate() -> None:
+    active = PolicyEval(reward=0.2, kl=1.0, correct_rate=0.70, reply_tokens=10, truncated=0)
+    cfg = tiny_config(gate_max_kl=5.0, gate_correct_tolerance=0.03)
+    assert decide(PolicyEval(0.5, 2.0, 0.69, 10, 0), active, cfg) == []
+    worse_reward = decide(PolicyEval(0.1, 2.0, 0.70, 10, 0), active, cfg)
+    assert len(worse_reward) == 1 and "reward model score" in worse_reward[0]
+    too_far = decide(PolicyEval(0.5, 6.0, 0.70, 10, 0), active, cfg)
+    assert len(too_far) == 1 and "KL" in too_far[0]
+    # 13 of 128 answers lost, none gained: a real drop
+    less_correct = decide(PolicyEval(0.5, 2.0, 0.60, 10, 0, lost=13, gained=0), active, cfg)
+    assert len(less_correct) == 1 and "correctness" in less_correct[0]
+    # the same net drop among many flips either way is noise (paired sign test)
+    noisy = decide(PolicyEval(0.5, 2.0, 0.60, 10, 0, lost=40, gained=27), active, cfg)
+    assert noisy == []
+    # a significant but tiny drop is within the tolerance
+    assert decide(PolicyEval(0.5, 2.0, 0.68, 10, 0, lost=3, gained=0), active, cfg) == []
+
+
+def test_a_rejected_candidate_is_recorded_with_its_reasons_and_never_served(data_dir) -> None:
+    add_feedback(data_dir, n_prompts=6)
+    cfg = tiny_config(gate_min_reward_gain=1e9)  # nothing can pass
+    result = OnlineTrainer(data_dir.ctx, cfg).run_round()
+    assert result.status == "rejected"
+    assert result.candidate_version == "v2" and result.active_version == "v1"
+    assert active_version(data_dir.ctx.engine) == "v1"
+    row = _policies(data_dir)["v2"]
+    assert row.status == "rejected"
+    assert any("reward model score" in r for r in row.metrics["reasons"])
+    (run,) = _runs(data_dir)
+    assert run.status == "rejected" and run.metrics["reasons"] == result.reasons
+    # the feedback was consumed: the watermark moved
+    assert pending(data_dir.ctx.engine, load_watermark(data_dir.ctx.engine)).total == 0
+
+
+def _trainer_subprocess(dd, *args: str, env: dict[str, str] | None = None, code: str = ""):
+    sets = ["--set", "settle_seconds=0", "--set", "rm_max_steps=2", "--set", "pref_max_steps=2",
+            "--set", "gate_prompts=4", "--set", "gate_max_new_tokens=8", "--set", "threads=1",
+            "--set", "gate_min_reward_gain=-1e9"]  # fmt: skip
+    cmd = [sys.executable, "-m", "shared.cli", "trainer", "--data-dir", str(dd.root),
+           "--metrics-port", "0", *sets, *args]  # fmt: skip
+    if code:
+        cmd = [sys.executable, "-c", code, *cmd[4:]]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _assert_intact(dd, active: str) -> None:
+    assert active_version(dd.ctx.engine) == active
+    for version in dd.ctx.registry.versions():
+        dd.ctx.registry.verify(version)  # every visible version is whole
+
+
+def test_crash_mid_publish_leaves_the_active_version_intact(data_dir) -> None:
+    add_feedback(data_dir, n_prompts=6)
+    wm = load_watermark(data_dir.ctx.engine)
+    # kill the trainer inside the registry's publish: files written, not yet renamed
+    code = textwrap.dedent(
+        """
+        import os, sys
+        import shared.checkpoints as c
+        c.PolicyRegistry._commit = lambda self, tmp, manifest: os._exit(9)
+        from shared.cli import app
+        sys.argv = ["palmchat", "trainer", *sys.argv[1:]]
+        app()
+        """
+    )
+    proc = _trainer_subprocess(data_dir, "--once", code=code)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    _assert_intact(data_dir, "v1")
+    assert data_dir.ctx.registry.versions() == ["v1"]
+    assert list(data_dir.ctx.registry.root.glob(".tmp-*"))  # the half-written temp dir
+    assert load_watermark(data_dir.ctx.engine) == wm
+    (run,) = _runs(data_dir)
+    assert run.status == "running"
+    # the restarted trainer marks the dead run failed and redoes the round
+    result = OnlineTrainer(data_dir.ctx, tiny_config(gate_min_reward_gain=-1e9)).run_round()
+    assert result.status == "published" and result.n_feedback == 6 * 2 + 6
+    runs = _runs(data_dir)
+    assert [r.status for r in runs] == ["failed", "published"]
+    _assert_intact(data_dir, result.candidate_version)
+
+
+def test_crash_between_publish_and_activation_redoes_the_round(data_dir) -> None:
+    add_feedback(data_dir, n_prompts=6)
+    wm = load_watermark(data_dir.ctx.engine)
+    proc = _trainer_subprocess(data_dir, "--once", env={CRASH_ENV: "before_commit"})
+    assert proc.returncode == 86, proc.stderr[-2000:]
+    # v2 is in the registry, whole, but never activated; the watermark did not move
+    _assert_intact(data_dir, "v1")
+    assert data_dir.ctx.registry.versions() == ["v1", "v2"]
+    assert _policies(data_dir)["v2"].status == "candidate"
+    assert load_watermark(data_dir.ctx.engine) == wm
+    result = OnlineTrainer(data_dir.ctx, tiny_config(gate_min_reward_gain=-1e9)).run_round()
+    assert result.status == "published" and result.candidate_version == "v3"
+    policies = _policies(data_dir)
+    assert policies["v2"].status == "rejected"  # the interrupted candidate is never served
+    assert policies["v2"].metrics["reasons"] == ["the trainer stopped before activating it"]
+    assert policies["v3"].status == "active" and policies["v1"].status == "retired"
+    assert [r.status for r in _runs(data_dir)] == ["failed", "published"]
+
+
+def test_cli_once_runs_a_round_and_checks_its_flags(data_dir) -> None:
+    add_feedback(data_dir, n_prompts=4)
+    proc = _trainer_subprocess(data_dir, "--once", "--algo", "kto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"status": "published"' in proc.stdout
+    assert active_version(data_dir.ctx.engine) == "v2"
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+
+    runner = CliRunner()
+    args = ["trainer", "--data-dir", str(data_dir.root), "--metrics-port", "0"]
+    both = runner.invoke(app, [*args, "--once", "--watch"])
+    assert both.exit_code == 2 and "exactly one of --once and --watch" in both.output
+    bad = runner.invoke(app, [*args, "--once", "--set", "no_such_knob=1"])
+    assert bad.exit_code == 2 and "no_such_knob" in bad.output
+
+
+def test_watch_trains_when_enough_feedback_arrived_and_serves_metrics(data_dir) -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    metrics = TrainerMetrics()
+    metrics.serve(port)
+    add_feedback(data_dir, n_prompts=2)
+    cfg = tiny_config(min_new_feedback=10, poll_seconds=0.1, gate_min_reward_gain=-1e9)
+    trainer = OnlineTrainer(data_dir.ctx, cfg, metrics=metrics)
+    assert trainer.run_round().status == "skipped"  # 6 < 10 new items
+    add_feedback(data_dir, n_prompts=2, seed=1)
+    results = trainer.watch(max_rounds=1)
+    assert [r.status for r in results] == ["published"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in (
+        'palmchat_trainer_rounds_total{outcome="published"} 1.0',
+        'palmchat_trainer_rounds_total{outcome="skipped"} 1.0',
+        "palmchat_trainer_rm_accuracy",
+        "palmchat_trainer_kl ",
+        "palmchat_trainer_feedback_lag_seconds",
+        "palmchat_trainer_last_publish_timestamp_seconds",
+        "palmchat_trainer_policy_loss",
+    ):
+        assert name in body, name

@@ -1,0 +1,124 @@
+"""Reward model and preference losses: Bradley-Terry, pointwise thumbs, DPO, KTO, training
+on a clear preference, and the versioned artifact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.checkpoints import load_policy_dir
+from shared.tasks import TaskGenerator
+from trainer.dpo import dpo_loss, kto_loss
+from trainer.feedback import FeedbackData, Pair, Thumb
+from trainer.reward import (
+    RewardModel,
+    RewardRegistry,
+    bt_loss,
+    pair_accuracy,
+    pointwise_loss,
+    train_reward_model,
+)
+
+
+def test_bt_loss_is_minus_log_sigmoid_of_the_reward_gap() -> None:
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
+    assert float(bt_loss(chosen, rejected)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_bt_loss_margin_demands_a_wider_gap_and_gradients_separate_the_pair() -> None:
+    chosen = torch.tensor([1.0], requires_grad=True)
+    rejected = torch.tensor([0.0], requires_grad=True)
+    plain, with_margin = bt_loss(chosen, rejected), bt_loss(chosen, rejected, margin=1.0)
+    assert float(with_margin) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(with_margin) > float(plain)
+    plain.backward()
+    assert float(chosen.grad) < 0 < float(rejected.grad)  # descent raises chosen, lowers rejected
+
+
+def test_pointwise_loss_and_pair_accuracy() -> None:
+    rewards, labels = torch.tensor([3.0, -3.0]), torch.tensor([1, -1])
+    assert float(pointwise_loss(rewards, labels)) == pytest.approx(math.log1p(math.exp(-3)))
+    assert pair_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0])) == 0.5
+
+
+def test_dpo_loss_is_log_sigmoid_of_the_scaled_log_ratio_gap() -> None:
+    loss, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5
+    )
+    # chosen reward 0.5 * 1 = 0.5, rejected 0.5 * -1 = -0.5
+    assert float(chosen) == 0.5 and float(rejected) == -0.5
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+
+
+def test_kto_loss_rewards_desirable_above_and_undesirable_below_the_reference_point() -> None:
+    policy = torch.tensor([-1.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0])
+    loss, z = kto_loss(policy, ref, torch.tensor([1, -1]), beta=1.0)
+    assert float(z) == 0.0  # mean log ratio 0 (clamped at 0)
+    expected = (1 - torch.sigmoid(torch.tensor(1.0))) + (1 - torch.sigmoid(torch.tensor(1.0)))
+    assert float(loss) == pytest.approx(float(expected) / 2, abs=1e-6)
+    loss.backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # descent raises the desirable, lowers the other
+
+
+def _style_data(n: int, seed: int) -> FeedbackData:
+    tasks = list(TaskGenerator(seed).iter_tasks(n, split="train"))
+    data = FeedbackData()
+    for t in tasks:
+        data.pairs.append(Pair(t.messages, t.replies["courteous"], t.replies["curt"]))
+        data.thumbs.append(Thumb(t.messages, t.replies["courteous"], 1))
+        data.thumbs.append(Thumb(t.messages, t.replies["curt"], -1))
+    return data
+
+
+def test_reward_model_learns_a_consistent_preference_and_reports_heldout_accuracy(
+    tiny_seed_dir,
+) -> None:
+    torch.manual_seed(0)
+    policy = load_policy_dir(tiny_seed_dir, "v1")
+    train, heldout = _style_data(48, seed=1), _style_data(16, seed=2)
+    rm, report = train_reward_model(
+        policy.model,
+        policy.tokenizer,
+        train,
+        heldout,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        pointwise_weight=0.0,
+    )
+    assert report.steps == 12 and report.train_pairs == 48 and report.heldout_pairs == 16
+    assert report.heldout_accuracy is not None and report.heldout_accuracy >= 0.9
+    assert report.history[-1] < report.history[0]
+    # scores are normalised over the training replies
+    scores = rm.score(
+        policy.tokenizer,
+        [p.prompt for p in train.pairs] * 2,
+        [p.chosen for p in train.pairs] + [p.rejected for p in train.pairs],
+    )
+    assert abs(float(scores.mean())) < 0.35
+    # the policy it started from is untouched
+    pairs = zip(rm.trunk.parameters(), policy.model.parameters(), strict=True)
+    assert not any(p is q for p, q in pairs)
+
+
+def test_reward_model_artifacts_are_versioned_and_verified(tiny_seed_dir, tmp_path) -> None:
+    policy = load_policy_dir(tiny_seed_dir, "v1")
+    rm = RewardModel.from_policy(policy.model)
+    rm.offset.fill_(0.25)
+    registry = RewardRegistry(tmp_path / "rm")
+    assert registry.publish(rm, policy.tokenizer, policy_version="v1") == "v1"
+    assert registry.publish(rm, policy.tokenizer) == "v2"
+    loaded, tok, manifest = registry.load("v1")
+    assert manifest["policy_version"] == "v1" and float(loaded.offset) == 0.25
+    prompts, replies = [[{"role": "user", "content": "hi"}]], ["hello"]
+    assert torch.allclose(
+        loaded.score(tok, prompts, replies), rm.score(policy.tokenizer, prompts, replies)
+    )
+    (tmp_path / "rm" / "v2" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="sha256"):
+        registry.load("v2")
+    assert not list((tmp_path / "rm").glob(".tmp-*"))

@@ -1,0 +1,274 @@
+"""DPO on logged preference pairs and KTO on logged thumbs: offline alternatives to PPO.
+
+DPO (https://arxiv.org/abs/2305.18290): ``-log sigmoid(beta * ((log pi(y_c) - log ref(y_c)) -
+(log pi(y_r) - log ref(y_r))))``. KTO (https://arxiv.org/abs/2402.01306): desirable replies
+are pushed above, undesirable ones below, a reference point ``z`` = the batch's KL estimate
+``mean(log pi(y) - log ref(y))`` (clamped at 0, no gradient) - the cheap in-batch estimate,
+rather than TRL's mismatched-prompt one. The reference is the frozen loop-start policy; the
+policy being trained starts from the active one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shared.model import PaLM
+from shared.tokenizer import Tokenizer
+from trainer.common import (
+    DistInfo,
+    adamw,
+    all_mean,
+    batched_sequence_logprobs,
+    collate,
+    encode_reply,
+    sequence_logprobs,
+    shard,
+    wrap_ddp,
+)
+from trainer.config import TrainerConfig
+from trainer.feedback import Pair, Thumb
+from trainer.lora import apply_lora, merge_lora
+
+Progress = Callable[[str, int, int, str], None]
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, chosen rewards, rejected rewards); inputs are summed reply log-probs (B,)."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(loss, reference point z). ``labels`` are +1 (desirable) / -1 (undesirable)."""
+    log_ratio = policy_logps - ref_logps
+    z = log_ratio.detach().mean().clamp(min=0)
+    up = labels > 0
+    losses = torch.where(
+        up,
+        desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratio))),
+    )
+    return losses.mean(), z
+
+
+@dataclass
+class PreferenceReport:
+    algo: str
+    steps: int = 0
+    examples: int = 0
+    loss_first: float = float("nan")
+    loss_last: float = float("nan")
+    reward_margin: float = float("nan")  # DPO: mean implicit chosen - rejected reward, last steps
+    accuracy: float = float("nan")  # DPO: share of pairs with a positive implicit margin
+    kl_ref_point: float = float("nan")  # KTO: the reference point z
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in self.__dict__.items()
+        }
+
+
+def _steps(n: int, config: TrainerConfig, world: int) -> int:
+    per_epoch = math.ceil(n / (config.pref_batch_size * world))
+    return min(config.pref_max_steps, config.pref_epochs * per_epoch)
+
+
+def _subset(items: Sequence, steps: int, config: TrainerConfig, world: int, seed: int) -> list:
+    """At most what ``steps`` steps can use, sampled: a round's cost stays bounded as the
+    feedback log grows (older examples come back in later rounds)."""
+    items = list(items)
+    budget = steps * config.pref_batch_size * world
+    if len(items) > budget:
+        items = random.Random(seed).sample(items, budget)
+    return items
+
+
+def _reference_logprobs(
+    reference: PaLM, seqs: Sequence, pad_id: int, cache: dict[tuple, float] | None
+) -> list[float]:
+    """Summed reply log-probs under the frozen reference, memoised across rounds in ``cache``
+    (the caller keeps one per reference version)."""
+    keys = [tuple(s.ids) + (s.start,) for s in seqs]
+    cache = cache if cache is not None else {}
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+        values = batched_sequence_logprobs(reference, [seqs[i] for i in missing], pad_id)
+        for i, v in zip(missing, values.tolist(), strict=True):
+            cache[keys[i]] = v
+    return [cache[k] for k in keys]
+
+
+def _batches(items: list, steps: int, batch_size: int, seed: int):
+    order: list[int] = []
+    epoch = 0
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(items)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(fresh)
+            order += fresh
+            epoch += 1
+        picked, order = order[:batch_size], order[batch_size:]
+        yield [items[i] for i in picked]
+
+
+def train_dpo(
+    policy: PaLM,
+    reference: PaLM,
+    tok: Tokenizer,
+    pairs: Sequence[Pair],
+    config: TrainerConfig,
+    *,
+    info: DistInfo | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+    max_len: int = 192,
+    ref_cache: dict[tuple, float] | None = None,
+) -> PreferenceReport:
+    """Train ``policy`` in place with DPO on ``pairs`` (a bounded sample of them)."""
+    info = info or DistInfo()
+    report = PreferenceReport("dpo", examples=len(pairs))
+    steps = _steps(len(pairs), config, info.world)
+    pairs = _subset(pairs, steps, config, info.world, seed)
+    enc = [
+        (
+            encode_reply(tok, p.prompt, p.chosen, max_len),
+            encode_reply(tok, p.prompt, p.rejected, max_len),
+        )
+        for p in pairs
+    ]
+    mine = shard(enc, info, seed)
+    if not mine:
+        return report
+    reference.eval().requires_grad_(False)
+    ref_c = _reference_logprobs(reference, [c for c, _ in mine], tok.pad_id, ref_cache)
+    ref_r = _reference_logprobs(reference, [r for _, r in mine], tok.pad_id, ref_cache)
+    items = list(zip(mine, ref_c, ref_r, strict=True))
+    params = list(policy.parameters())
+    if config.lora_rank:
+        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+    model = wrap_ddp(policy, info)
+    opt = adamw(params, config.pref_lr, config.weight_decay)
+    losses, margins, accs = [], [], []
+    device = policy.device
+    policy.train()
+    for step, chunk in enumerate(_batches(items, steps, config.pref_batch_size, seed)):
+        seqs = [x for (c, r), _, _ in chunk for x in (c, r)]
+        batch = collate(seqs, tok.pad_id).to(device)
+        logps = sequence_logprobs(model, batch)
+        rc = torch.tensor([a for _, a, _ in chunk], device=device)
+        rr = torch.tensor([b for _, _, b in chunk], device=device)
+        loss, chosen, rejected = dpo_loss(logps[0::2], logps[1::2], rc, rr, config.beta)
+        if config.dpo_sft_weight:
+            # RPO-style NLL of the chosen replies, per token (https://arxiv.org/abs/2404.19733)
+            tokens = batch.mask[0::2].sum(-1).clamp(min=1)
+            loss = loss + config.dpo_sft_weight * (-logps[0::2] / tokens).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        margins.append(float((chosen - rejected).mean()))
+        accs.append(float((chosen > rejected).float().mean()))
+        if progress is not None:
+            progress("dpo", step + 1, steps, f"loss {loss.item():.3f} margin {margins[-1]:+.3f}")
+    if config.lora_rank:
+        merge_lora(policy)
+    policy.requires_grad_(True)
+    tail = max(1, min(10, len(losses)))
+    report.steps = len(losses)
+    if losses:
+        report.loss_first = all_mean([losses[0]], info)[0]
+        report.loss_last, report.reward_margin, report.accuracy = all_mean(
+            [sum(x[-tail:]) / tail for x in (losses, margins, accs)], info
+        )
+    return report
+
+
+def train_kto(
+    policy: PaLM,
+    reference: PaLM,
+    tok: Tokenizer,
+    thumbs: Sequence[Thumb],
+    config: TrainerConfig,
+    *,
+    info: DistInfo | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+    max_len: int = 192,
+    ref_cache: dict[tuple, float] | None = None,
+) -> PreferenceReport:
+    """Train ``policy`` in place with KTO on thumbs (up = desirable; a bounded sample)."""
+    info = info or DistInfo()
+    report = PreferenceReport("kto", examples=len(thumbs))
+    steps = _steps(len(thumbs), config, info.world)
+    thumbs = _subset(thumbs, steps, config, info.world, seed)
+    enc = [(encode_reply(tok, t.prompt, t.reply, max_len), t.label) for t in thumbs]
+    mine = shard(enc, info, seed)
+    if not mine:
+        return report
+    reference.eval().requires_grad_(False)
+    ref = _reference_logprobs(reference, [e for e, _ in mine], tok.pad_id, ref_cache)
+    items = list(zip(mine, ref, strict=True))
+    params = list(policy.parameters())
+    if config.lora_rank:
+        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+    model = wrap_ddp(policy, info)
+    opt = adamw(params, config.pref_lr, config.weight_decay)
+    losses, zs = [], []
+    device = policy.device
+    policy.train()
+    for step, chunk in enumerate(_batches(items, steps, config.pref_batch_size, seed)):
+        batch = collate([e for (e, _), _ in chunk], tok.pad_id).to(device)
+        logps = sequence_logprobs(model, batch)
+        ref_lp = torch.tensor([r for _, r in chunk], device=device)
+        labels = torch.tensor([lab for (_, lab), _ in chunk], device=device)
+        loss, z = kto_loss(
+            logps,
+            ref_lp,
+            labels,
+            config.beta,
+            config.kto_desirable_weight,
+            config.kto_undesirable_weight,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        zs.append(float(z))
+        if progress is not None:
+            progress("kto", step + 1, steps, f"loss {loss.item():.3f} z {zs[-1]:.3f}")
+    if config.lora_rank:
+        merge_lora(policy)
+    policy.requires_grad_(True)
+    tail = max(1, min(10, len(losses)))
+    report.steps = len(losses)
+    if losses:
+        report.loss_first = all_mean([losses[0]], info)[0]
+        report.loss_last, report.kl_ref_point = all_mean(
+            [sum(x[-tail:]) / tail for x in (losses, zs)], info
+        )
+    return report

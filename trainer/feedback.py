@@ -1,0 +1,331 @@
+"""Feedback ingestion: what users said, read from the database, and the trainer's watermark.
+
+Two things are read separately:
+
+* **What is new** (:func:`pending`) - feedback and rankings past the watermark stored in the
+  ``trainer_state`` table. Feedback is keyed on ``(updated_at, id)``, because a changed vote
+  updates its row in place (same id, new ``updated_at``) and must count as new once; rankings
+  are keyed on ``id``. Rows younger than ``settle_seconds`` are left for the next poll, so a
+  transaction that commits late with an earlier timestamp is not skipped. The watermark moves
+  only in the transaction that records a round's outcome (:func:`save_watermark` takes the
+  caller's session), so a trainer killed mid-round redoes the round and never counts an item
+  twice.
+* **What to learn from** (:func:`load_feedback`) - the current state of the newest
+  ``max_items`` votes and rankings: a vote changed since the last round is used with its new
+  value, once. Rankings give every ordered pair (best before worse); thumbs give pointwise
+  labels, and an up and a down on replies to the same prompt give a pair.
+
+Incomplete (cut-short) replies are never used. A ranking edited in place keeps its id, so the
+edit does not count as new feedback (it is still used, with its new order, from then on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from shared.db import session
+from shared.schema import Feedback, Message, Ranking, TrainerState, utcnow
+
+WATERMARK_KEY = "feedback_watermark"
+ChatMessages = list[dict[str, str]]
+
+
+# --------------------------------------------------------------------------- watermark
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Everything up to here has been consumed by a finished round."""
+
+    feedback_at: datetime | None = None
+    feedback_id: int = 0
+    ranking_id: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "feedback_at": self.feedback_at.isoformat() if self.feedback_at else None,
+            "feedback_id": self.feedback_id,
+            "ranking_id": self.ranking_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Watermark:
+        if not data:
+            return cls()
+        at = data.get("feedback_at")
+        return cls(
+            datetime.fromisoformat(at) if at else None,
+            int(data.get("feedback_id", 0)),
+            int(data.get("ranking_id", 0)),
+        )
+
+
+def load_watermark(engine: Engine) -> Watermark:
+    with session(engine) as s:
+        row = s.get(TrainerState, WATERMARK_KEY)
+        return Watermark.from_json(row.value if row else None)
+
+
+def save_watermark(s: Session, watermark: Watermark) -> None:
+    """Store ``watermark`` in the caller's transaction (never on its own)."""
+    row = s.get(TrainerState, WATERMARK_KEY)
+    if row is None:
+        row = TrainerState(key=WATERMARK_KEY)
+    row.value = watermark.to_json()
+    row.updated_at = utcnow()
+    s.add(row)
+
+
+def get_state(engine: Engine, key: str, default: Any = None) -> Any:
+    with session(engine) as s:
+        row = s.get(TrainerState, key)
+        return default if row is None or row.value is None else row.value
+
+
+def set_state(s: Session, key: str, value: Any) -> None:
+    row = s.get(TrainerState, key) or TrainerState(key=key)
+    row.value, row.updated_at = value, utcnow()
+    s.add(row)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Feedback past the watermark: counts, where the watermark moves once it is consumed."""
+
+    n_feedback: int
+    n_rankings: int
+    watermark: Watermark  # the watermark after consuming these
+    oldest_at: datetime | None  # when the oldest unconsumed item was given (feedback lag)
+
+    @property
+    def total(self) -> int:
+        return self.n_feedback + self.n_rankings
+
+
+def _usable_votes():
+    return (
+        select(Feedback.id, Feedback.updated_at)
+        .join(Message, col(Message.id) == Feedback.message_id)
+        .where(Message.role == "assistant", ~col(Message.incomplete))
+    )
+
+
+def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -> Pending:
+    """New votes and rankings past ``watermark`` that are at least ``settle_seconds`` old."""
+    cutoff = utcnow() - timedelta(seconds=settle_seconds)
+    votes = _usable_votes().where(Feedback.updated_at <= cutoff)
+    if watermark.feedback_at is not None:
+        votes = votes.where(
+            or_(
+                Feedback.updated_at > watermark.feedback_at,
+                and_(
+                    Feedback.updated_at == watermark.feedback_at,
+                    col(Feedback.id) > watermark.feedback_id,
+                ),
+            )
+        )
+    with session(engine) as s:
+        rows = s.exec(votes.order_by(col(Feedback.updated_at), col(Feedback.id))).all()
+        rank_n, rank_max, rank_min_at = s.exec(
+            select(func.count(col(Ranking.id)), func.max(Ranking.id), func.min(Ranking.created_at))
+            .where(col(Ranking.id) > watermark.ranking_id)
+            .where(Ranking.created_at <= cutoff)
+        ).one()
+    at, fid = watermark.feedback_at, watermark.feedback_id
+    if rows:
+        fid, at = rows[-1][0], rows[-1][1]
+    oldest = [t for t in (rows[0][1] if rows else None, rank_min_at) if t is not None]
+    return Pending(
+        n_feedback=len(rows),
+        n_rankings=int(rank_n or 0),
+        watermark=Watermark(at, fid, max(watermark.ranking_id, int(rank_max or 0))),
+        oldest_at=min(oldest) if oldest else None,
+    )
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass(frozen=True)
+class Pair:
+    """``chosen`` is preferred to ``rejected`` as the reply to ``prompt``."""
+
+    prompt: ChatMessages
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    source: str = "ranking"  # ranking | thumbs
+    # True: thumbs agree (chosen up, rejected down); False: both got the same thumb, so the
+    # order may be a tie broken arbitrarily; None: no thumbs on them
+    decisive: bool | None = None
+
+
+@dataclass(frozen=True)
+class Thumb:
+    prompt: ChatMessages
+    reply: str
+    label: int  # +1 up, -1 down
+
+
+@dataclass
+class FeedbackData:
+    pairs: list[Pair] = field(default_factory=list)
+    thumbs: list[Thumb] = field(default_factory=list)
+    prompts: list[ChatMessages] = field(default_factory=list)  # logged prompts, newest first
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.thumbs)
+
+    def split(self, heldout_percent: int) -> tuple[FeedbackData, FeedbackData]:
+        """(train, heldout), split by prompt so no held-out prompt is trained on."""
+        train, held = FeedbackData(prompts=self.prompts), FeedbackData(prompts=self.prompts)
+        for p in self.pairs:
+            (held if is_heldout(p.prompt, heldout_percent) else train).pairs.append(p)
+        for t in self.thumbs:
+            (held if is_heldout(t.prompt, heldout_percent) else train).thumbs.append(t)
+        return train, held
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pairs": [asdict(p) for p in self.pairs],
+            "thumbs": [asdict(t) for t in self.thumbs],
+            "prompts": self.prompts,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeedbackData:
+        return cls(
+            [Pair(**p) for p in data["pairs"]],
+            [Thumb(**t) for t in data["thumbs"]],
+            data["prompts"],
+        )
+
+
+def prompt_key(prompt: ChatMessages) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in prompt])
+
+
+def is_heldout(prompt: ChatMessages, percent: int) -> bool:
+    digest = hashlib.sha256(prompt_key(prompt).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < percent
+
+
+_Node = tuple[int | None, str, str, bool]  # parent_id, role, content, incomplete
+
+
+def _nodes(s: Session, message_ids: Iterable[int]) -> dict[int, _Node]:
+    """Every message of the conversations that hold ``message_ids``."""
+    ids = list(set(message_ids))
+    out: dict[int, _Node] = {}
+    for start in range(0, len(ids), 500):
+        convs = select(Message.conversation_id).where(col(Message.id).in_(ids[start : start + 500]))
+        rows = s.exec(
+            select(
+                Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
+            ).where(col(Message.conversation_id).in_(convs))
+        ).all()
+        out.update({r[0]: (r[1], r[2], r[3], bool(r[4])) for r in rows})
+    return out
+
+
+def _path(nodes: dict[int, _Node], message_id: int) -> ChatMessages:
+    """Messages from the root down to the parent of ``message_id``."""
+    path: ChatMessages = []
+    parent = nodes[message_id][0]
+    while parent is not None and parent in nodes and len(path) <= len(nodes):
+        p_parent, role, content, _ = nodes[parent]
+        path.append({"role": role, "content": content})
+        parent = p_parent
+    return path[::-1]
+
+
+def load_feedback(
+    engine: Engine,
+    *,
+    max_items: int = 4000,
+    margin: float = 0.0,
+    max_pairs_per_prompt: int = 16,
+    max_prompts: int = 2000,
+    seed: int = 0,
+) -> FeedbackData:
+    """Pairs, thumbs and logged prompts from the newest ``max_items`` votes and rankings."""
+    with session(engine) as s:
+        votes = s.exec(
+            select(Feedback.message_id, Feedback.rating)
+            .join(Message, col(Message.id) == Feedback.message_id)
+            .where(Message.role == "assistant", ~col(Message.incomplete))
+            .order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
+            .limit(max_items)
+        ).all()
+        rankings = s.exec(
+            select(Ranking.ranking).order_by(col(Ranking.id).desc()).limit(max_items)
+        ).all()
+        recent = s.exec(
+            select(Message.id)
+            .where(Message.role == "assistant", col(Message.parent_id).is_not(None))
+            .order_by(col(Message.id).desc())
+            .limit(max_prompts * 4)
+        ).all()
+        wanted = {m for m, _ in votes} | {m for r in rankings for m in r} | set(recent)
+        nodes = _nodes(s, wanted)
+    data = FeedbackData()
+    ratings: dict[int, set[int]] = {}
+    for message_id, rating in votes:
+        ratings.setdefault(message_id, set()).add(1 if rating > 0 else -1)
+    for ranked in rankings:
+        ranked = [m for m in ranked if m in nodes and not nodes[m][3]]
+        if len(ranked) < 2:
+            continue
+        prompt = _path(nodes, ranked[0])
+        for i, better in enumerate(ranked):
+            for j in range(i + 1, len(ranked)):
+                worse = ranked[j]
+                if nodes[better][2] == nodes[worse][2]:
+                    continue
+                decisive = None
+                if better in ratings and worse in ratings:
+                    decisive = 1 in ratings[better] and -1 in ratings[worse]
+                data.pairs.append(
+                    Pair(
+                        prompt,
+                        nodes[better][2],
+                        nodes[worse][2],
+                        margin * (j - i),
+                        "ranking",
+                        decisive,
+                    )
+                )
+    groups: dict[str, tuple[ChatMessages, list[str], list[str]]] = {}
+    for message_id, rating in votes:
+        if message_id not in nodes:
+            continue
+        prompt, reply = _path(nodes, message_id), nodes[message_id][2]
+        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1))
+        group = groups.setdefault(prompt_key(prompt), (prompt, [], []))
+        group[1 if rating > 0 else 2].append(reply)
+    rng = random.Random(seed)
+    for prompt, ups, downs in groups.values():
+        candidates = [(u, d) for u in dict.fromkeys(ups) for d in dict.fromkeys(downs) if u != d]
+        if len(candidates) > max_pairs_per_prompt:
+            candidates = rng.sample(candidates, max_pairs_per_prompt)
+        data.pairs += [Pair(prompt, u, d, margin, "thumbs", True) for u, d in candidates]
+    seen: set[str] = set()
+    for message_id in recent:
+        prompt = _path(nodes, message_id) if message_id in nodes else []
+        key = prompt_key(prompt)
+        if prompt and prompt[-1]["role"] == "user" and key not in seen:
+            seen.add(key)
+            data.prompts.append(prompt)
+            if len(data.prompts) >= max_prompts:
+                break
+    return data

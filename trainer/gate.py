@@ -1,0 +1,188 @@
+"""Promotion gate: is the candidate good enough to replace the active policy?
+
+Both policies answer the same held-out prompts (the task generator's held-out split, never
+trained on). The candidate passes when all three hold:
+
+1. **reward up** - the mean reward-model score of its sampled replies beats the active policy's
+   by more than ``gate_min_reward_gain`` (the reward model is this round's, trained on the
+   feedback; it decides style);
+2. **KL bounded** - ``KL(candidate || reference)`` per reply, estimated on its own samples as
+   ``mean(sum_t log pi(y_t) - log ref(y_t))``, is at most ``gate_max_kl`` nats;
+3. **capability kept** - the held-out correct rate of greedy answers
+   (:func:`trainer.evaluate.evaluate_heldout`) is not lower than the active policy's: the
+   candidate fails when it drops by more than ``gate_correct_tolerance`` (default 0.03) *and*
+   the drop is significant in a paired sign test on the same prompts (McNemar, one-sided,
+   z = 1.645: ``lost - gained > 1.645 * sqrt(lost + gained)``, lost/gained = prompts only the
+   active / only the candidate answers right). With 128 prompts, a policy whose style
+   changes flips a few borderline answers (arithmetic at ~20% accuracy) either way; a
+   tolerance alone rejected such candidates by noise. Only correctness is used from that
+   report - the gate never consults a rater's taste.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from shared.model import PaLM
+from shared.tasks import TaskGenerator
+from shared.tokenizer import Tokenizer
+from trainer.common import batched_sequence_logprobs
+from trainer.config import TrainerConfig
+from trainer.evaluate import evaluate_heldout
+from trainer.ppo import Rollout, generate_rollouts
+
+
+@dataclass
+class PolicyEval:
+    reward: float  # mean RM score of sampled replies (normalised)
+    kl: float  # KL to the reference, nats per reply
+    correct_rate: float  # greedy held-out correctness
+    reply_tokens: float
+    truncated: float
+    lost: int = 0  # held-out prompts the active policy answers right and this one wrong
+    gained: int = 0  # ... and the other way round
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reasons: list[str]
+    candidate: PolicyEval
+    active: PolicyEval
+    prompts: int
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heldout_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
+    return [t.messages for t in TaskGenerator(seed).iter_tasks(n, split="heldout")]
+
+
+@torch.no_grad()
+def sample_and_score(
+    policy: PaLM,
+    reference: PaLM,
+    reward_model: Any,
+    tok: Tokenizer,
+    prompts: list[list[dict[str, str]]],
+    config: TrainerConfig,
+    rollouts: list[Rollout] | None = None,
+) -> tuple[list[Rollout], float, float]:
+    """(rollouts, mean RM score, mean KL to reference) of ``policy``'s sampled replies."""
+    if rollouts is None:
+        rollouts = generate_rollouts(
+            policy,
+            tok,
+            prompts,
+            max_new_tokens=config.gate_max_new_tokens,
+            temperature=config.temperature,
+            seed=config.gate_seed,
+        )
+    if not rollouts:
+        return rollouts, float("nan"), float("nan")
+    scores = reward_model.score(tok, [r.prompt for r in rollouts], [r.text for r in rollouts])
+    seqs = [r.encoded(policy.config.max_seq_len) for r in rollouts]
+    kl = batched_sequence_logprobs(policy, seqs, tok.pad_id) - batched_sequence_logprobs(
+        reference, seqs, tok.pad_id
+    )
+    return rollouts, float(scores.mean()), float(kl.mean())
+
+
+def evaluate_policy(
+    policy: PaLM,
+    reference: PaLM,
+    reward_model: Any,
+    tok: Tokenizer,
+    config: TrainerConfig,
+    *,
+    cached: dict[str, Any] | None = None,
+) -> tuple[PolicyEval, dict[str, Any]]:
+    """Evaluate one policy; ``cached`` (from an earlier call on the same policy) skips the
+    generation, leaving only reward-model scoring to redo."""
+    prompts = heldout_prompts(config.gate_prompts, config.gate_seed)
+    cached = dict(cached or {})
+    rollouts, reward, kl = sample_and_score(
+        policy, reference, reward_model, tok, prompts, config, cached.get("rollouts")
+    )
+    if "correct_rate" not in cached:
+        report = evaluate_heldout(
+            policy,
+            tok,
+            n=config.gate_prompts,
+            seed=config.gate_seed,
+            max_new_tokens=config.gate_max_new_tokens,
+        )
+        cached["correct_rate"] = report.correct_rate
+        cached["hits"] = report.hits
+    cached["rollouts"] = rollouts
+    n = max(len(rollouts), 1)
+    result = PolicyEval(
+        reward=reward,
+        kl=kl,
+        correct_rate=cached["correct_rate"],
+        reply_tokens=sum(len(r.response_ids) for r in rollouts) / n,
+        truncated=sum(r.truncated for r in rollouts) / n,
+    )
+    return result, cached
+
+
+def decide(candidate: PolicyEval, active: PolicyEval, config: TrainerConfig) -> list[str]:
+    """The reasons to reject the candidate (empty: it passes)."""
+    reasons = []
+    gain = candidate.reward - active.reward
+    if not gain > config.gate_min_reward_gain or math.isnan(gain):
+        reasons.append(
+            f"reward model score did not improve: {candidate.reward:+.3f} vs active "
+            f"{active.reward:+.3f} (needs > {config.gate_min_reward_gain:+.3f})"
+        )
+    if not candidate.kl <= config.gate_max_kl:
+        reasons.append(
+            f"KL to the reference {candidate.kl:.2f} nats exceeds the bound {config.gate_max_kl}"
+        )
+    floor = active.correct_rate - config.gate_correct_tolerance
+    net = candidate.lost - candidate.gained
+    significant = net > 1.645 * math.sqrt(candidate.lost + candidate.gained)
+    if candidate.correct_rate < floor and significant:
+        reasons.append(
+            f"held-out correctness fell: {candidate.correct_rate:.3f} vs active "
+            f"{active.correct_rate:.3f} (tolerance {config.gate_correct_tolerance}; "
+            f"{candidate.lost} answers lost, {candidate.gained} gained)"
+        )
+    return reasons
+
+
+def run_gate(
+    candidate: PaLM,
+    active: PaLM,
+    reference: PaLM,
+    reward_model: Any,
+    tok: Tokenizer,
+    config: TrainerConfig,
+    *,
+    active_cache: dict[str, Any] | None = None,
+) -> tuple[GateReport, dict[str, Any]]:
+    """Compare ``candidate`` with ``active``; returns the report and the active policy's cache
+    (reuse it while that policy stays active)."""
+    cand, cand_cache = evaluate_policy(candidate, reference, reward_model, tok, config)
+    act, act_cache = evaluate_policy(
+        active, reference, reward_model, tok, config, cached=active_cache
+    )
+    cand_hits, act_hits = cand_cache.get("hits", []), act_cache.get("hits", [])
+    if len(cand_hits) == len(act_hits):
+        cand.lost = sum(a and not c for c, a in zip(cand_hits, act_hits, strict=True))
+        cand.gained = sum(c and not a for c, a in zip(cand_hits, act_hits, strict=True))
+    else:  # no paired answers: treat any drop past the tolerance as significant
+        cand.lost = max(0, round((act.correct_rate - cand.correct_rate) * config.gate_prompts))
+    reasons = decide(cand, act, config)
+    examples = [
+        {"prompt": r.prompt[-1]["content"], "candidate": r.text, "active": a.text}
+        for r, a in zip(cand_cache["rollouts"][:3], act_cache["rollouts"][:3], strict=False)
+    ]
+    report = GateReport(not reasons, reasons, cand, act, config.gate_prompts, examples)
+    return report, act_cache

@@ -1,0 +1,430 @@
+"""Reward model: the policy's PaLM trunk with a scalar head on the last token.
+
+Trained on the feedback in the database: a Bradley-Terry loss on preference pairs
+(``-log sigmoid(r_chosen - r_rejected - margin)``) plus a pointwise logistic term on thumbs
+(up = 1, down = 0). Its held-out pairwise accuracy (pairs split off by prompt) is reported,
+and each trained model is saved as a versioned artifact next to the policy registry::
+
+    <data_dir>/reward_models/v3/{model.safetensors, tokenizer.json, manifest.json}
+
+written atomically (temp dir, fsync, rename) like policies; no pickle. Scores are normalised
+by the mean and spread of the training replies' raw rewards, so a score is in "standard
+deviations above a typical logged reply".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from shared.checkpoints import sha256_file
+from shared.model import PaLM, PaLMConfig
+from shared.tokenizer import Tokenizer, load_tokenizer
+from trainer.common import (
+    DistInfo,
+    Encoded,
+    all_mean,
+    collate,
+    encode_reply,
+    shard,
+    wrap_ddp,
+)
+from trainer.feedback import FeedbackData, Pair, Thumb
+from trainer.lora import apply_lora, merge_lora
+
+log = logging.getLogger(__name__)
+
+FORMAT = "palmchat-reward/1"
+Progress = Callable[[str, int, int, str], None]
+
+
+class RewardModel(nn.Module):
+    def __init__(self, trunk: PaLM) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.config.dim, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(trunk.config.dim))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+
+    @classmethod
+    def from_policy(cls, policy: PaLM) -> RewardModel:
+        """A reward model whose trunk is a copy of ``policy``."""
+        return cls(copy.deepcopy(policy).float().train())
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def forward(self, tokens: Tensor, last: Tensor) -> Tensor:
+        """Raw reward (B,) read at each row's last token (its ``<|end|>``)."""
+        hidden = self.trunk.hidden(tokens)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.head(hidden[rows, last]).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_encoded(self, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32) -> Tensor:
+        """Normalised scores of encoded sequences, (N,) on the CPU."""
+        out = []
+        was = self.training
+        self.eval()
+        for start in range(0, len(seqs), batch_size):
+            b = collate(seqs[start : start + batch_size], pad_id).to(self.device)
+            out.append(((self(b.tokens, b.last) - self.offset) / self.scale).cpu())
+        self.train(was)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(
+        self,
+        tok: Tokenizer,
+        prompts: Sequence[list[dict]],
+        replies: Sequence[str],
+        max_len: int = 256,
+    ) -> Tensor:
+        seqs = [encode_reply(tok, p, r, max_len) for p, r in zip(prompts, replies, strict=True)]
+        return self.score_encoded(seqs, tok.pad_id)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def bt_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
+    """Bradley-Terry loss ``-log sigmoid(r_c - r_r - margin)``, mean over pairs."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def pointwise_loss(rewards: Tensor, labels: Tensor) -> Tensor:
+    """Logistic loss of thumbs: ``labels`` are +1 (up) / -1 (down)."""
+    return F.binary_cross_entropy_with_logits(rewards, (labels > 0).float())
+
+
+def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
+    """Share of pairs ranked right; ties count half."""
+    if chosen.numel() == 0:
+        return float("nan")
+    return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class RewardReport:
+    steps: int = 0
+    train_pairs: int = 0
+    train_thumbs: int = 0
+    heldout_pairs: int = 0
+    heldout_thumbs: int = 0
+    train_loss: float = float("nan")
+    train_accuracy: float = float("nan")
+    heldout_accuracy: float | None = None  # pairwise, held-out prompts
+    heldout_accuracy_decisive: float | None = None  # ... pairs whose thumbs agree with the order
+    heldout_pairs_decisive: int = 0
+    init: str = "policy"  # policy | a reward model version it continued from
+    heldout_thumb_accuracy: float | None = None  # sign of the score vs the thumb
+    offset: float = 0.0
+    scale: float = 1.0
+    version: str | None = None
+    history: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("history")
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _encode_pairs(tok: Tokenizer, pairs: Sequence[Pair], max_len: int) -> list[tuple]:
+    return [
+        (
+            encode_reply(tok, p.prompt, p.chosen, max_len),
+            encode_reply(tok, p.prompt, p.rejected, max_len),
+            p.margin,
+        )
+        for p in pairs
+    ]
+
+
+def _encode_thumbs(tok: Tokenizer, thumbs: Sequence[Thumb], max_len: int) -> list[tuple]:
+    return [(encode_reply(tok, t.prompt, t.reply, max_len), t.label) for t in thumbs]
+
+
+@torch.no_grad()
+def evaluate_reward_model(
+    rm: RewardModel, tok: Tokenizer, data: FeedbackData, max_len: int = 192
+) -> tuple[float | None, float | None, float | None]:
+    """(pairwise accuracy, ... on decisive pairs, thumb accuracy) on ``data``; None where it
+    has none. A pair is decisive when its chosen reply got a thumbs-up and the other a down:
+    a ranking of two replies with the same thumb may order a tie arbitrarily."""
+    pair_acc = decisive_acc = thumb_acc = None
+    if data.pairs:
+        enc = _encode_pairs(tok, data.pairs, max_len)
+        c = rm.score_encoded([e[0] for e in enc], tok.pad_id)
+        r = rm.score_encoded([e[1] for e in enc], tok.pad_id)
+        pair_acc = pair_accuracy(c, r)
+        keep = torch.tensor([p.decisive is True for p in data.pairs])
+        if bool(keep.any()):
+            decisive_acc = pair_accuracy(c[keep], r[keep])
+    if data.thumbs:
+        enc_t = _encode_thumbs(tok, data.thumbs, max_len)
+        s = rm.score_encoded([e[0] for e in enc_t], tok.pad_id)
+        labels = torch.tensor([e[1] for e in enc_t], dtype=torch.float)
+        # the thumbs threshold is where the logistic head says 50%: raw reward 0
+        raw = s * rm.scale.cpu() + rm.offset.cpu()
+        thumb_acc = float(((raw > 0).float() * 2 - 1 == labels).float().mean())
+    return pair_acc, decisive_acc, thumb_acc
+
+
+def train_reward_model(
+    policy: PaLM,
+    tok: Tokenizer,
+    train: FeedbackData,
+    heldout: FeedbackData,
+    *,
+    epochs: int = 2,
+    max_steps: int | None = None,
+    init: RewardModel | None = None,
+    init_name: str = "policy",
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    pointwise_weight: float = 0.5,
+    max_len: int = 192,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    grad_clip: float = 1.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    info: DistInfo | None = None,
+    progress: Progress | None = None,
+) -> tuple[RewardModel, RewardReport]:
+    """Train a reward model on the pairs and thumbs of ``train``: initialised from
+    ``policy``'s trunk, or continuing from ``init`` (an earlier round's reward model)."""
+    info = info or DistInfo()
+    if init is not None:
+        rm = copy.deepcopy(init).to(policy.device).train()
+    else:
+        rm, init_name = RewardModel.from_policy(policy).to(policy.device), "policy"
+    params = list(rm.parameters())
+    if lora_rank:
+        params = apply_lora(rm.trunk, lora_rank, lora_alpha) + list(rm.head.parameters())
+    pairs = _encode_pairs(tok, train.pairs, max_len)
+    thumbs = _encode_thumbs(tok, train.thumbs, max_len) if pointwise_weight > 0 else []
+    report = RewardReport(
+        train_pairs=len(pairs),
+        train_thumbs=len(thumbs),
+        heldout_pairs=len(heldout.pairs),
+        heldout_thumbs=len(heldout.thumbs),
+        heldout_pairs_decisive=sum(p.decisive is True for p in heldout.pairs),
+        init=init_name,
+    )
+    my_pairs, my_thumbs = shard(pairs, info, seed), shard(thumbs, info, seed + 1)
+    per_step = batch_size * info.world
+    steps = epochs * max(math.ceil(len(pairs) / per_step), math.ceil(len(thumbs) / per_step))
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    model = wrap_ddp(rm, info)
+    head = {id(p) for p in rm.head.parameters()}
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.requires_grad and id(p) not in head]},
+            # the fresh head learns faster than the pretrained trunk
+            {"params": list(rm.head.parameters()), "lr": lr * 10},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+        weight_decay=weight_decay,
+    )
+    device = rm.device
+    losses, accs = [], []
+    rm.train()
+    for step in range(steps):
+        pb = _cycle(my_pairs, step, batch_size, seed)
+        tb = _cycle(my_thumbs, step, batch_size, seed + 1)
+        seqs = [x for c, r, _ in pb for x in (c, r)] + [t for t, _ in tb]
+        if not seqs:
+            break
+        b = collate(seqs, tok.pad_id).to(device)
+        rewards = model(b.tokens, b.last)
+        loss = rewards.sum() * 0.0
+        if pb:
+            chosen, rejected = rewards[0 : 2 * len(pb) : 2], rewards[1 : 2 * len(pb) : 2]
+            margin = torch.tensor([m for _, _, m in pb], device=device)
+            loss = loss + bt_loss(chosen, rejected, margin)
+            accs.append(pair_accuracy(chosen.detach(), rejected.detach()))
+        if tb:
+            labels = torch.tensor([lab for _, lab in tb], device=device, dtype=torch.float)
+            loss = loss + pointwise_weight * pointwise_loss(rewards[2 * len(pb) :], labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(
+                "reward model", step + 1, steps, f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}"
+            )
+    if lora_rank:
+        merge_lora(rm.trunk)
+    rm.eval()
+    _normalise(
+        rm, [x for c, r, _ in pairs for x in (c, r)] + [t for t, _ in thumbs], tok.pad_id, info
+    )
+    report.steps = steps
+    report.history = losses
+    if losses:
+        report.train_loss = all_mean([sum(losses[-20:]) / len(losses[-20:])], info)[0]
+    if accs:
+        report.train_accuracy = all_mean([sum(accs[-20:]) / len(accs[-20:])], info)[0]
+    (
+        report.heldout_accuracy,
+        report.heldout_accuracy_decisive,
+        report.heldout_thumb_accuracy,
+    ) = evaluate_reward_model(rm, tok, heldout, max_len)
+    report.offset, report.scale = float(rm.offset), float(rm.scale)
+    return rm, report
+
+
+def _cycle(items: list, step: int, batch_size: int, seed: int) -> list:
+    """Batch ``step`` of an endless pass over ``items``, reshuffled every epoch."""
+    if not items:
+        return []
+    per_epoch = max(1, math.ceil(len(items) / batch_size))
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(len(items)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [items[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+
+
+@torch.no_grad()
+def _normalise(rm: RewardModel, seqs: list[Encoded], pad_id: int, info: DistInfo) -> None:
+    """Set offset/scale to the mean/std of raw rewards on (up to 512 of) the training replies."""
+    rm.offset.zero_()
+    rm.scale.fill_(1.0)
+    if not seqs:
+        return
+    sample = seqs if len(seqs) <= 512 else random.Random(0).sample(seqs, 512)
+    raw = rm.score_encoded(sample, pad_id)
+    mean, sq = all_mean([float(raw.mean()), float((raw**2).mean())], info)
+    rm.offset.fill_(mean)
+    rm.scale.fill_(max(math.sqrt(max(sq - mean**2, 0.0)), 1e-3))
+
+
+# --------------------------------------------------------------------------- artifacts
+
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RewardRegistry:
+    """Versioned reward models: ``<root>/vN/{model.safetensors, tokenizer.json, manifest.json}``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p.name)
+            for p in self.root.iterdir()
+            if (m := _VERSION_RE.match(p.name))
+        ]
+        return [name for _, name in sorted(found)]
+
+    def latest(self) -> str | None:
+        v = self.versions()
+        return v[-1] if v else None
+
+    def publish(
+        self,
+        rm: RewardModel,
+        tok: Tokenizer,
+        *,
+        policy_version: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            state = {f"trunk.{k}": v for k, v in rm.trunk.state_dict_for_save().items()}
+            state.update({f"head.{k}": v for k, v in rm.head.state_dict().items()})
+            state["offset"], state["scale"] = rm.offset, rm.scale
+            save_file(
+                {k: v.detach().cpu().float().contiguous() for k, v in state.items()},
+                str(tmp / "model.safetensors"),
+                metadata={"format": FORMAT},
+            )
+            tok.save(tmp / "tokenizer.json")
+            files = {
+                n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
+                for n in ("model.safetensors", "tokenizer.json")
+            }
+            manifest = {
+                "format": FORMAT,
+                "created_at": datetime.now(UTC).isoformat(),
+                "policy_version": policy_version,
+                "config": rm.trunk.config.to_dict(),
+                "files": files,
+                "metrics": dict(metrics or {}),
+            }
+            while True:
+                latest = self.latest()
+                version = f"v{int(latest[1:]) + 1 if latest else 1}"
+                manifest["version"] = version
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                for name in ("model.safetensors", "tokenizer.json", "manifest.json"):
+                    _fsync(tmp / name)
+                _fsync(tmp)
+                try:
+                    os.rename(tmp, self.root / version)
+                except OSError:
+                    if (self.root / version).exists():
+                        continue
+                    raise
+                _fsync(self.root)
+                return version
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, version: str, device: str = "cpu") -> tuple[RewardModel, Tokenizer, dict]:
+        path = self.root / version
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"reward model {version}: not a {FORMAT} artifact")
+        for name, meta in manifest["files"].items():
+            if sha256_file(path / name) != meta["sha256"]:
+                raise ValueError(f"reward model {version}/{name}: sha256 mismatch")
+        state = load_file(str(path / "model.safetensors"))
+        trunk = PaLM(PaLMConfig.from_dict(manifest["config"]))
+        trunk.load_saved_state({k[6:]: v for k, v in state.items() if k.startswith("trunk.")})
+        rm = RewardModel(trunk)
+        rm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        rm.offset.copy_(state["offset"])
+        rm.scale.copy_(state["scale"])
+        return rm.to(device).eval(), load_tokenizer(path / "tokenizer.json"), manifest
