@@ -147,11 +147,14 @@ def create_app(
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(state: State) -> dict[str, str]:
+        engine = state.extras.get("engine")
+        if engine is None:
+            raise APIError(503, "no policy loaded yet", type="service_unavailable")
         try:
             await run_in_threadpool(ping, state.db)
         except Exception as e:  # any driver error means "not ready", reported, not raised
             raise APIError(503, f"database unreachable: {e}", type="service_unavailable") from None
-        return {"status": "ready"}
+        return {"status": "ready", "policy_version": engine.version}
 
     return app
 

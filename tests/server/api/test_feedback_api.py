@@ -125,7 +125,7 @@ def test_bad_feedback_is_400_with_the_param_named(server) -> None:
 
 def test_health_and_readiness(server) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
-    assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready"}
+    assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready", "policy_version": "v1"}
 
 
 def test_rate_limit_gives_429_with_retry_after(tmp_path: Path, tiny_seed_dir: Path) -> None:
