@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from server.engine.config import EngineConfig
-from server.engine.llm_engine import EngineOverloaded, LLMEngine
+from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
 from server.engine.outputs import Delta
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
@@ -155,8 +155,13 @@ class AsyncEngine:
             return version
         if await self._on_loop(lambda: self.engine.reuse_worker(version)):
             return version
-        worker = await asyncio.to_thread(self.engine.prepare_policy, version)
-        await self._on_loop(lambda: self.engine.add_worker(worker))
+        # Reading and verifying the files happens off the loop; building the worker (dtype and
+        # layout changes, KV pool allocation) happens on the engine thread between two steps,
+        # so no tensor work of the new policy ever runs alongside a step of the old one.
+        policy = await asyncio.to_thread(self.engine.load_verified, version)
+        await self._on_loop(
+            lambda: self.engine.add_worker(build_worker(policy, self.engine.config))
+        )
         return version
 
     async def _on_loop(self, fn: Callable[[], Any]) -> Any:

@@ -131,6 +131,12 @@ class LLMEngine:
         log.info("serving policy %s for new requests", worker.version)
         return worker
 
+    def load_verified(self, version: str) -> Policy:
+        """Read and verify a version from the registry (raises ``CheckpointError``)."""
+        if self.registry is None:
+            raise RuntimeError("this engine has no policy registry to load versions from")
+        return self.registry.load(version)
+
     def prepare_policy(self, version: str) -> PolicyWorker:
         """Load and verify a version and build its worker (raises ``CheckpointError``); safe to
         call from another thread while the loop runs."""
