@@ -79,6 +79,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def list_versions(root: Path) -> list[str]:
+    """The ``vN`` directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p.name)
+        for p in root.iterdir()
+        if p.is_dir() and (m := _VERSION_RE.match(p.name))
+    ]
+    return [name for _, name in sorted(found)]
+
+
+def commit_version_dir(root: Path, tmp: Path, manifest: dict[str, Any]) -> str:
+    """Give the fully written temp dir ``tmp`` the next free ``vN`` name under ``root``:
+    write its manifest, fsync every file and the directory, rename, fsync ``root``."""
+    while True:
+        versions = list_versions(root)
+        version = f"v{int(versions[-1][1:]) + 1 if versions else 1}"
+        manifest["version"] = version
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        try:
+            # rename onto an existing non-empty directory fails: another publisher won the name
+            os.rename(tmp, root / version)
+        except OSError:
+            if (root / version).exists():
+                continue
+            raise
+        _fsync(root)
+        return version
+
+
 class PolicyRegistry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -86,14 +120,7 @@ class PolicyRegistry:
     # -- listing -----------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Published versions, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [
-            (int(m.group(1)), p.name)
-            for p in self.root.iterdir()
-            if p.is_dir() and (m := _VERSION_RE.match(p.name))
-        ]
-        return [name for _, name in sorted(found)]
+        return list_versions(self.root)
 
     def latest(self) -> str | None:
         versions = self.versions()
@@ -152,24 +179,9 @@ class PolicyRegistry:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _commit(self, tmp: Path, manifest: dict[str, Any]) -> str:
-        while True:
-            latest = self.latest()
-            version = f"v{int(latest[1:]) + 1 if latest else 1}"
-            manifest["version"] = version
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            for name in (MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE):
-                _fsync(tmp / name)
-            _fsync(tmp)
-            try:
-                # rename onto an existing non-empty directory fails: another publisher won the name
-                os.rename(tmp, self.root / version)
-            except OSError:
-                if (self.root / version).exists():
-                    continue
-                raise
-            _fsync(self.root)
-            log.info("published policy %s (parent %s)", version, manifest.get("parent"))
-            return version
+        version = commit_version_dir(self.root, tmp, manifest)
+        log.info("published policy %s (parent %s)", version, manifest.get("parent"))
+        return version
 
     def install(self, source_dir: str | Path, *, parent: str | None = None) -> str:
         """Copy a verified version directory from elsewhere (e.g. the bundled seed) in."""

@@ -18,9 +18,7 @@ import copy
 import json
 import logging
 import math
-import os
 import random
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from shared.checkpoints import sha256_file
+from shared.checkpoints import commit_version_dir, list_versions, sha256_file
 from shared.model import PaLM, PaLMConfig
 from shared.tokenizer import Tokenizer, load_tokenizer
 from trainer.common import (
@@ -328,16 +326,6 @@ def _normalise(rm: RewardModel, seqs: list[Encoded], pad_id: int, info: DistInfo
 
 # --------------------------------------------------------------------------- artifacts
 
-_VERSION_RE = re.compile(r"^v(\d+)$")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class RewardRegistry:
     """Versioned reward models: ``<root>/vN/{model.safetensors, tokenizer.json, manifest.json}``."""
@@ -346,14 +334,7 @@ class RewardRegistry:
         self.root = Path(root)
 
     def versions(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        found = [
-            (int(m.group(1)), p.name)
-            for p in self.root.iterdir()
-            if (m := _VERSION_RE.match(p.name))
-        ]
-        return [name for _, name in sorted(found)]
+        return list_versions(self.root)
 
     def latest(self) -> str | None:
         v = self.versions()
@@ -392,22 +373,7 @@ class RewardRegistry:
                 "files": files,
                 "metrics": dict(metrics or {}),
             }
-            while True:
-                latest = self.latest()
-                version = f"v{int(latest[1:]) + 1 if latest else 1}"
-                manifest["version"] = version
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-                for name in ("model.safetensors", "tokenizer.json", "manifest.json"):
-                    _fsync(tmp / name)
-                _fsync(tmp)
-                try:
-                    os.rename(tmp, self.root / version)
-                except OSError:
-                    if (self.root / version).exists():
-                        continue
-                    raise
-                _fsync(self.root)
-                return version
+            return commit_version_dir(self.root, tmp, manifest)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
