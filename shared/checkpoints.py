@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from shared.model import PaLM, PaLMConfig
@@ -221,9 +221,18 @@ class PolicyRegistry:
         return dest
 
     # -- loading -----------------------------------------------------------------------------
-    def verify(self, version: str) -> dict[str, Any]:
-        """Check every file of a version against its manifest; return the manifest."""
-        return _verify_dir(self.path(version), version)
+    def verify(self, version: str, *, deep: bool = False) -> dict[str, Any]:
+        """Check every file of a version against its manifest; return the manifest.
+
+        ``deep`` also checks that the manifest's config, the tokenizer and the weights' names
+        and shapes fit together, as loading needs: the manifest itself is not hashed, so an
+        edited config passes the hashes. (It builds a model skeleton on the meta device; the
+        first time in a process that costs a second or two of torch imports.)"""
+        directory = self.path(version)
+        manifest = _verify_dir(directory, version)
+        if deep:
+            _check_structure(directory, version, manifest)
+        return manifest
 
     def manifest(self, version: str) -> dict[str, Any]:
         return _read_manifest(self.path(version), version)
@@ -273,13 +282,9 @@ def _verify_dir(directory: Path, version: str) -> dict[str, Any]:
     return manifest
 
 
-def load_policy_dir(
-    directory: Path,
-    version: str,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Policy:
-    manifest = _verify_dir(directory, version)
+def _config_and_tokenizer(
+    directory: Path, version: str, manifest: dict[str, Any]
+) -> tuple[PaLMConfig, Tokenizer]:
     try:
         config = PaLMConfig.from_dict(manifest["config"])
     except (TypeError, ValueError) as e:
@@ -294,6 +299,38 @@ def load_policy_dir(
             f"tokenizer has {tokenizer.vocab_size} ids, model only {config.num_tokens}",
             TOKENIZER_FILE,
         )
+    return config, tokenizer
+
+
+def _check_structure(directory: Path, version: str, manifest: dict[str, Any]) -> None:
+    """Refuse a version whose weights would not load into its config (read from the
+    safetensors header and a model on the meta device, so nothing is materialised)."""
+    config, _ = _config_and_tokenizer(directory, version, manifest)
+    try:
+        with safe_open(str(directory / MODEL_FILE), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(version, f"unreadable safetensors: {e}", MODEL_FILE) from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PaLM(config).state_dict_for_save().items()}
+    if saved != expected:
+        wrong = sorted(k for k in saved.keys() | expected.keys() if saved.get(k) != expected.get(k))
+        raise CheckpointError(
+            version,
+            f"weights do not fit the manifest's config ({len(wrong)} tensors differ, e.g. "
+            f"{wrong[0]}: {saved.get(wrong[0])} saved, {expected.get(wrong[0])} expected)",
+            MODEL_FILE,
+        )
+
+
+def load_policy_dir(
+    directory: Path,
+    version: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Policy:
+    manifest = _verify_dir(directory, version)
+    config, tokenizer = _config_and_tokenizer(directory, version, manifest)
     try:
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError) as e:

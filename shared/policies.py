@@ -50,12 +50,13 @@ def register_version(
 def activate(engine: Engine, registry: PolicyRegistry, version: str) -> str | None:
     """Make ``version`` the active policy; return the version it replaced.
 
-    The version's files are verified first: a corrupt version is refused (CheckpointError)
-    and the current one keeps serving.
+    The version is verified first (file hashes, and that config, tokenizer and weights fit
+    together): a corrupt version is refused (CheckpointError) and the current one keeps
+    serving.
     """
     if version not in registry.versions():
         raise NotFound(f"no policy version {version!r}")
-    registry.verify(version)
+    registry.verify(version, deep=True)
     register_version(engine, registry, version)
     with session(engine) as s:
         previous = None

@@ -22,7 +22,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -63,6 +63,12 @@ class LoggedChoice:
 # --------------------------------------------------------------------------- logging
 
 
+def storable(engine: Engine, text: str) -> str:
+    """``text`` as the log stores it: PostgreSQL text columns cannot hold NUL (the byte-level
+    tokenizer can generate one, and clients can send one), so there NUL becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd") if engine.dialect.name == "postgresql" else text
+
+
 def _content(message: dict[str, Any]) -> str:
     """Text of an OpenAI-style message; content parts are concatenated."""
     content = message.get("content")
@@ -92,7 +98,8 @@ def _title(messages: list[dict[str, Any]]) -> str:
 
 
 def _own_conversation(s: Session, user_id: int, conversation_id: str) -> Conversation:
-    conv = s.get(Conversation, conversation_id)
+    # an id with NUL cannot exist, and PostgreSQL refuses NUL in a text parameter
+    conv = None if "\x00" in conversation_id else s.get(Conversation, conversation_id)
     if conv is None or conv.user_id != user_id or conv.deleted_at is not None:
         raise NotFound(f"conversation {conversation_id} not found")
     return conv
@@ -138,10 +145,14 @@ def log_completion(
     latency_ms: float | None,
     incomplete: bool = False,
     conversation_id: str | None = None,
+    new_conversation_id: str | None = None,
 ) -> str:
     """Store a completion request and its choices; return the conversation id.
 
     Idempotent on ``completion_id``: a repeated call returns the existing conversation.
+    ``new_conversation_id`` names the conversation a call without ``conversation_id``
+    creates (default: a fresh UUID), so a caller that queues the write can tell the client
+    the id before it is stored.
     """
     if not choices:
         raise Invalid("a completion needs at least one choice")
@@ -149,6 +160,9 @@ def log_completion(
         raise Invalid("choice indices must be distinct")
     if conversation_id is None and not messages:
         raise Invalid("a new conversation needs at least one prompt message")
+    if engine.dialect.name == "postgresql":  # see storable()
+        messages = [{**m, "content": storable(engine, _content(m))} for m in messages]
+        choices = [replace(c, text=storable(engine, c.text)) for c in choices]
     try:
         with session(engine) as s:
             existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()
@@ -156,6 +170,8 @@ def log_completion(
                 return _existing_conversation(s, existing, user_id)
             if conversation_id is None:
                 conv = Conversation(user_id=user_id, title=_title(messages))
+                if new_conversation_id is not None:
+                    conv.id = new_conversation_id
                 s.add(conv)
                 s.flush()
                 parent_id, new = None, messages
@@ -276,6 +292,12 @@ def get_conversation(engine: Engine, user_id: int, conversation_id: str) -> dict
         }
 
 
+def check_conversation(engine: Engine, user_id: int, conversation_id: str) -> None:
+    """Raise :class:`NotFound` unless this is the user's own, live conversation."""
+    with session(engine) as s:
+        _own_conversation(s, user_id, conversation_id)
+
+
 def delete_conversation(engine: Engine, user_id: int, conversation_id: str) -> None:
     """Soft-delete a conversation (rows stay for training)."""
     with session(engine) as s:
@@ -316,6 +338,8 @@ def record_feedback(
     reason = (reason or "").strip() or None
     if reason is not None and len(reason) > REASON_MAX:
         raise Invalid(f"reason is longer than {REASON_MAX} characters")
+    if "\x00" in completion_id:  # cannot exist; PostgreSQL refuses NUL in a text parameter
+        raise NotFound(f"choice {choice_index} of {completion_id} not found")
     with session(engine) as s:
         message = s.exec(
             select(Message)
@@ -358,6 +382,8 @@ def record_ranking(
     """Record (or replace) the user's ordering, best first, of a completion's choices."""
     if not isinstance(ranking, list) or not all(_is_int(i) for i in ranking):
         raise Invalid("ranking must be a list of choice indices")
+    if "\x00" in completion_id:  # cannot exist; PostgreSQL refuses NUL in a text parameter
+        raise NotFound(f"completion {completion_id} not found")
     with session(engine) as s:
         choices = s.exec(
             select(Message)

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api import redact, serving, writes
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
@@ -31,8 +32,11 @@ from shared.config import Settings
 from shared.db import ping
 from shared.keys import local_principal
 from shared.policies import active_version
+from shared.spool import WriteSpool, is_unavailable
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_WRITE_SECONDS = 5.0  # how long a stopping server waits for pending log writes
 
 
 def is_loopback(host: str) -> bool:
@@ -46,8 +50,9 @@ def is_loopback(host: str) -> bool:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the engine on the active policy and a watcher that hot-swaps to whatever the
-    ``policies`` table says is active (an admin's activation or the trainer's publish)."""
+    """Start the engine on the active policy, a watcher that hot-swaps to whatever the
+    ``policies`` table says is active (an admin's activation or the trainer's publish), and
+    the write spool's replay (which first takes over what a stopped server left spooled)."""
     state: AppState = app.state.palmchat
     state.extras["started_at"] = time.time()
     own_engine = "engine" not in state.extras
@@ -63,6 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 state.registry, version, EngineConfig.from_settings(state.settings)
             )
             state.extras["engine"] = AsyncEngine(engine)
+    if state.spool is not None:
+        await run_in_threadpool(state.spool.start)
     watcher = asyncio.create_task(_watch_active_policy(state))
 
     async def sync_now() -> None:
@@ -73,6 +80,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         watcher.cancel()
+        # logs of cut-off completions still being written, then what is left in the spool
+        if serving.pending_writes:
+            await asyncio.wait(set(serving.pending_writes), timeout=SHUTDOWN_WRITE_SECONDS)
+        if state.spool is not None:
+            await run_in_threadpool(state.spool.stop, SHUTDOWN_WRITE_SECONDS)
         if own_engine:
             engine = state.extras.pop("engine")
             engine.shutdown()
@@ -81,17 +93,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _sync_policy(state: AppState) -> None:
-    engine = state.extras["engine"]  # AsyncEngine or TritonBackend (serving.Backend)
-    wanted = await run_in_threadpool(active_version, state.db)
-    if wanted and wanted != engine.version:
-        try:
-            await engine.load_policy(wanted)
-            state.extras["metrics"].swaps.inc()
-            log.info("hot-swapped to policy %s", wanted)
-        except CheckpointError as e:
-            log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
-        except Exception:  # the table already says what to serve; the watcher retries
-            log.exception("hot-swap to %s failed; keeping %s", wanted, engine.version)
+    # One sync at a time: an admin route's and the watcher's would otherwise both load the
+    # same version (the second failing with "already loaded") or both count one swap.
+    async with state.extras.setdefault("policy_sync_lock", asyncio.Lock()):
+        engine = state.extras["engine"]  # AsyncEngine or TritonBackend (serving.Backend)
+        wanted = await run_in_threadpool(active_version, state.db)
+        if wanted and wanted != engine.version:
+            try:
+                await engine.load_policy(wanted)
+                state.extras["metrics"].swaps.inc()
+                log.info("hot-swapped to policy %s", wanted)
+            except CheckpointError as e:
+                log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
+            except Exception:  # the table already says what to serve; the watcher retries
+                log.exception("hot-swap to %s failed; keeping %s", wanted, engine.version)
+
+
+def _serving(state: AppState) -> str | None:
+    engine = state.extras.get("engine")
+    return engine.version if engine is not None else None
 
 
 async def _watch_active_policy(state: AppState) -> None:
@@ -99,8 +119,11 @@ async def _watch_active_policy(state: AppState) -> None:
         await asyncio.sleep(state.settings.policy_poll_seconds)
         try:
             await _sync_policy(state)
-        except Exception:  # a DB hiccup must not kill the watcher
-            log.exception("policy watcher")
+        except Exception as e:  # a DB hiccup must not kill the watcher
+            if is_unavailable(e):
+                log.warning("policy watcher: database unavailable; keeping %s", _serving(state))
+            else:
+                log.exception("policy watcher")
 
 
 def create_app(
@@ -114,6 +137,7 @@ def create_app(
     if not auth and not is_loopback(settings.host):
         raise ValueError(f"refusing to disable auth on non-loopback host {settings.host!r}")
     prepared = prepare(settings, seed_dir=seed_dir)
+    redact.install()  # no API key (the WebSocket's ?api_key=) in uvicorn's logs
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan)
     extras.setdefault(
         "rate_limiter", RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
@@ -126,6 +150,10 @@ def create_app(
         auth=auth,
         extras=extras,
         local=None if auth else local_principal(prepared.engine),
+    )
+    state = app.state.palmchat
+    state.spool = WriteSpool(
+        settings.data_dir / "spool", prepared.engine, on_applied=writes.on_applied(state)
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -13,6 +15,35 @@ from server.api.protocol import APIError
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_key
+from shared.spool import WriteSpool, is_unavailable
+
+
+class KeyCache:
+    """The principals of keys this server resolved lately (by the key's SHA-256, LRU-bounded).
+
+    Used only while the database cannot be reached, so that callers seen before an outage
+    keep chatting through it; a key revoked during the outage works until it ends."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Principal] = OrderedDict()
+
+    @staticmethod
+    def _digest(key: str) -> str:
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    def remember(self, key: str, principal: Principal | None) -> None:
+        digest = self._digest(key)
+        if principal is None:
+            self._entries.pop(digest, None)
+            return
+        self._entries[digest] = principal
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, key: str) -> Principal | None:
+        return self._entries.get(self._digest(key))
 
 
 @dataclass
@@ -23,6 +54,9 @@ class AppState:
     auth: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
     local: Principal | None = None  # who everyone is when auth is off (a real "local" user)
+    # commit-or-spool for conversation logs and feedback (None: write to the database only)
+    spool: WriteSpool | None = None
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 def get_state(request: Request) -> AppState:
@@ -48,7 +82,22 @@ async def authenticate(state: AppState, key: str | None) -> Principal:
             type="authentication_error",
             code="invalid_api_key",
         )
-    principal = await run_in_threadpool(resolve_key, state.db, key)
+    try:
+        principal = await run_in_threadpool(resolve_key, state.db, key)
+    except Exception as e:
+        if not is_unavailable(e):
+            raise
+        principal = state.keys.get(key)
+        if principal is None:
+            raise APIError(
+                503,
+                "the database is unavailable and this API key cannot be checked; retry shortly",
+                type="service_unavailable",
+                code="database_unavailable",
+                headers={"Retry-After": "2"},
+            ) from None
+        return principal
+    state.keys.remember(key, principal)
     if principal is None:
         raise APIError(
             401, "invalid or revoked API key", type="authentication_error", code="invalid_api_key"

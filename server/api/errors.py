@@ -7,9 +7,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import APIError
+from shared.db import DatabaseError
+from shared.spool import SpoolError, is_unavailable
 from shared.store import Invalid, NotFound
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Invalid)
     async def _invalid(_: Request, exc: Invalid) -> JSONResponse:
         return error_response(APIError(400, str(exc), code="invalid_value"))
+
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(DatabaseError)
+    @app.exception_handler(SpoolError)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        """The database is away (and for writes, the spool could not take them either):
+        503 with Retry-After, so clients retry; any other database error is a 500."""
+        if isinstance(exc, SpoolError) or is_unavailable(exc):
+            log.warning("database unavailable: %s", exc)
+            return error_response(
+                APIError(
+                    503,
+                    "the database is unavailable; retry shortly",
+                    type="service_unavailable",
+                    code="database_unavailable",
+                    headers={"Retry-After": "2"},
+                )
+            )
+        log.error("database error", exc_info=exc)
+        return error_response(APIError(500, "internal server error", type="api_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -59,21 +59,33 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(send)
             return
-        seen = 0
+        seen, too_large, rejected = 0, False, False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    too_large = True
                     raise _TooLarge
             return message
 
+        async def guarded(message: Message) -> None:
+            # The app may catch _TooLarge while reading the body (FastAPI turns any body
+            # error into a 400): once the limit is hit, its response becomes the 413.
+            nonlocal rejected
+            if not too_large:
+                await send(message)
+            elif not rejected:
+                rejected = True
+                await self._reject(send)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded)
         except _TooLarge:
-            await self._reject(send)
+            if not rejected:
+                await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
         err = APIError(

@@ -53,6 +53,26 @@ class APIError(Exception):
         ).model_dump()
 
 
+def _storable_text(data: Any) -> Any:
+    """Refuse strings with lone surrogates (``"\\ud800"`` in JSON): they are not Unicode
+    scalar values, so the conversation log cannot store them as UTF-8. Walks nested lists and
+    dicts iteratively (request bodies may be deeply nested)."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return data
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -90,7 +110,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -100,6 +120,11 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     conversation_id: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_text(data)
 
     @field_validator("stop")
     @classmethod
@@ -209,14 +234,24 @@ class ModelList(BaseModel):
 
 class FeedbackRequest(BaseModel):
     completion_id: str = Field(min_length=1, max_length=100)
-    choice_index: int = Field(0, ge=0)
+    choice_index: int = Field(0, ge=0, le=2**31 - 1)  # past it, no database column holds it
     rating: Literal[1, -1]
     reason: str | None = Field(None, max_length=2000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_text(data)
 
 
 class RankingRequest(BaseModel):
     completion_id: str = Field(min_length=1, max_length=100)
     ranking: list[int] = Field(min_length=2, max_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_text(data)
 
     @field_validator("ranking")
     @classmethod

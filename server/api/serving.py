@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fastapi.concurrency import run_in_threadpool
 
+from server.api import writes
 from server.api.deps import AppState
 from server.api.protocol import (
     APIError,
@@ -36,7 +38,7 @@ from server.api.protocol import (
 from server.engine import AsyncEngine, EngineOverloaded, SamplingParams
 from server.engine import Delta as EngineDelta
 from shared.keys import Principal
-from shared.store import LoggedChoice, log_completion
+from shared.store import LoggedChoice, NotFound, check_conversation
 from shared.tokenizer import Tokenizer, apply_chat_template
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,22 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
     )
 
 
+async def check_continuation(state: AppState, c: Completion) -> None:
+    """404 before any token is generated when ``conversation_id`` is not the caller's own
+    conversation: found only when the log is written, it would cut a stream or a WebSocket
+    chat off after its tokens (and waste them)."""
+    if c.conversation_id is None:
+        return
+    try:
+        await run_in_threadpool(
+            check_conversation, state.db, c.principal.user_id, c.conversation_id
+        )
+    except NotFound as e:
+        raise APIError(404, str(e), type="not_found_error", param="conversation_id") from None
+    except Exception:  # database away: the log write decides later (it may be spooled)
+        log.warning("could not check conversation %s", c.conversation_id, exc_info=True)
+
+
 async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelta]:
     """Stream the engine's deltas for ``c``, updating its candidates; abort on early exit."""
     engine = _engine(state)
@@ -241,14 +259,18 @@ async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelt
 
 
 async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False) -> None:
-    """Write the completion to the conversation log; errors are logged, never raised to a client."""
+    """Write the completion to the conversation log, or spool it while the database is away
+    (:mod:`server.api.writes`). Errors are logged, never raised to a client, except for a
+    continuation of a conversation the log refuses (e.g. someone else's: 404)."""
     choices = [
-        LoggedChoice(
-            index=i,
-            text=cand.text,
-            finish_reason=cand.finish_reason,
-            completion_tokens=cand.tokens,
-            logprobs=[lp.model_dump() for lp in cand.logprobs] if cand.logprobs else None,
+        asdict(
+            LoggedChoice(
+                index=i,
+                text=cand.text,
+                finish_reason=cand.finish_reason,
+                completion_tokens=cand.tokens,
+                logprobs=[lp.model_dump() for lp in cand.logprobs] if cand.logprobs else None,
+            )
         )
         for i, cand in enumerate(c.candidates)
     ]
@@ -266,36 +288,41 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
         }
     )
     params["max_tokens"] = c.params.max_tokens
+    args = {
+        "user_id": c.principal.user_id,
+        "completion_id": c.id,
+        "messages": c.messages,
+        "choices": choices,
+        "prompt_tokens": len(c.prompt_ids),
+        "policy_version": c.policy_version or None,
+        "sampling_params": params,
+        "latency_ms": (time.perf_counter() - c.started) * 1000,
+        "incomplete": incomplete or not c.done,
+        "conversation_id": c.conversation_id,
+        # named up front, so a spooled entry can be answered with its conversation's id
+        "new_conversation_id": None if c.conversation_id else str(uuid.uuid4()),
+    }
     try:
-        c.conversation_id = await run_in_threadpool(
-            lambda: log_completion(
-                state.db,
-                user_id=c.principal.user_id,
-                completion_id=c.id,
-                messages=c.messages,
-                choices=choices,
-                prompt_tokens=len(c.prompt_ids),
-                policy_version=c.policy_version or None,
-                sampling_params=params,
-                latency_ms=(time.perf_counter() - c.started) * 1000,
-                incomplete=incomplete or not c.done,
-                conversation_id=c.conversation_id,
-            )
-        )
+        written = await writes.write(state, "completion", args)
     except Exception:
         log.exception("could not log completion %s", c.id)
         if c.request.conversation_id:
             raise
+        return
+    if written.queued:
+        c.conversation_id = c.conversation_id or args["new_conversation_id"]
+    else:
+        c.conversation_id = written.result
 
 
-_pending_writes: set[asyncio.Task] = set()
+pending_writes: set[asyncio.Task] = set()
 
 
 def log_in_background(state: AppState, c: Completion) -> None:
     """Log a cut-off completion from a cancelled handler: the write must outlive it."""
     task = asyncio.get_running_loop().create_task(log_to_db(state, c, incomplete=True))
-    _pending_writes.add(task)
-    task.add_done_callback(_pending_writes.discard)
+    pending_writes.add(task)
+    task.add_done_callback(pending_writes.discard)
 
 
 async def complete(state: AppState, c: Completion) -> ChatCompletionResponse:

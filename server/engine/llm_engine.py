@@ -99,12 +99,12 @@ class LLMEngine:
             torch.set_num_threads(self.config.threads())
         self.registry = registry
         self.workers: dict[str, PolicyWorker] = {}
+        self._retired = _Retired()  # counters of unloaded policy versions
         self.current = self.add_worker(build_worker(policy, self.config))
         self.texts: dict[Sequence, TextState] = {}
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self._stats = EngineStats()
-        self._retired = _Retired()  # counters of unloaded policy versions
 
     @classmethod
     def from_registry(
@@ -129,6 +129,7 @@ class LLMEngine:
         self.workers[worker.version] = worker
         self.current = worker
         log.info("serving policy %s for new requests", worker.version)
+        self._drop_drained_workers()  # a replaced version with nothing in flight goes now
         return worker
 
     def load_verified(self, version: str) -> Policy:
@@ -153,6 +154,7 @@ class LLMEngine:
             return False
         self.current = worker
         log.info("serving policy %s for new requests (still loaded)", version)
+        self._drop_drained_workers()
         return True
 
     def load_policy(self, version: str) -> str:

@@ -26,12 +26,27 @@ async def chat_completions(
     body: ChatCompletionRequest, state: State, user: CurrentUser
 ) -> ChatCompletionResponse | EventSourceResponse:
     completion = serving.prepare_completion(state, body, user)
+    await serving.check_continuation(state, completion)
     if not body.stream:
         return await serving.complete(state, completion)
 
+    # Run the stream up to its first chunk before answering: that submits the request to the
+    # engine, so a full queue is a real 429 (with Retry-After) instead of a 200 whose stream
+    # breaks off.
+    chunks = serving.stream_chunks(state, completion)
+    try:
+        first: str | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+
     async def events() -> AsyncIterator[dict[str, Any]]:
-        async for chunk in serving.stream_chunks(state, completion):
-            yield {"data": chunk}
-        yield {"data": "[DONE]"}
+        try:
+            if first is not None:
+                yield {"data": first}
+            async for chunk in chunks:
+                yield {"data": chunk}
+            yield {"data": "[DONE]"}
+        finally:
+            await chunks.aclose()
 
     return EventSourceResponse(events(), ping=15)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from server.api.deps import CurrentUser, State
+from server.api.protocol import APIError
 from shared import store
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
@@ -21,6 +22,11 @@ async def list_conversations(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before: datetime | None = None,
 ) -> dict[str, Any]:
+    if before is not None:
+        try:  # the log keeps UTC; a date at the calendar's edge may have no UTC equivalent
+            before = before.astimezone(UTC) if before.tzinfo else before.replace(tzinfo=UTC)
+        except OverflowError:
+            raise APIError(400, "before: date out of range", param="before") from None
     rows = await run_in_threadpool(
         store.list_conversations, state.db, user.user_id, limit=limit, before=before
     )

@@ -6,10 +6,11 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi import APIRouter, Query, Response
+from fastapi.concurrency import iterate_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from server.api import writes
 from server.api.deps import Admin, CurrentUser, State
 from server.api.protocol import FeedbackRequest, RankingRequest
 from shared import store
@@ -24,30 +25,25 @@ _EXPORTS = {
 
 
 @router.post("/feedback")
-async def post_feedback(body: FeedbackRequest, state: State, user: CurrentUser) -> dict[str, Any]:
-    row = await run_in_threadpool(
-        lambda: store.record_feedback(
-            state.db,
-            user_id=user.user_id,
-            completion_id=body.completion_id,
-            choice_index=body.choice_index,
-            rating=body.rating,
-            reason=body.reason,
-        )
-    )
-    state.extras["metrics"].feedback.labels(
-        str(row["rating"]), row["policy_version"] or "unknown"
-    ).inc()
+async def post_feedback(
+    body: FeedbackRequest, state: State, user: CurrentUser, response: Response
+) -> dict[str, Any]:
+    """Store a thumb: 200 once committed; 202 with ``"queued": true`` once it is durably
+    spooled while the database is away (see :mod:`server.api.writes`)."""
+    row, queued = await writes.record_feedback(state, user, body)
+    if queued:
+        response.status_code = 202
     return {"object": "feedback", **row}
 
 
 @router.post("/rankings")
-async def post_ranking(body: RankingRequest, state: State, user: CurrentUser) -> dict[str, Any]:
-    row = await run_in_threadpool(
-        lambda: store.record_ranking(
-            state.db, user_id=user.user_id, completion_id=body.completion_id, ranking=body.ranking
-        )
-    )
+async def post_ranking(
+    body: RankingRequest, state: State, user: CurrentUser, response: Response
+) -> dict[str, Any]:
+    """Store a ranking: 200 once committed, 202 with ``"queued": true`` once spooled."""
+    row, queued = await writes.record_ranking(state, user, body)
+    if queued:
+        response.status_code = 202
     return {"object": "ranking", **row}
 
 

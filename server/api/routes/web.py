@@ -41,7 +41,10 @@ router = APIRouter(include_in_schema=False)
 
 def _file(relative: str) -> FileResponse:
     root = WEB_DIR.resolve()
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (OSError, ValueError):  # e.g. a NUL character in the name
+        raise APIError(404, "not found", type="not_found_error") from None
     if not path.is_relative_to(root) or not path.is_file() or path.suffix not in _TYPES:
         raise APIError(404, "not found", type="not_found_error")
     return FileResponse(path, media_type=_TYPES[path.suffix], headers=_HEADERS)

@@ -5,7 +5,8 @@ Client frames (JSON): ``{"type":"auth","api_key"}`` (if the key was not in the
 ``{"type":"cancel","request_id"}``, ``{"type":"feedback","completion_id","choice_index","rating",
 "reason"?}``. Server frames: ``{"type":"ready","user"}``, ``{"type":"delta","request_id","index",
 "content"}``, ``{"type":"done","request_id","completion_id","conversation_id","policy_version",
-"finish_reasons","usage"}``, ``{"type":"feedback","ok":true,...}``, ``{"type":"error",
+"finish_reasons","usage"}``, ``{"type":"feedback","ok":true,...}`` (with ``"queued":true`` when
+it was spooled while the database is away), ``{"type":"error",
 "request_id"?, "error": {...OpenAI shape}}``. Closing the socket cancels its generations.
 """
 
@@ -18,14 +19,19 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from server.api import serving
+from server.api import serving, writes
 from server.api.deps import authenticate, bearer_token, get_state
 from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest
 from shared import store
 from shared.keys import Principal
+from shared.spool import SpoolError, is_unavailable
+
+try:  # what sending on a socket that is already closed raises (a plain RuntimeError before)
+    from starlette.websockets import WebSocketDisconnected as SocketClosed
+except ImportError:  # pragma: no cover - older starlette
+    SocketClosed = RuntimeError  # type: ignore[misc, assignment]
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -38,6 +44,15 @@ def _error(err: APIError, request_id: str | None = None) -> dict[str, Any]:
     if request_id is not None:
         frame["request_id"] = request_id
     return frame
+
+
+def _unavailable() -> APIError:
+    return APIError(
+        503,
+        "the database is unavailable; retry shortly",
+        type="service_unavailable",
+        code="database_unavailable",
+    )
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -99,6 +114,7 @@ class ChatSocket:
             if limiter is not None:
                 limiter.check(self.principal.key_id)
             completion = serving.prepare_completion(self.state, req, self.principal)
+            await serving.check_continuation(self.state, completion)
         except ValidationError as e:
             await self.send(_error(_validation_error(e), request_id))
             return
@@ -110,8 +126,9 @@ class ChatSocket:
         task.add_done_callback(lambda _: self.tasks.pop(request_id, None))
 
     async def run_chat(self, request_id: str, c: serving.Completion) -> None:
+        deltas = serving.run_engine(self.state, c)
         try:
-            async for delta in serving.run_engine(self.state, c):
+            async for delta in deltas:
                 if delta.text:
                     await self.send(
                         {
@@ -136,10 +153,22 @@ class ChatSocket:
                     }
                 )
             return
+        except (WebSocketDisconnect, SocketClosed):
+            # a delta could not be sent: the client vanished before the socket loop noticed
+            serving.log_in_background(self.state, c)
+            await deltas.aclose()  # aborts the generation
+            return
         except APIError as e:
             await self.send(_error(e, request_id))
             return
-        await serving.log_to_db(self.state, c)
+        try:
+            await serving.log_to_db(self.state, c)
+        except Exception as e:  # the client must hear of it, not wait for a "done" forever
+            log.exception("websocket chat %s could not be logged", request_id)
+            err = APIError(500, "internal error", type="api_error")
+            with contextlib.suppress(Exception):
+                await self.send(_error(e if isinstance(e, APIError) else err, request_id))
+            return
         await self.send(
             {
                 "type": "done",
@@ -155,16 +184,7 @@ class ChatSocket:
     async def feedback(self, frame: dict[str, Any]) -> None:
         try:
             body = FeedbackRequest.model_validate({k: v for k, v in frame.items() if k != "type"})
-            row = await run_in_threadpool(
-                lambda: store.record_feedback(
-                    self.state.db,
-                    user_id=self.principal.user_id,
-                    completion_id=body.completion_id,
-                    choice_index=body.choice_index,
-                    rating=body.rating,
-                    reason=body.reason,
-                )
-            )
+            row, queued = await writes.record_feedback(self.state, self.principal, body)
         except ValidationError as e:
             await self.send(_error(_validation_error(e)))
             return
@@ -174,9 +194,11 @@ class ChatSocket:
         except store.Invalid as e:
             await self.send(_error(APIError(400, str(e))))
             return
-        self.state.extras["metrics"].feedback.labels(
-            str(row["rating"]), row["policy_version"] or "unknown"
-        ).inc()
+        except Exception as e:
+            if not (isinstance(e, SpoolError) or is_unavailable(e)):
+                raise
+            await self.send(_error(_unavailable()))
+            return
         await self.send(
             {"type": "feedback", "ok": True, **json.loads(json.dumps(row, default=str))}
         )
@@ -190,7 +212,15 @@ class ChatSocket:
 
 async def _receive_json(ws: WebSocket) -> dict[str, Any] | None:
     """Next frame as a JSON object, or None (after telling the client) when it is not one."""
-    text = await ws.receive_text()
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    text = message.get("text")
+    if text is None:  # a binary frame
+        await ws.send_text(
+            json.dumps(_error(APIError(400, "binary frames are not supported: send JSON text")))
+        )
+        return None
     if len(text) > MAX_FRAME_BYTES:
         await ws.send_text(
             json.dumps(_error(APIError(413, "frame too large", code="frame_too_large")))
@@ -200,6 +230,11 @@ async def _receive_json(ws: WebSocket) -> dict[str, Any] | None:
         frame = json.loads(text)
     except json.JSONDecodeError as e:
         await ws.send_text(json.dumps(_error(APIError(400, f"frame is not JSON: {e.msg}"))))
+        return None
+    except (ValueError, RecursionError):  # an integer past 4300 digits, deep nesting
+        await ws.send_text(
+            json.dumps(_error(APIError(400, "frame is not usable JSON: number or nesting too big")))
+        )
         return None
     if not isinstance(frame, dict):
         await ws.send_text(json.dumps(_error(APIError(400, "frame must be a JSON object"))))
@@ -216,6 +251,7 @@ async def chat_ws(ws: WebSocket) -> None:
         if key is None and state.auth:
             first = await _receive_json(ws)
             key = first.get("api_key") if first and first.get("type") == "auth" else None
+            key = key if isinstance(key, str) else None
         try:
             principal = await authenticate(state, key)
         except APIError as e:
@@ -227,8 +263,17 @@ async def chat_ws(ws: WebSocket) -> None:
         try:
             while True:
                 frame = await _receive_json(ws)
-                if frame is not None:
-                    await sock.handle(frame)
+                if frame is None:
+                    continue
+                try:  # every frame, like every REST request: a revoked key stops at once
+                    await authenticate(state, key)
+                except APIError as e:
+                    await sock.send(_error(e, frame.get("request_id")))
+                    if e.status == 401:
+                        await ws.close(code=4401)
+                        return
+                    continue  # 503: the key cannot be checked now; the socket stays
+                await sock.handle(frame)
         finally:
             await sock.close()
     except WebSocketDisconnect:

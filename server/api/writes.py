@@ -1,0 +1,71 @@
+"""Writes the API acknowledges: conversation log entries, thumbs and rankings.
+
+Each goes through the app's :class:`~shared.spool.WriteSpool`: committed to the database, or,
+while the database is unavailable, fsynced into the spool under the data dir and replayed in
+order once it is back. A caller answers 2xx only after one of the two happened; a queued
+thumb or ranking is answered ``202`` with ``"queued": true`` (its row id is not known yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from server.api.deps import AppState
+from server.api.protocol import FeedbackRequest, RankingRequest
+from shared.keys import Principal
+from shared.spool import APPLIERS, Written
+
+
+async def write(state: AppState, kind: str, args: Mapping[str, Any]) -> Written:
+    """Commit or spool one write (off the event loop)."""
+    if state.spool is None:
+        return Written(await run_in_threadpool(APPLIERS[kind], state.db, args))
+    return await run_in_threadpool(state.spool.write, kind, args)
+
+
+def count_feedback(state: AppState, row: Mapping[str, Any]) -> None:
+    state.extras["metrics"].feedback.labels(
+        str(row["rating"]), row["policy_version"] or "unknown"
+    ).inc()
+
+
+def on_applied(state: AppState):
+    """The spool's hook for writes that reached the database on replay."""
+
+    def hook(kind: str, _args: Mapping[str, Any], result: Any) -> None:
+        if kind == "feedback":
+            count_feedback(state, result)
+
+    return hook
+
+
+async def record_feedback(
+    state: AppState, user: Principal, body: FeedbackRequest
+) -> tuple[dict[str, Any], bool]:
+    """Store a thumb; return (the response fields, queued)."""
+    args = {
+        "user_id": user.user_id,
+        "completion_id": body.completion_id,
+        "choice_index": body.choice_index,
+        "rating": body.rating,
+        "reason": body.reason,
+    }
+    written = await write(state, "feedback", args)
+    if written.queued:
+        return {k: v for k, v in args.items() if k != "user_id"} | {"queued": True}, True
+    count_feedback(state, written.result)
+    return written.result, False
+
+
+async def record_ranking(
+    state: AppState, user: Principal, body: RankingRequest
+) -> tuple[dict[str, Any], bool]:
+    """Store a ranking; return (the response fields, queued)."""
+    args = {"user_id": user.user_id, "completion_id": body.completion_id, "ranking": body.ranking}
+    written = await write(state, "ranking", args)
+    if written.queued:
+        return {"completion_id": body.completion_id, "ranking": body.ranking, "queued": True}, True
+    return written.result, False
