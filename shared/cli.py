@@ -90,12 +90,27 @@ def _with_address(settings, host: str | None, port: int | None):
 
 
 @app.command()
-def up(data_dir: DataDir = None, host: Host = None, port: Port = None) -> None:
+def up(
+    data_dir: DataDir = None,
+    host: Host = None,
+    port: Port = None,
+    demo_: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="Instead of serving: run the closed-loop demo (server + trainer + simulated "
+            "users) in the data dir; same as `palmchat demo` with its defaults.",
+        ),
+    ] = False,
+) -> None:
     """Start palmchat with the embedded defaults: SQLite + registry in the data dir, seed policy.
 
     Runs the database migrations, installs the bundled seed policy on first run, creates and
     prints a first admin API key, then serves the API, WebSocket and metrics.
     """
+    if demo_:
+        demo(data_dir=data_dir)
+        return
     _logging()
     from shared.bootstrap import prepare
     from shared.checkpoints import CheckpointError
@@ -837,6 +852,83 @@ def simulate(
     )
     if report.chats == 0:
         _fail("no chat succeeded: " + "; ".join(report.errors[:3]))
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    preference: Annotated[
+        str, typer.Option(help="What the simulated users like: courteous or concise.")
+    ] = "courteous",
+    minutes: Annotated[
+        float, typer.Option(min=0.1, help="Loop time budget; no round starts after it.")
+    ] = 30.0,
+    rounds: Annotated[int, typer.Option(min=1, help="Trainer rounds at most.")] = 8,
+    chats_per_round: Annotated[
+        int, typer.Option(min=1, help="Feedback items the users leave before each round.")
+    ] = 96,
+    users: Annotated[int, typer.Option(min=1, help="Concurrent simulated users.")] = 4,
+    eval_prompts: Annotated[
+        int, typer.Option(min=1, help="Fresh held-out prompts each version is measured on.")
+    ] = 128,
+    algo: Annotated[str, typer.Option(help="Trainer algorithm: dpo, ppo or kto.")] = "dpo",
+    seed: int = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="TrainerConfig overrides for the trainer, KEY=VALUE."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON report and PNG plot.")] = Path(
+        "ops/bench/results"
+    ),
+) -> None:
+    """Closed-loop demo on this machine: the server, a `palmchat trainer --watch` process and
+    scripted users who chat, thumb and rank through the API. Prints the thumbs-up rate of each
+    policy version on fresh prompts as the trainer publishes them, and writes
+    demo-<preference>-latest.json / .png under --out.
+
+    Uses a fresh data dir (default: ./palmchat-demo-<preference>) so the demo starts from the
+    seed policy; the trainer's log is <data dir>/trainer.log.
+    """
+    _logging("WARNING")
+    from trainer.demo import DemoConfig, run_demo
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            _fail(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key.strip().replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip().replace("-", "_")] = raw
+    _trainer_config(algo, 1, 1.0, "cpu", 0, seed, set_ or [])  # validates the overrides
+    root = data_dir or Path(f"palmchat-demo-{preference}")
+    if (root / "palmchat.db").exists():
+        _fail(f"{root} already holds a palmchat database; give a fresh --data-dir")
+    try:
+        cfg = DemoConfig(
+            data_dir=root,
+            preference=preference,
+            rounds=rounds,
+            minutes=minutes,
+            chats_per_round=chats_per_round,
+            users=users,
+            eval_prompts=eval_prompts,
+            algo=algo,
+            trainer_set=overrides,
+            seed=seed,
+            out_dir=out,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    report = run_demo(cfg, log=console.print)
+    console.print(
+        f"thumbs-up rate on fresh prompts: {report.start_rate:.1%} ({report.evals[0].version}) "
+        f"-> {report.best.thumbs_up_rate:.1%} ({report.best.version}), "
+        f"{report.lift_points:+.1f} points in {report.loop_seconds / 60:.1f} min of loop; "
+        f"probe: {report.probe['requests']} streamed requests, {report.probe['failures']} failed"
+    )
+    console.print(f"report and plot: {out}/demo-{preference}-latest.json / .png")
 
 
 @bench_app.command("engine")

@@ -471,7 +471,9 @@ class ScriptedRater:
 
     Wrong answers always score below correct ones. Among correct ones, ``"courteous"`` prefers
     polite and brief (curt in the middle, rambling penalised), ``"concise"`` prefers the
-    shortest, ``"correct"`` only looks at correctness. Unrecognised prompts score 0.0.
+    shortest (thumbs up only for the answer with at most ~15 characters around it, so the two
+    tastes disagree: each thumbs down what the other likes best), ``"correct"`` only looks at
+    correctness. Unrecognised prompts score 0.0.
     ``noise`` adds a deterministic, hash-derived jitter of at most that size.
     """
 
@@ -486,7 +488,9 @@ class ScriptedRater:
         if self.preference == "correct":
             return 1.0 if correct else -1.0
         if self.preference == "concise":
-            brevity_loss = _clip(extra / 100)
+            # every extra character costs, the first ones most: a thumbs-up needs the answer
+            # with at most ~15 characters around it (a polite opener *and* closer are too much)
+            brevity_loss = extra / (extra + 12)
             return 1.0 - 0.9 * brevity_loss if correct else -1.0 + 0.2 * (1 - brevity_loss)
         rambling = _clip((extra - 60) / 40)
         if correct:

@@ -85,6 +85,17 @@ def _version_key(v: str) -> int:
     return int(v[1:]) if v[1:].isdigit() else -1
 
 
+def distinct_ranking(
+    rater: ScriptedRater, messages: list[dict[str, str]], texts: list[str]
+) -> list[int]:
+    """A partial ranking, best first, of the candidates the user can tell apart: one reply per
+    distinct score (the first of equals). A person asked to rank two equally good answers
+    would order them at random; ranking only real differences keeps the pairs honest."""
+    scores = [rater.rate(messages, t) for t in texts]
+    firsts = {s: i for i, s in reversed(list(enumerate(scores)))}
+    return sorted(firsts.values(), key=lambda i: -scores[i])
+
+
 class SimUser:
     def __init__(
         self,
@@ -167,19 +178,19 @@ class SimUser:
         self.report.events.append(
             Event(round(time.monotonic() - self.started, 3), self.index, transport, version, thumbs)
         )
-        if n == 1:
-            r = await self.client.post(
-                "/v1/feedback", json={"completion_id": cid, "choice_index": 0, "rating": thumbs[0]}
-            )
-            r.raise_for_status()
-            self.report.feedback_sent += 1
-        else:
-            ranking = self.rater.rank(task.messages, texts)
+        ranking = distinct_ranking(self.rater, task.messages, texts) if n > 1 else []
+        if len(ranking) >= 2:
             r = await self.client.post(
                 "/v1/rankings", json={"completion_id": cid, "ranking": ranking}
             )
             r.raise_for_status()
             self.report.rankings_sent += 1
+        else:  # one reply, or candidates the user likes equally: a thumb on the first
+            r = await self.client.post(
+                "/v1/feedback", json={"completion_id": cid, "choice_index": 0, "rating": thumbs[0]}
+            )
+            r.raise_for_status()
+            self.report.feedback_sent += 1
 
     async def run(self, deadline: float, budget: list[int]) -> None:
         turn = 0

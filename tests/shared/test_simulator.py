@@ -10,15 +10,15 @@ from server.api.app import create_app
 from shared.config import Settings
 from shared.db import session
 from shared.keys import create_key
+from shared.rater import ScriptedRater
 from shared.schema import Feedback, Ranking
-from shared.simulator import SimConfig, run_simulation
+from shared.simulator import SimConfig, distinct_ranking, run_simulation
 from tests.conftest import LiveServer
 
 
-async def test_simulated_users_leave_feedback_through_every_transport(
-    tmp_path: Path, tiny_seed_dir: Path
-) -> None:
-    app = create_app(Settings(data_dir=tmp_path, kv_cache_memory_mb=16), seed_dir=tiny_seed_dir)
+async def test_simulated_users_leave_feedback_through_every_transport(tmp_path: Path) -> None:
+    # the bundled seed policy: its candidates differ, so the users have something to rank
+    app = create_app(Settings(data_dir=tmp_path, kv_cache_memory_mb=16))
     with LiveServer(app) as live:
         db = app.state.palmchat.db
         key = create_key(db, "sim")
@@ -42,3 +42,12 @@ async def test_simulated_users_leave_feedback_through_every_transport(
         assert len(s.exec(select(Feedback)).all()) == report.feedback_sent
         assert len(s.exec(select(Ranking)).all()) == report.rankings_sent
     assert (tmp_path / "sim.json").is_file()
+
+
+def test_users_rank_only_the_candidates_they_can_tell_apart() -> None:
+    rater = ScriptedRater("courteous")
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    replies = ["5", "Sure! It is 5. Hope this helps!", "7", "5", "Sure! It is 5. Hope this helps!"]
+    # polite+right, then curt+right (first of the equal pair), then wrong; equals left out
+    assert distinct_ranking(rater, messages, replies) == [1, 0, 2]
+    assert distinct_ranking(rater, messages, ["5", "5"]) == [0]

@@ -1,0 +1,504 @@
+"""The closed loop, end to end: server + trainer + simulated users, and the thumbs-up rate
+climbing version by version (``palmchat demo``, ``palmchat up --demo``).
+
+Three real parts run together:
+
+* the **server** (this process, uvicorn on loopback) serves the active policy and logs every
+  chat, thumb and ranking to the database, and hot-swaps when a new version is activated;
+* the **trainer** (a separate ``palmchat trainer --watch`` process) trains a round whenever
+  ``chats_per_round`` new feedback items have arrived, and publishes + activates a candidate
+  that passes its gate;
+* **scripted users** (:mod:`shared.simulator`) chat through the public API (REST, SSE,
+  WebSocket), thumb and rank replies with the scripted rater's taste. The trainer never calls
+  the rater: it only sees the database.
+
+Each cycle: the users chat until ``chats_per_round`` feedback items are in; the trainer's
+round runs meanwhile a *probe* client keeps streaming (every reply must arrive whole across
+the swap); once the server serves the new version, every version is measured the same way -
+fresh held-out prompts the users never asked, sampled through the API at the users'
+temperature, rated by the same scripted taste - giving the thumbs-up rate per version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlmodel import col, select
+
+from shared.config import Settings
+from shared.db import session
+from shared.rater import PREFERENCES, ScriptedRater, is_correct, politeness
+from shared.schema import TrainingRun
+from shared.simulator import SimConfig, run_simulation
+from shared.tasks import TaskGenerator
+
+FINISHED = ("published", "rejected", "failed")
+
+
+@dataclass
+class DemoConfig:
+    data_dir: Path
+    preference: str = "courteous"  # the simulated users' taste
+    rounds: int = 8  # trainer rounds at most
+    minutes: float = 30.0  # wall-time budget of the loop (no new round starts after it)
+    chats_per_round: int = 96  # feedback items the users leave before each round
+    users: int = 4
+    rank_fraction: float = 0.5  # share of chats that ask n=2..4 candidates and rank them
+    max_tokens: int = 64
+    temperature: float = 1.0
+    eval_prompts: int = 128  # fresh held-out prompts each version is measured on
+    eval_seed: int = 777
+    algo: str = "dpo"
+    trainer_set: dict[str, Any] = field(default_factory=dict)  # TrainerConfig overrides
+    database_url: str = ""
+    seed_dir: Path | None = None  # None: the bundled seed policy
+    seed: int = 0
+    out_dir: Path | None = None  # JSON + PNG written here
+    policy_poll_seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.preference not in PREFERENCES:
+            raise ValueError(f"preference must be one of {PREFERENCES}, got {self.preference!r}")
+        for name in ("rounds", "chats_per_round", "users", "eval_prompts", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.minutes <= 0:
+            raise ValueError("minutes must be > 0")
+
+
+@dataclass
+class VersionEval:
+    version: str
+    round: int  # 0 = the seed / starting policy
+    at_seconds: float
+    thumbs_up_rate: float
+    correct_rate: float
+    mean_score: float
+    mean_chars: float
+    polite_rate: float  # replies with a polite opener or closing line
+    errors: int
+
+
+@dataclass
+class DemoReport:
+    preference: str
+    config: dict[str, Any]
+    evals: list[VersionEval] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    users: dict[str, Any] = field(default_factory=dict)  # the simulated users' own view
+    probe: dict[str, Any] = field(default_factory=dict)
+    swaps: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    loop_seconds: float = 0.0
+
+    @property
+    def start_rate(self) -> float:
+        return self.evals[0].thumbs_up_rate
+
+    @property
+    def best(self) -> VersionEval:
+        return max(self.evals, key=lambda e: e.round)  # the last published = the served one
+
+    @property
+    def lift_points(self) -> float:
+        return 100.0 * (self.best.thumbs_up_rate - self.start_rate)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["start_thumbs_up_rate"] = self.start_rate if self.evals else None
+        out["final_thumbs_up_rate"] = self.best.thumbs_up_rate if self.evals else None
+        out["lift_points"] = self.lift_points if self.evals else None
+        return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+async def evaluate_served(
+    client: httpx.AsyncClient,
+    prompts: list[list[dict[str, str]]],
+    rater: ScriptedRater,
+    *,
+    max_tokens: int,
+    temperature: float,
+    concurrency: int = 16,
+) -> tuple[str, dict[str, float]]:
+    """Ask the server each prompt once (seeded per prompt, so every version gets the same
+    draws of randomness) and rate the replies. Returns (version that answered, figures)."""
+    gate = asyncio.Semaphore(concurrency)
+    versions: set[str] = set()
+
+    async def one(i: int, messages: list[dict[str, str]]) -> tuple[str, int] | None:
+        body = {
+            "model": "palmchat",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": i,
+            "user": "demo-eval",
+        }
+        async with gate:
+            try:
+                r = await client.post("/v1/chat/completions", json=body)
+                r.raise_for_status()
+            except httpx.HTTPError:
+                return None
+        data = r.json()
+        versions.add(data["system_fingerprint"])
+        return data["choices"][0]["message"]["content"], i
+
+    results = await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts)))
+    replies = [(prompts[r[1]], r[0]) for r in results if r is not None]
+    n = max(len(replies), 1)
+    figures = {
+        "thumbs_up_rate": sum(rater.thumb(m, t) > 0 for m, t in replies) / n,
+        "correct_rate": sum(bool(is_correct(m, t)) for m, t in replies) / n,
+        "mean_score": sum(rater.rate(m, t) for m, t in replies) / n,
+        "mean_chars": sum(len(t) for _, t in replies) / n,
+        "polite_rate": sum(politeness(t) > 0 for _, t in replies) / n,
+        "errors": len(prompts) - len(replies),
+    }
+    version = versions.pop() if len(versions) == 1 else ",".join(sorted(versions))
+    return version, figures
+
+
+class Probe:
+    """One client streaming (SSE) without pause: every reply must arrive whole, before, during
+    and after each swap. Counts requests, failures and the versions that answered."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, max_tokens: int = 24, pause: float = 0.25
+    ) -> None:
+        self.client, self.max_tokens, self.pause = client, max_tokens, pause
+        self.requests = self.failures = 0
+        self.errors: list[str] = []
+        self.versions: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+
+    async def _one(self, i: int) -> None:
+        task = TaskGenerator(10_000 + i).sample(split="train")
+        body = {
+            "model": "palmchat",
+            "messages": task.messages,
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "user": "demo-probe",
+        }
+        finish = version = None
+        async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                version = chunk.get("system_fingerprint") or version
+                for choice in chunk["choices"]:
+                    finish = choice.get("finish_reason") or finish
+        if finish not in ("stop", "length") or not version:
+            raise RuntimeError(f"stream ended without a finish reason ({finish!r}, {version!r})")
+        self.versions[version] = self.versions.get(version, 0) + 1
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            self.requests += 1
+            try:
+                await self._one(i)
+            except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as e:
+                self.failures += 1
+                self.errors.append(f"{type(e).__name__}: {e}")
+            i += 1
+            await asyncio.sleep(self.pause)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return {
+            "requests": self.requests,
+            "failures": self.failures,
+            "errors": self.errors[:10],
+            "versions": self.versions,
+        }
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def trainer_command(cfg: DemoConfig) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "trainer",
+        "--watch",
+        "--algo",
+        cfg.algo,
+        "--min-new",
+        str(cfg.chats_per_round),
+        "--poll",
+        "1",
+        "--metrics-port",
+        "0",
+        "--seed",
+        str(cfg.seed),
+    ]
+    overrides = {"settle_seconds": 0.5, **cfg.trainer_set}
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
+
+
+def finished_runs(engine: Any) -> list[TrainingRun]:
+    with session(engine) as s:
+        return list(
+            s.exec(
+                select(TrainingRun)
+                .where(col(TrainingRun.status).in_(FINISHED))
+                .order_by(col(TrainingRun.id))
+            ).all()
+        )
+
+
+def round_summary(run: TrainingRun) -> dict[str, Any]:
+    m = run.metrics or {}
+    gate = m.get("gate", {})
+    cand, act = gate.get("candidate", {}), gate.get("active", {})
+    return {
+        "run_id": run.id,
+        "status": run.status,
+        "base_version": run.base_version,
+        "candidate_version": run.candidate_version,
+        "feedback_items": run.n_feedback,
+        "pairs": m.get("feedback", {}).get("pairs"),
+        "thumbs": m.get("feedback", {}).get("thumbs"),
+        "rm_heldout_accuracy": m.get("reward_model", {}).get("heldout_accuracy"),
+        "rm_heldout_pairs": m.get("reward_model", {}).get("heldout_pairs"),
+        "kl_to_reference": cand.get("kl"),
+        "gate_correct_rate": [cand.get("correct_rate"), act.get("correct_rate")],
+        "gate_reward": [cand.get("reward"), act.get("reward")],
+        "reasons": m.get("reasons", []),
+        "seconds": (
+            (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
+        ),
+        "error": m.get("error"),
+    }
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+async def _served_version(client: httpx.AsyncClient) -> str | None:
+    r = await client.get("/readyz")
+    return r.json().get("policy_version") if r.status_code == 200 else None
+
+
+async def _wait_for_version(client: httpx.AsyncClient, version: str, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await _served_version(client) == version:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the server did not switch to {version} within {timeout:.0f}s")
+
+
+async def run_loop(
+    cfg: DemoConfig,
+    url: str,
+    engine: Any,
+    keys: dict[str, str],
+    log: Callable[[str], None],
+    trainer_log: Path,
+) -> DemoReport:
+    report = DemoReport(cfg.preference, {k: str(v) for k, v in asdict(cfg).items()})
+    rater = ScriptedRater(cfg.preference)
+    prompts = [
+        t.messages for t in TaskGenerator(cfg.eval_seed).iter_tasks(cfg.eval_prompts, "heldout")
+    ]
+    started = time.monotonic()
+    user_hdr = {"Authorization": f"Bearer {keys['eval']}"}
+    probe_hdr = {"Authorization": f"Bearer {keys['probe']}"}
+    async with (
+        httpx.AsyncClient(base_url=url, headers=user_hdr, timeout=600) as client,
+        httpx.AsyncClient(base_url=url, headers=probe_hdr, timeout=600) as probe_client,
+    ):
+
+        async def measure(round_no: int) -> VersionEval:
+            version, figures = await evaluate_served(
+                client, prompts, rater, max_tokens=cfg.max_tokens, temperature=cfg.temperature
+            )
+            ev = VersionEval(version, round_no, round(time.monotonic() - started, 1), **figures)
+            report.evals.append(ev)
+            log(
+                f"[{ev.at_seconds:6.0f}s] {version}: thumbs-up {ev.thumbs_up_rate:.1%} on "
+                f"{len(prompts)} fresh prompts (correct {ev.correct_rate:.1%}, "
+                f"{ev.mean_chars:.0f} chars/reply)"
+            )
+            return ev
+
+        await measure(0)
+        probe = Probe(probe_client)
+        probe.start()
+        env = {
+            **os.environ,
+            "PALMCHAT_DATA_DIR": str(cfg.data_dir),
+            "PALMCHAT_DATABASE_URL": cfg.database_url,
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
+        loop_start = time.monotonic()
+        sim_events: list[Any] = []
+        with trainer_log.open("ab") as tlog:
+            trainer = subprocess.Popen(trainer_command(cfg), env=env, stdout=tlog, stderr=tlog)
+            try:
+                for round_no in range(1, cfg.rounds + 1):
+                    if time.monotonic() - loop_start > cfg.minutes * 60:
+                        log(f"time budget of {cfg.minutes:g} min spent; stopping")
+                        break
+                    done_before = len(finished_runs(engine))
+                    sim = await run_simulation(
+                        SimConfig(
+                            url=url,
+                            api_key=keys["users"],
+                            users=cfg.users,
+                            minutes=10**6,
+                            max_requests=cfg.chats_per_round,
+                            preference=cfg.preference,
+                            rank_fraction=cfg.rank_fraction,
+                            max_tokens=cfg.max_tokens,
+                            temperature=cfg.temperature,
+                            seed=cfg.seed * 100 + round_no,
+                        )
+                    )
+                    if sim.errors:
+                        raise RuntimeError(f"simulated users failed: {sim.errors[:3]}")
+                    sim_events += sim.events
+                    rates = ", ".join(
+                        f"{v} {row['thumbs_up_rate']:.0%}" for v, row in sim.per_version.items()
+                    )
+                    log(
+                        f"[{time.monotonic() - started:6.0f}s] round {round_no}: users left "
+                        f"{sim.feedback_sent} thumbs + {sim.rankings_sent} rankings (their "
+                        f"thumbs-up: {rates}); trainer training"
+                    )
+                    while len(finished_runs(engine)) <= done_before:
+                        if trainer.poll() is not None:
+                            raise RuntimeError(
+                                f"the trainer exited with {trainer.returncode}; see {trainer_log}"
+                            )
+                        await asyncio.sleep(0.5)
+                    run = finished_runs(engine)[-1]
+                    summary = round_summary(run)
+                    report.rounds.append(summary)
+                    acc = summary["rm_heldout_accuracy"]
+                    kl = summary["kl_to_reference"]
+                    log(
+                        f"[{time.monotonic() - started:6.0f}s] round {round_no}: "
+                        f"{summary['status']} {summary['candidate_version'] or ''} "
+                        f"(RM held-out acc {'-' if acc is None else f'{acc:.2f}'}, "
+                        f"KL {'-' if kl is None else f'{kl:.2f}'}, "
+                        f"{summary['seconds'] or 0:.0f}s)"
+                        + "".join(f"\n    {r}" for r in summary["reasons"])
+                    )
+                    if run.status == "published":
+                        took = await _wait_for_version(client, run.candidate_version, 120)
+                        report.swaps.append({"version": run.candidate_version, "after_s": took})
+                        await measure(round_no)
+            finally:
+                trainer.terminate()
+                try:
+                    trainer.wait(30)
+                except subprocess.TimeoutExpired:
+                    trainer.kill()
+        report.loop_seconds = round(time.monotonic() - loop_start, 1)
+        report.probe = await probe.stop()
+    by_version: dict[str, list[int]] = {}
+    for e in sim_events:
+        by_version.setdefault(e.policy_version, []).extend(e.thumbs)
+    report.users = {
+        v: {"replies": len(t), "thumbs_up_rate": sum(x > 0 for x in t) / len(t)}
+        for v, t in by_version.items()
+    }
+    report.wall_seconds = round(time.monotonic() - started, 1)
+    return report
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
+    """Start the server on loopback, run the loop, stop everything; write JSON + PNG to
+    ``cfg.out_dir`` when given."""
+    from server.api.app import create_app
+    from server.api.live import LiveServer
+    from shared.keys import create_key
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        data_dir=cfg.data_dir,
+        database_url=cfg.database_url,
+        policy_poll_seconds=cfg.policy_poll_seconds,
+        rate_limit_per_minute=10**6,
+        rate_limit_burst=10**6,
+    )
+    cfg.database_url = settings.database_url
+    extra = {"seed_dir": cfg.seed_dir} if cfg.seed_dir is not None else {}
+    app = create_app(settings, **extra)
+    engine = app.state.palmchat.db
+    keys = {name: create_key(engine, f"demo-{name}") for name in ("users", "eval", "probe")}
+    with LiveServer(app) as live:
+        log(f"server on {live.url}; users prefer {cfg.preference!r} replies")
+        report = asyncio.run(
+            run_loop(cfg, live.url, engine, keys, log, cfg.data_dir / "trainer.log")
+        )
+    if cfg.out_dir is not None:
+        write_outputs(report, cfg.out_dir)
+    return report
+
+
+def write_outputs(report: DemoReport, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    body = json.dumps(report.to_json(), indent=2)
+    path = out_dir / f"demo-{report.preference}-{stamp}.json"
+    path.write_text(body)
+    (out_dir / f"demo-{report.preference}-latest.json").write_text(body)
+    with contextlib.suppress(ImportError):  # matplotlib is optional
+        plot(report, out_dir / f"demo-{report.preference}-latest.png")
+    return path
+
+
+def plot(report: DemoReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    minutes = [e.at_seconds / 60 for e in report.evals]
+    ax.plot(minutes, [100 * e.thumbs_up_rate for e in report.evals], "o-", label="thumbs-up rate")
+    ax.plot(minutes, [100 * e.correct_rate for e in report.evals], "s--", label="correct")
+    for e, m in zip(report.evals, minutes, strict=True):
+        ax.annotate(
+            e.version, (m, 100 * e.thumbs_up_rate), textcoords="offset points", xytext=(0, 6)
+        )
+    ax.set_xlabel("minutes of loop")
+    ax.set_ylabel("% of replies to fresh prompts")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"palmchat closed loop: users who prefer {report.preference} replies")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
