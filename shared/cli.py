@@ -471,24 +471,14 @@ def pretrain(
     console.print_json(json.dumps(result.__dict__))
 
 
-def _trainer_config(
-    algo: str,
-    min_new: int,
-    poll: float,
-    device: str,
-    lora_rank: int,
-    seed: int,
-    settings: list[str],
-):
+def _trainer_overrides(settings: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as TrainerConfig fields (VALUE read as JSON when it is)."""
     import dataclasses
 
     from trainer.config import TrainerConfig
 
-    values: dict = dict(
-        algo=algo, min_new_feedback=min_new, poll_seconds=poll, device=device,
-        lora_rank=lora_rank, seed=seed,
-    )  # fmt: skip
     fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    values: dict = {}
     for item in settings:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -498,6 +488,25 @@ def _trainer_config(
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
             values[key] = raw
+    return values
+
+
+def _trainer_config(
+    algo: str,
+    min_new: int,
+    poll: float,
+    device: str,
+    lora_rank: int,
+    seed: int,
+    settings: list[str],
+):
+    from trainer.config import TrainerConfig
+
+    values: dict = dict(
+        algo=algo, min_new_feedback=min_new, poll_seconds=poll, device=device,
+        lora_rank=lora_rank, seed=seed,
+    )  # fmt: skip
+    values.update(_trainer_overrides(settings))
     try:
         return TrainerConfig(**values)
     except (TypeError, ValueError) as e:
@@ -892,15 +901,7 @@ def demo(
     _logging("WARNING")
     from trainer.demo import DemoConfig, run_demo
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            _fail(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            overrides[key.strip().replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip().replace("-", "_")] = raw
+    overrides = _trainer_overrides(set_ or [])
     _trainer_config(algo, 1, 1.0, "cpu", 0, seed, set_ or [])  # validates the overrides
     root = data_dir or Path(f"palmchat-demo-{preference}")
     if (root / "palmchat.db").exists():
