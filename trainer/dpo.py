@@ -14,7 +14,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,11 @@ from trainer.common import (
     wrap_ddp,
 )
 from trainer.config import TrainerConfig
-from trainer.feedback import Pair, Thumb
+from trainer.feedback import Pair, Thumb, prompt_key
 from trainer.lora import apply_lora, merge_lora
+
+if TYPE_CHECKING:
+    from trainer.reward import RewardModel
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -132,6 +135,54 @@ def _batches(items: list, steps: int, batch_size: int, seed: int):
             epoch += 1
         picked, order = order[:batch_size], order[batch_size:]
         yield [items[i] for i in picked]
+
+
+@torch.no_grad()
+def reward_ranked_pairs(
+    policy: PaLM,
+    reward_model: RewardModel,
+    tok: Tokenizer,
+    prompts: Sequence[list[dict[str, str]]],
+    config: TrainerConfig,
+    *,
+    seed: int = 0,
+) -> list[Pair]:
+    """On-policy pairs labelled by the reward model (online / iterative DPO): sample
+    ``config.dpo_rm_samples`` replies to each prompt from ``policy`` with the serving engine,
+    score them, and pair the best with the worst when the scores differ by at least
+    ``config.dpo_rm_min_gap``. A reply cut off at the token limit is never the chosen one.
+    Every pair is ``source="reward_model"``."""
+    from trainer.ppo import generate_rollouts
+
+    k = config.dpo_rm_samples
+    asked = [p for p in prompts for _ in range(k)]
+    rollouts = generate_rollouts(
+        policy,
+        tok,
+        asked,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=seed,
+    )
+    if not rollouts:
+        return []
+    scores = reward_model.score(
+        tok, [r.prompt for r in rollouts], [r.text for r in rollouts], config.rm_max_length
+    ).tolist()
+    groups: dict[str, list[tuple[float, Any]]] = {}
+    for r, score in zip(rollouts, scores, strict=True):
+        groups.setdefault(prompt_key(r.prompt), []).append((score, r))
+    pairs = []
+    for group in groups.values():
+        finished = [g for g in group if not g[1].truncated]
+        if len(group) < 2 or not finished:
+            continue
+        best = max(finished, key=lambda g: g[0])
+        worst = min(group, key=lambda g: g[0])
+        gap = best[0] - worst[0]
+        if gap >= config.dpo_rm_min_gap and best[1].text != worst[1].text:
+            pairs.append(Pair(best[1].prompt, best[1].text, worst[1].text, source="reward_model"))
+    return pairs
 
 
 def train_dpo(

@@ -305,7 +305,7 @@ class OnlineTrainer:
             self.progress(name, done, total, info)
 
     def _train(self, plan: dict[str, Any], pend: Pending | None, t0: float) -> RoundResult:
-        from trainer.dpo import train_dpo, train_kto
+        from trainer.dpo import reward_ranked_pairs, train_dpo, train_kto
         from trainer.gate import run_gate
         from trainer.ppo import make_kl_controller, train_ppo
         from trainer.reward import train_reward_model
@@ -372,17 +372,29 @@ class OnlineTrainer:
                 seed=seed,
             ).to_dict()
         elif cfg.algo == "dpo":
+            pairs = list(data.pairs)
+            rm_pairs = 0
+            if cfg.dpo_rm_prompts:
+                self._phase("on-policy pairs", 0, 1, f"{cfg.dpo_rm_prompts} prompts")
+                pool = self._ppo_prompts(data, seed)
+                rng = random.Random(seed)
+                asked = [pool[rng.randrange(len(pool))] for _ in range(cfg.dpo_rm_prompts)]
+                extra = reward_ranked_pairs(active.model, rm, tok, asked, cfg, seed=seed)
+                rm_pairs = len(extra)
+                pairs += extra
+                self._phase("on-policy pairs", 1, 1, f"{rm_pairs} pairs")
             report = train_dpo(
                 policy,
                 reference,
                 tok,
-                data.pairs,
+                pairs,
                 cfg,
                 info=info,
                 progress=phase,
                 seed=seed,
                 ref_cache=self._ref_logprobs,
             ).to_dict()
+            report["logged_pairs"], report["reward_model_pairs"] = len(data.pairs), rm_pairs
         else:
             report = train_kto(
                 policy,

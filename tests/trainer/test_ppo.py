@@ -3,6 +3,8 @@ rollouts through the serving engine."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -167,3 +169,30 @@ def test_rollouts_run_through_the_serving_engine_and_end_with_the_end_token(
     ac = ActorCritic(model)
     logits, values = ac(torch.tensor([rollouts[0].prompt_ids + rollouts[0].response_ids]))
     assert values.shape == logits.shape[:2]
+
+
+def test_reward_ranked_pairs_pair_the_best_finished_reply_with_the_worst() -> None:
+    from shared.bootstrap import SEED_DIR
+    from shared.checkpoints import load_policy_dir
+    from trainer.config import TrainerConfig
+    from trainer.dpo import reward_ranked_pairs
+    from trainer.reward import RewardModel
+
+    # the bundled seed policy: it finishes its replies, so there are candidates to pair
+    policy = load_policy_dir(SEED_DIR, "v1")
+    model, tok = policy.model, policy.tokenizer
+    torch.manual_seed(3)
+    rm = RewardModel.from_policy(model).eval()
+    prompts = [[{"role": "user", "content": f"What is {i} times 3?"}] for i in range(6)]
+    cfg = TrainerConfig(dpo_rm_samples=4, dpo_rm_min_gap=0.0, max_new_tokens=24, threads=1)
+    pairs = reward_ranked_pairs(model, rm, tok, prompts, cfg, seed=5)
+    assert pairs and len(pairs) <= len(prompts)
+    assert len({json.dumps(p.prompt) for p in pairs}) == len(pairs)  # one pair per prompt
+    for p in pairs:
+        assert p.source == "reward_model" and p.chosen != p.rejected
+        chosen, rejected = rm.score(tok, [p.prompt, p.prompt], [p.chosen, p.rejected]).tolist()
+        assert chosen > rejected
+    # the same seed gives the same pairs; a gap no pair reaches gives none
+    again = reward_ranked_pairs(model, rm, tok, prompts, cfg, seed=5)
+    assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in pairs]
+    assert reward_ranked_pairs(model, rm, tok, prompts, cfg.replace(dpo_rm_min_gap=1e9)) == []

@@ -36,6 +36,7 @@ def tiny_config(**overrides) -> TrainerConfig:
         max_new_tokens=12,
         pref_max_steps=3,
         pref_batch_size=8,
+        dpo_rm_prompts=4,
         gate_prompts=6,
         gate_max_new_tokens=12,
         threads=1,
