@@ -52,9 +52,12 @@ class DecodeWorkspace:
         ).view(-1)
         rows = len(tables)
         shape = (layers, rows, capacity, dh)
-        self.k = self.k_pool.new_empty(shape)
-        self.v = self.v_pool.new_empty(shape)
-        # all layers at once; slots past a row's position hold junk that the mask hides
+        # zeros, not uninitialised memory: slots past a row's position are masked out of the
+        # softmax, but a NaN or inf left there by an earlier allocation would still poison the
+        # row (NaN * 0 in the value product, NaN + -inf in the scores)
+        self.k = self.k_pool.new_zeros(shape)
+        self.v = self.v_pool.new_zeros(shape)
+        # all layers at once; slots past a row's position hold stale keys that the mask hides
         self.k[:, :, : width * bs] = self.k_pool.index_select(1, table).view(layers, rows, -1, dh)
         self.v[:, :, : width * bs] = self.v_pool.index_select(1, table).view(layers, rows, -1, dh)
 
