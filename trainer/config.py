@@ -40,12 +40,15 @@ class TrainerConfig:
 
     # -- reward model ----------------------------------------------------------------------
     rm_init: str = "previous"  # previous: continue from the last round's reward model; policy
-    rm_epochs: int = 2
-    rm_max_steps: int = 24
+    rm_epochs: int = 4
+    rm_max_steps: int = 48
     rm_lr: float = 1e-4
     rm_batch_size: int = 16  # pairs per step
     rm_margin: float = 0.0  # BT margin per rank of distance (0 = plain Bradley-Terry)
     rm_pointwise_weight: float = 0.5  # weight of the thumbs (BCE) term
+    # + rm_lm_weight * log-likelihood of the reply under the trunk's LM head (learned from this
+    # start; 0 = head only)
+    rm_lm_weight: float = 0.3
     rm_heldout_percent: int = 15  # pairs held out (by prompt) for the accuracy report
     rm_max_pairs_per_prompt: int = 16
     rm_max_length: int = 192

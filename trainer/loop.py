@@ -336,6 +336,7 @@ class OnlineTrainer:
             lr=cfg.rm_lr,
             batch_size=cfg.rm_batch_size,
             pointwise_weight=cfg.rm_pointwise_weight,
+            lm_weight=cfg.rm_lm_weight,
             max_len=cfg.rm_max_length,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,

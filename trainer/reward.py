@@ -42,6 +42,7 @@ from trainer.common import (
     collate,
     encode_reply,
     shard,
+    token_logprobs,
     wrap_ddp,
 )
 from trainer.feedback import FeedbackData, Pair, Thumb
@@ -49,34 +50,59 @@ from trainer.lora import apply_lora, merge_lora
 
 log = logging.getLogger(__name__)
 
-FORMAT = "palmchat-reward/1"
+FORMAT = "palmchat-reward/2"  # /2: + the likelihood term's weight
 Progress = Callable[[str, int, int, str], None]
 
 
+# starting weight of the likelihood term (then learned with the head). On logged closed-loop
+# feedback (30% of prompts held out, 48 steps) 0.3 lifted held-out pairwise accuracy from
+# 0.78-0.83 to 0.85-0.86: right-vs-wrong pairs gain most; 1.0 overweights it (pairs of two
+# wrong replies suffer)
+LM_WEIGHT_INIT = 0.3
+
+
 class RewardModel(nn.Module):
-    def __init__(self, trunk: PaLM) -> None:
+    """``reward = head(h_end) + lm_weight * log p_trunk(reply)``: a scalar head on the hidden
+    state of the reply's last token plus a learned multiple of the reply's summed log-likelihood
+    under the trunk's own language-model head. The trunk starts as the policy, whose
+    likelihood separates right answers from sampled wrong ones far better than a fresh head
+    learns to from a few hundred pairs (on logged closed-loop pairs, a correct reply outscored
+    a wrong one to the same prompt in ~90% of cases); the head learns the users' style."""
+
+    def __init__(self, trunk: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = nn.Linear(trunk.config.dim, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(trunk.config.dim))
         nn.init.zeros_(self.head.bias)
+        # 0 = no likelihood term (and the weight stays 0)
+        self.lm_weight = nn.Parameter(torch.tensor(float(lm_weight)), requires_grad=lm_weight != 0)
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
 
     @classmethod
-    def from_policy(cls, policy: PaLM) -> RewardModel:
+    def from_policy(cls, policy: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> RewardModel:
         """A reward model whose trunk is a copy of ``policy``."""
-        return cls(copy.deepcopy(policy).float().train())
+        return cls(copy.deepcopy(policy).float().train(), lm_weight)
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def forward(self, tokens: Tensor, last: Tensor) -> Tensor:
-        """Raw reward (B,) read at each row's last token (its ``<|end|>``)."""
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What is not the trunk: the head and the likelihood weight (trained faster)."""
+        return [*self.head.parameters(), self.lm_weight]
+
+    def forward(self, tokens: Tensor, last: Tensor, mask: Tensor) -> Tensor:
+        """Raw reward (B,): the head read at each row's last token (its ``<|end|>``) plus the
+        likelihood term over the reply tokens that ``mask`` marks (see :class:`Batch`)."""
         hidden = self.trunk.hidden(tokens)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.head(hidden[rows, last]).squeeze(-1).float()
+        reward = self.head(hidden[rows, last]).squeeze(-1).float()
+        if not self.lm_weight.requires_grad and float(self.lm_weight) == 0.0:
+            return reward
+        logp = (token_logprobs(self.trunk.to_logits(hidden), tokens) * mask).sum(-1)
+        return reward + self.lm_weight * logp
 
     @torch.no_grad()
     def score_encoded(self, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32) -> Tensor:
@@ -86,7 +112,7 @@ class RewardModel(nn.Module):
         self.eval()
         for start in range(0, len(seqs), batch_size):
             b = collate(seqs[start : start + batch_size], pad_id).to(self.device)
-            out.append(((self(b.tokens, b.last) - self.offset) / self.scale).cpu())
+            out.append(((self(b.tokens, b.last, b.mask) - self.offset) / self.scale).cpu())
         self.train(was)
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -203,6 +229,7 @@ def train_reward_model(
     lr: float = 1e-4,
     batch_size: int = 16,
     pointwise_weight: float = 0.5,
+    lm_weight: float = LM_WEIGHT_INIT,
     max_len: int = 192,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
@@ -213,15 +240,17 @@ def train_reward_model(
     progress: Progress | None = None,
 ) -> tuple[RewardModel, RewardReport]:
     """Train a reward model on the pairs and thumbs of ``train``: initialised from
-    ``policy``'s trunk, or continuing from ``init`` (an earlier round's reward model)."""
+    ``policy``'s trunk (likelihood term weight ``lm_weight``), or continuing from ``init`` (an
+    earlier round's reward model, its weight included)."""
     info = info or DistInfo()
     if init is not None:
         rm = copy.deepcopy(init).to(policy.device).train()
     else:
-        rm, init_name = RewardModel.from_policy(policy).to(policy.device), "policy"
+        rm, init_name = RewardModel.from_policy(policy, lm_weight).to(policy.device), "policy"
+        _center_likelihood_term(rm, _encode_thumbs(tok, train.thumbs[:256], max_len), tok.pad_id)
     params = list(rm.parameters())
     if lora_rank:
-        params = apply_lora(rm.trunk, lora_rank, lora_alpha) + list(rm.head.parameters())
+        params = apply_lora(rm.trunk, lora_rank, lora_alpha) + rm.head_parameters()
     pairs = _encode_pairs(tok, train.pairs, max_len)
     thumbs = _encode_thumbs(tok, train.thumbs, max_len) if pointwise_weight > 0 else []
     report = RewardReport(
@@ -238,12 +267,12 @@ def train_reward_model(
     if max_steps is not None:
         steps = min(steps, max_steps)
     model = wrap_ddp(rm, info)
-    head = {id(p) for p in rm.head.parameters()}
+    head = {id(p) for p in rm.head_parameters()}
     opt = torch.optim.AdamW(
         [
             {"params": [p for p in params if p.requires_grad and id(p) not in head]},
             # the fresh head learns faster than the pretrained trunk
-            {"params": list(rm.head.parameters()), "lr": lr * 10},
+            {"params": [p for p in rm.head_parameters() if p.requires_grad], "lr": lr * 10},
         ],
         lr=lr,
         betas=(0.9, 0.95),
@@ -259,7 +288,7 @@ def train_reward_model(
         if not seqs:
             break
         b = collate(seqs, tok.pad_id).to(device)
-        rewards = model(b.tokens, b.last)
+        rewards = model(b.tokens, b.last, b.mask)
         loss = rewards.sum() * 0.0
         if pb:
             chosen, rejected = rewards[0 : 2 * len(pb) : 2], rewards[1 : 2 * len(pb) : 2]
@@ -311,6 +340,25 @@ def _cycle(items: list, step: int, batch_size: int, seed: int) -> list:
 
 
 @torch.no_grad()
+def _center_likelihood_term(rm: RewardModel, thumbs: list[tuple], pad_id: int) -> None:
+    """Start a fresh head's bias at minus the likelihood term's mean on (some) thumbed replies,
+    so the thumbs' logistic loss starts near its balance point instead of pulling every
+    reward up by the term's (large, negative) offset."""
+    if not thumbs or float(rm.lm_weight) == 0.0:
+        return
+    was = rm.training
+    rm.eval()
+    terms = []
+    for start in range(0, len(thumbs), 32):
+        b = collate([t for t, _ in thumbs[start : start + 32]], pad_id).to(rm.device)
+        hidden = rm.trunk.hidden(b.tokens)
+        logp = (token_logprobs(rm.trunk.to_logits(hidden), b.tokens) * b.mask).sum(-1)
+        terms.append(rm.lm_weight * logp)
+    rm.head.bias.fill_(-float(torch.cat(terms).mean()))
+    rm.train(was)
+
+
+@torch.no_grad()
 def _normalise(rm: RewardModel, seqs: list[Encoded], pad_id: int, info: DistInfo) -> None:
     """Set offset/scale to the mean/std of raw rewards on (up to 512 of) the training replies."""
     rm.offset.zero_()
@@ -355,6 +403,7 @@ class RewardRegistry:
             state = {f"trunk.{k}": v for k, v in rm.trunk.state_dict_for_save().items()}
             state.update({f"head.{k}": v for k, v in rm.head.state_dict().items()})
             state["offset"], state["scale"] = rm.offset, rm.scale
+            state["lm_weight"] = rm.lm_weight
             save_file(
                 {k: v.detach().cpu().float().contiguous() for k, v in state.items()},
                 str(tmp / "model.safetensors"),
@@ -391,6 +440,9 @@ class RewardRegistry:
         trunk.load_saved_state({k[6:]: v for k, v in state.items() if k.startswith("trunk.")})
         rm = RewardModel(trunk)
         rm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        with torch.no_grad():
+            rm.lm_weight.copy_(state["lm_weight"])
+        rm.lm_weight.requires_grad_(float(state["lm_weight"]) != 0)
         rm.offset.copy_(state["offset"])
         rm.scale.copy_(state["scale"])
         return rm.to(device).eval(), load_tokenizer(path / "tokenizer.json"), manifest

@@ -89,7 +89,9 @@ def test_reward_model_learns_a_consistent_preference_and_reports_heldout_accurac
         batch_size=8,
         lr=1e-3,
         pointwise_weight=0.0,
+        lm_weight=0.0,  # a random-weight trunk's likelihood says nothing
     )
+    assert float(rm.lm_weight) == 0.0
     assert report.steps == 12 and report.train_pairs == 48 and report.heldout_pairs == 16
     assert report.heldout_accuracy is not None and report.heldout_accuracy >= 0.9
     assert report.history[-1] < report.history[0]
@@ -122,3 +124,32 @@ def test_reward_model_artifacts_are_versioned_and_verified(tiny_seed_dir, tmp_pa
     with pytest.raises(ValueError, match="sha256"):
         registry.load("v2")
     assert not list((tmp_path / "rm").glob(".tmp-*"))
+
+
+def test_the_likelihood_term_adds_its_weight_times_the_replys_log_probability(
+    tiny_seed_dir, tmp_path
+) -> None:
+    from trainer.common import collate, encode_reply, sequence_logprobs
+
+    policy = load_policy_dir(tiny_seed_dir, "v1")
+    tok = policy.tokenizer
+    prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
+    replies = ["5", "Sure! The answer is 5. Happy to help."]
+    with_term = RewardModel.from_policy(policy.model, lm_weight=0.7).eval()
+    head_only = RewardModel.from_policy(policy.model, lm_weight=0.0).eval()
+    head_only.head.load_state_dict(with_term.head.state_dict())
+    seqs = [encode_reply(tok, prompt, r, 192) for r in replies]
+    batch = collate(seqs, tok.pad_id)
+    with torch.no_grad():
+        logp = sequence_logprobs(policy.model.eval(), batch)
+        gap = with_term(batch.tokens, batch.last, batch.mask) - head_only(
+            batch.tokens, batch.last, batch.mask
+        )
+    assert torch.allclose(gap, 0.7 * logp, atol=1e-4)
+    assert float(logp[0]) != pytest.approx(float(logp[1]))  # the term does tell them apart
+    # the weight is part of the artifact, and 0 stays 0 (off) through training and loading
+    registry = RewardRegistry(tmp_path / "rm")
+    loaded, _, _ = registry.load(registry.publish(with_term, tok))
+    assert float(loaded.lm_weight) == pytest.approx(0.7)
+    off, _, _ = registry.load(registry.publish(head_only, tok))
+    assert float(off.lm_weight) == 0.0 and not off.lm_weight.requires_grad
