@@ -940,13 +940,25 @@ def bench_engine(
         bool, typer.Option("--no-reference", help="Skip PaLM-rlhf-pytorch's generate.")
     ] = False,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Rounds: each runs every contender once (interleaved, so a slow spell of the "
+            "machine hits all alike); each contender reports its best run.",
+        ),
+    ] = 3,
 ) -> None:
     """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
     generate and HF transformers' Llama generate, on the same weights and prompts."""
     from server.engine.bench import run_engine_benchmark
 
     results = run_engine_benchmark(
-        new_tokens=new_tokens, include_hf=not no_hf, include_reference=not no_reference, out_dir=out
+        new_tokens=new_tokens,
+        include_hf=not no_hf,
+        include_reference=not no_reference,
+        out_dir=out,
+        repeats=repeats,
     )
     console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
 

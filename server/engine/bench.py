@@ -47,21 +47,26 @@ def bench_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(5, vocab) for _ in range(rng.randrange(16, 49))] for _ in range(count)]
 
 
-def _timed(fn: Callable[[], int], repeats: int = 1) -> dict[str, Any]:
-    """Run ``fn`` (returns generated tokens) ``repeats`` times; report the fastest run (the
-    least disturbed by other load on the machine) and every run's tokens/s."""
-    runs = []
+def _timed_rounds(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Run every measurement once per round, ``repeats`` rounds, interleaved (round 1 of each,
+    then round 2 of each, ...): a slow spell of a shared machine then hits every contender
+    alike instead of whichever ran during it. Each reports its fastest run and every run."""
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = fn()
-        runs.append((time.perf_counter() - start, tokens))
-    seconds, tokens = min(runs)
-    return {
-        "tokens": tokens,
-        "seconds": round(seconds, 4),
-        "tokens_per_s": round(tokens / seconds, 1),
-        "runs_tokens_per_s": [round(t / s, 1) for s, t in runs],
-    }
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            tokens = fn()
+            runs[name].append((time.perf_counter() - start, tokens))
+    out = {}
+    for name, timed in runs.items():
+        seconds, tokens = min(timed)
+        out[name] = {
+            "tokens": tokens,
+            "seconds": round(seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "runs_tokens_per_s": [round(t / s, 1) for s, t in timed],
+        }
+    return out
 
 
 ENGINE_CONFIG: dict[str, Any] = {"max_num_seqs": 64, "max_batched_tokens": 8192}
@@ -193,8 +198,8 @@ def run_engine_benchmark(
     """Run every measurement in one process and return (and write) the results.
 
     ``engine_overrides`` are ``EngineConfig`` fields (e.g. ``kv_cache_memory_mb``); each
-    contender runs ``repeats`` times and reports its fastest run. ``threads`` (default: every
-    core) applies to every contender."""
+    contender runs ``repeats`` times, in rounds that interleave all of them, and reports its
+    fastest run. ``threads`` (default: every core) applies to every contender."""
     overrides = engine_overrides or {}
     policy = policy or bench_policy()
     config = policy.config
@@ -220,38 +225,33 @@ def run_engine_benchmark(
     }
     engine = _engine(policy, **overrides)
     engine_sync(engine, prompts[:2], 8)  # warm-up
-    results["engine"] = {
-        str(c): _timed(lambda c=c: engine_sync(engine, prompts[:c], new_tokens), repeats)
-        for c in concurrency
-    }
     front = AsyncEngine(_engine(policy, **overrides))
-    try:
-        engine_async(front, prompts[:2], 8)
-        results["engine_async"] = {
-            str(c): _timed(lambda c=c: engine_async(front, prompts[:c], new_tokens), repeats)
-            for c in concurrency
-        }
-    finally:
-        front.shutdown()
+    fns: dict[str, Callable[[], int]] = {}
+    for c in concurrency:
+        fns[f"engine/{c}"] = lambda c=c: engine_sync(engine, prompts[:c], new_tokens)
+        fns[f"engine_async/{c}"] = lambda c=c: engine_async(front, prompts[:c], new_tokens)
     seq = prompts[:sequential_requests]
-    results["one_at_a_time"] = _timed(
-        lambda: sum(engine_sync(engine, [p], new_tokens) for p in seq), repeats
-    )
+    fns["one_at_a_time/"] = lambda: sum(engine_sync(engine, [p], new_tokens) for p in seq)
     if include_reference:
         ref = prompts[:reference_requests]
-        results["palm_rlhf_pytorch"] = {
-            "1": _timed(lambda: palm_rlhf_generate(policy.model, ref, new_tokens), repeats)
-        }
+        fns["palm_rlhf_pytorch/1"] = lambda: palm_rlhf_generate(policy.model, ref, new_tokens)
     if include_hf:
         llama = hf_llama(config)
-        hf_generate(llama, prompts[:2], 4)
-        results["hf_llama"] = {
-            "params": sum(p.numel() for p in llama.parameters()),
-            **{
-                str(b): _timed(lambda b=b: hf_generate(llama, prompts[:b], new_tokens), repeats)
-                for b in hf_batches
-            },
-        }
+        hf_generate(llama, prompts[:2], 4)  # warm-up
+        results["hf_llama"] = {"params": sum(p.numel() for p in llama.parameters())}
+        for b in hf_batches:
+            fns[f"hf_llama/{b}"] = lambda b=b: hf_generate(llama, prompts[:b], new_tokens)
+    try:
+        engine_async(front, prompts[:2], 8)  # warm-up
+        timed = _timed_rounds(fns, repeats)
+    finally:
+        front.shutdown()
+    for name, value in timed.items():
+        section, key = name.split("/")
+        if not key:
+            results[section] = value
+        else:
+            results.setdefault(section, {})[key] = value
     results["prefix_cache"] = prefix_cache_cost(policy, **overrides)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
@@ -270,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
-    parser.add_argument("--repeats", type=int, default=2, help="report each one's best run")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds; every round runs each contender once, each reports its best run",
+    )
     args = parser.parse_args(argv)
     policy = None
     if args.registry:

@@ -23,10 +23,15 @@ def test_benchmark_writes_json_with_every_contender_and_the_targets(tmp_path):
         include_reference=False,
         out_dir=tmp_path,
         engine_overrides={"kv_cache_memory_mb": 8},
+        repeats=2,
     )
     written = json.loads((tmp_path / "engine-latest.json").read_text())
     assert written["engine"]["4"]["tokens"] == 16
     assert written["one_at_a_time"]["tokens"] == 8
     assert written["prefix_cache"]["n"] == 4
+    # every contender ran once per round, and reports its best run
+    for timed in (written["engine"]["1"], written["engine_async"]["4"], written["one_at_a_time"]):
+        assert len(timed["runs_tokens_per_s"]) == 2
+        assert timed["tokens_per_s"] == max(timed["runs_tokens_per_s"])
     assert "batch32_vs_one_at_a_time" not in written["targets"]["engine"]  # no 32 measured
     assert "| palmchat engine (continuous batching) |" in markdown_table(results)
