@@ -75,8 +75,11 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(trunk.config.dim, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(trunk.config.dim))
         nn.init.zeros_(self.head.bias)
-        # 0 = no likelihood term (and the weight stays 0)
-        self.lm_weight = nn.Parameter(torch.tensor(float(lm_weight)), requires_grad=lm_weight != 0)
+        # 0 = no likelihood term: the weight stays 0 and the LM head is not run
+        self.with_likelihood = lm_weight != 0
+        self.lm_weight = nn.Parameter(
+            torch.tensor(float(lm_weight)), requires_grad=self.with_likelihood
+        )
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
 
@@ -99,10 +102,14 @@ class RewardModel(nn.Module):
         hidden = self.trunk.hidden(tokens)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         reward = self.head(hidden[rows, last]).squeeze(-1).float()
-        if not self.lm_weight.requires_grad and float(self.lm_weight) == 0.0:
+        if not self.with_likelihood:
             return reward
-        logp = (token_logprobs(self.trunk.to_logits(hidden), tokens) * mask).sum(-1)
-        return reward + self.lm_weight * logp
+        return reward + self.lm_weight * self.reply_log_likelihood(hidden, tokens, mask)
+
+    def reply_log_likelihood(self, hidden: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Summed log-probability (B,) of the reply tokens ``mask`` marks, under the trunk's
+        LM head, from the trunk's final ``hidden`` states."""
+        return (token_logprobs(self.trunk.to_logits(hidden), tokens) * mask).sum(-1)
 
     @torch.no_grad()
     def score_encoded(self, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32) -> Tensor:
@@ -344,15 +351,14 @@ def _center_likelihood_term(rm: RewardModel, thumbs: list[tuple], pad_id: int) -
     """Start a fresh head's bias at minus the likelihood term's mean on (some) thumbed replies,
     so the thumbs' logistic loss starts near its balance point instead of pulling every
     reward up by the term's (large, negative) offset."""
-    if not thumbs or float(rm.lm_weight) == 0.0:
+    if not thumbs or not rm.with_likelihood:
         return
     was = rm.training
     rm.eval()
     terms = []
     for start in range(0, len(thumbs), 32):
         b = collate([t for t, _ in thumbs[start : start + 32]], pad_id).to(rm.device)
-        hidden = rm.trunk.hidden(b.tokens)
-        logp = (token_logprobs(rm.trunk.to_logits(hidden), b.tokens) * b.mask).sum(-1)
+        logp = rm.reply_log_likelihood(rm.trunk.hidden(b.tokens), b.tokens, b.mask)
         terms.append(rm.lm_weight * logp)
     rm.head.bias.fill_(-float(torch.cat(terms).mean()))
     rm.train(was)
@@ -438,11 +444,8 @@ class RewardRegistry:
         state = load_file(str(path / "model.safetensors"))
         trunk = PaLM(PaLMConfig.from_dict(manifest["config"]))
         trunk.load_saved_state({k[6:]: v for k, v in state.items() if k.startswith("trunk.")})
-        rm = RewardModel(trunk)
+        rm = RewardModel(trunk, float(state["lm_weight"]))
         rm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        with torch.no_grad():
-            rm.lm_weight.copy_(state["lm_weight"])
-        rm.lm_weight.requires_grad_(float(state["lm_weight"]) != 0)
         rm.offset.copy_(state["offset"])
         rm.scale.copy_(state["scale"])
         return rm.to(device).eval(), load_tokenizer(path / "tokenizer.json"), manifest
