@@ -10,7 +10,7 @@ is never shared, so shared blocks are read-only and no copy-on-write is needed.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from server.engine.sequence import Sequence
@@ -38,7 +38,9 @@ class BlockManager:
     num_blocks: int
     block_size: int
     blocks: list[Block] = field(init=False)
-    free_ids: deque[int] = field(init=False)
+    # free blocks, least recently freed first (the pool reuses those, keeping recent prefixes);
+    # an ordered dict so a cache hit takes its block out of the middle in O(1)
+    free_ids: OrderedDict[int, None] = field(init=False)
     by_hash: dict[int, int] = field(init=False)
     stats: PrefixStats = field(init=False)
 
@@ -46,7 +48,7 @@ class BlockManager:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("BlockManager needs num_blocks >= 1 and block_size >= 1")
         self.blocks = [Block(i) for i in range(self.num_blocks)]
-        self.free_ids = deque(range(self.num_blocks))
+        self.free_ids = OrderedDict.fromkeys(range(self.num_blocks))
         self.by_hash = {}
         self.stats = PrefixStats()
 
@@ -120,7 +122,7 @@ class BlockManager:
                 self.stats.hits += 1
                 cached_tokens += self.block_size
                 if block.ref_count == 0:
-                    self.free_ids.remove(block.block_id)
+                    del self.free_ids[block.block_id]
                 block.ref_count += 1
             else:
                 missed = True
@@ -132,7 +134,7 @@ class BlockManager:
         seq.num_cached_tokens = cached_tokens
 
     def _take(self) -> Block:
-        block = self.blocks[self.free_ids.popleft()]
+        block = self.blocks[self.free_ids.popitem(last=False)[0]]
         if block.hash is not None and self.by_hash.get(block.hash) == block.block_id:
             del self.by_hash[block.hash]
         block.hash, block.token_ids, block.ready, block.ref_count = None, (), False, 1
@@ -157,7 +159,7 @@ class BlockManager:
                     if self.by_hash.get(block.hash) == block_id:
                         del self.by_hash[block.hash]
                     block.hash, block.token_ids = None, ()
-                self.free_ids.append(block_id)
+                self.free_ids[block_id] = None
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
+from server.engine.cpu_kernels import StepThreads, prepack_linears, step_threads, warm_up
 from server.engine.kv_cache import PagedKVCache, blocks_for_budget
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import Delta, TextState, metrics_of
@@ -56,15 +57,21 @@ class PolicyWorker:
         return self.policy.version
 
 
-def _serving_layout(model: PaLM) -> None:
-    """Store every projection transposed (same values and shapes): ``F.linear`` then hands BLAS
-    a row-major (in, out) matrix, measurably faster for the few-row matmuls of decoding. The
-    output projection is untied from the embedding so the embedding lookup stays row-major."""
+def _serving_layout(model: PaLM, config: EngineConfig) -> None:
+    """Ready the projections for serving. Float32 on CPU: weights prepacked once for oneDNN's
+    matmul (:mod:`server.engine.cpu_kernels`). Otherwise every projection is stored transposed
+    (same values and shapes), so ``F.linear`` hands BLAS a row-major (in, out) matrix, faster
+    for the few-row matmuls of decoding. The output projection is untied from the embedding
+    either way, so the embedding lookup keeps its own row-major table."""
     model.to_logits.weight = nn.Parameter(model.to_logits.weight.detach().clone())
+    model.requires_grad_(False)
+    if prepack_linears(model):
+        rows = config.max_num_seqs
+        warm_up(model, rows, step_threads(rows, config.threads()))
+        return
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.weight.data = module.weight.data.t().contiguous().t()
-    model.requires_grad_(False)
 
 
 def build_worker(policy: Policy, config: EngineConfig) -> PolicyWorker:
@@ -77,7 +84,7 @@ def build_worker(policy: Policy, config: EngineConfig) -> PolicyWorker:
             param.data = param.data.to(dtype)
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, buffer.to(dtype))
-    _serving_layout(model)
+    _serving_layout(model, config)
     num_blocks = config.num_blocks or blocks_for_budget(
         model.config, config.block_size, config.kv_cache_memory_mb, dtype
     )
@@ -105,6 +112,8 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self._stats = EngineStats()
+        cpu = self.config.torch_device().type == "cpu"
+        self._threads = StepThreads(self.config.threads()) if cpu else None
 
     @classmethod
     def from_registry(
@@ -223,6 +232,8 @@ class LLMEngine:
             batch = worker.scheduler.schedule(time.perf_counter())
             if batch is None:
                 continue
+            if self._threads is not None:
+                self._threads.use(batch.num_tokens)
             out = worker.runner.run(batch.seqs, batch.is_prefill)
             now = time.perf_counter()
             self._stats.steps += 1
@@ -331,19 +342,29 @@ class LLMEngine:
         deltas, one per candidate, merged (all token ids, whole text, all logprobs)."""
         ids = [self.add_request(p, params) for p in prompts]
         merged: dict[tuple[str, int], Delta] = {}
-        while self.has_work():
-            for d in self.step():
-                key = (d.request_id, d.index)
-                if key not in merged:
-                    merged[key] = d
-                    continue
-                m = merged[key]
-                m.token_ids += d.token_ids
-                m.text += d.text
-                if m.logprobs is not None and d.logprobs:
-                    m.logprobs += d.logprobs
-                m.finish_reason, m.metrics = d.finish_reason, d.metrics
+        try:
+            deltas = self._run_to_completion()
+        finally:
+            if self._threads is not None:
+                self._threads.restore()  # the caller's thread setting, as it was
+        for d in deltas:
+            key = (d.request_id, d.index)
+            if key not in merged:
+                merged[key] = d
+                continue
+            m = merged[key]
+            m.token_ids += d.token_ids
+            m.text += d.text
+            if m.logprobs is not None and d.logprobs:
+                m.logprobs += d.logprobs
+            m.finish_reason, m.metrics = d.finish_reason, d.metrics
         return [
             sorted((d for k, d in merged.items() if k[0] == rid), key=lambda d: d.index)
             for rid in ids
         ]
+
+    def _run_to_completion(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        while self.has_work():
+            deltas += self.step()
+        return deltas

@@ -22,6 +22,14 @@ class ScheduledBatch:
     seqs: list[Sequence]
     is_prefill: bool
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes: each row's uncached part in a prefill, one per row in a
+        decode."""
+        if not self.is_prefill:
+            return len(self.seqs)
+        return sum(s.num_tokens - s.num_cached_tokens for s in self.seqs)
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, max_seq_len: int) -> None:

@@ -1,0 +1,151 @@
+"""CPU choices for the float32 serving copy of a policy: prepacked matmul weights, and how
+many threads a step uses.
+
+**Prepacked weights.** ``F.linear`` on a float32 CPU tensor goes to BLAS, which re-packs the
+weight into its blocked layout on every call; for the few-row matmuls of decoding that packing
+and a generic kernel dominate. oneDNN can pack a weight once into the layout its matmul kernel
+reads (``mkldnn._reorder_linear_weight``, what PyTorch's own compiler uses for frozen CPU
+graphs) and then run any number of rows against it. Measured on the 2-core AVX-512 machine for
+the 13 matmuls of one decode step of the benchmark model (17 MB of weights), one thread: 8 rows
+2.1 -> 1.0 ms, 32 rows 4.2 -> 3.1 ms.
+
+**Threads.** The engine sets ``OMP_WAIT_POLICY=PASSIVE``: workers that spin collapse a second
+busy process on a small machine (two engines side by side, 2-thread steps, spinning for as
+little as 5,000 rounds: 595 -> 98 tokens/s each at batch 1). A sleeping worker must then be
+woken for every parallel op, and on a virtual machine waking an idle vCPU costs tens of
+microseconds; a decode step is a hundred small ops, so there the second core costs more than it
+saves (batch 1: ~250 tokens/s on 2 threads, ~550 on 1; batch 32: ~4,100 vs ~4,800). Prefill is
+a few big ops and does gain (8 prompts of 500 tokens: 0.62 -> 0.34 s). :class:`StepThreads`
+gives a step every core from :data:`PARALLEL_TOKENS` tokens on, one thread below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# the row count oneDNN is told to expect when it picks a packed layout (any count runs)
+PACK_ROWS_HINT = 32
+# oneDNN builds a kernel per row count (~0.4 ms a matmul the first time it sees one): steps up to
+# this many rows - every decode batch - use the packed weights, with their kernels built at
+# load (:func:`warm_up`); wider steps (prefills of arbitrary length) go to BLAS, whose per-call
+# packing is small next to their own work
+PACKED_MAX_ROWS = 64
+
+
+def prepacked_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (CPU builds with mkldnn)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 - resolves the op or raises
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class PrepackedLinear(nn.Module):
+    """A bias-free ``nn.Linear`` for inference whose weight oneDNN packed once.
+
+    ``weight`` stays (same tensor, same name) so the module's state dict is unchanged; the
+    packed copy is what the forward reads."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("PrepackedLinear takes bias-free linears")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                linear.weight.detach().contiguous(), PACK_ROWS_HINT
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad or x.dtype != torch.float32:  # packed path: float32 inference only
+            return F.linear(x, self.weight)
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.weight)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, prepacked"
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace every bias-free ``nn.Linear`` of ``model`` (float32, CPU) by a
+    :class:`PrepackedLinear`; returns how many. A no-op where oneDNN is missing."""
+    if not prepacked_available():
+        return 0
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+        and child.bias is None
+        and child.weight.device.type == "cpu"
+        and child.weight.dtype == torch.float32
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PrepackedLinear(child))
+    return len(swaps)
+
+
+def warm_up(model: nn.Module, rows: int, threads: int = 1) -> None:
+    """Build oneDNN's kernels for 1..``rows`` rows (capped at :data:`PACKED_MAX_ROWS`) of every
+    distinct prepacked shape, on ``threads`` threads (what decode steps run on), so no request
+    pays for them. Kernels are cached per shape and thread count, so later engines in the same
+    process (a trainer's rollouts, a hot-swapped version) find them built."""
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, PrepackedLinear):
+            shapes.setdefault((module.in_features, module.out_features), module)
+    if not shapes:
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for (width, _), module in shapes.items():
+                for n in range(1, min(rows, PACKED_MAX_ROWS) + 1):
+                    module(torch.zeros(n, width))
+    finally:
+        torch.set_num_threads(saved)
+
+
+# tokens in a step from which its matmuls are wide enough for every core to pay off
+PARALLEL_TOKENS = 128
+
+
+def step_threads(tokens: int, cores: int) -> int:
+    """Intra-op threads for a step computing ``tokens`` tokens."""
+    return cores if tokens >= PARALLEL_TOKENS else 1
+
+
+class StepThreads:
+    """Sets torch's intra-op threads per step, touching the setting only when it changes, and
+    puts back what was there (:meth:`restore`), so code sharing the thread - a trainer that
+    generates rollouts between optimiser steps - keeps its own setting."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores = cores
+        self._saved: int | None = None
+
+    def use(self, tokens: int) -> None:
+        wanted = step_threads(tokens, self.cores)
+        current = torch.get_num_threads()
+        if wanted != current:
+            if self._saved is None:
+                self._saved = current
+            torch.set_num_threads(wanted)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            torch.set_num_threads(self._saved)
+            self._saved = None

@@ -1,0 +1,55 @@
+"""The CPU serving copy: prepacked matmuls give F.linear's numbers, the state dict is untouched,
+and a generate() leaves the caller's torch thread setting as it found it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import EngineConfig, LLMEngine, SamplingParams
+from server.engine.cpu_kernels import PrepackedLinear, prepacked_available, step_threads
+from shared.checkpoints import Policy
+from shared.model import PaLM, PaLMConfig
+from shared.tokenizer import ByteTokenizer
+
+needs_onednn = pytest.mark.skipif(not prepacked_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_prepacked_linear_matches_f_linear(rows: int) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=False)
+    packed = PrepackedLinear(linear)
+    x = torch.randn(rows, 3, 96)
+    with torch.inference_mode():
+        got = packed(x)
+    assert got.shape == (rows, 3, 200)
+    torch.testing.assert_close(got, F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_engine_prepacks_the_serving_copy_and_keeps_state_dict_names() -> None:
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=300)).eval()
+    keys = set(model.state_dict())
+    engine = LLMEngine(Policy("t", model, ByteTokenizer(300), {}), EngineConfig(num_blocks=64))
+    served = engine.current.runner.model
+    assert isinstance(served.layers[0].fn.fused_attn_ff_proj, PrepackedLinear)
+    assert isinstance(served.to_logits, PrepackedLinear)
+    assert set(served.state_dict()) == keys
+
+
+def test_generate_restores_the_callers_thread_count() -> None:
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=300)).eval()
+    engine = LLMEngine(
+        Policy("t", model, ByteTokenizer(300), {}), EngineConfig(num_blocks=64, num_threads=2)
+    )
+    assert step_threads(1, 2) == 1  # a one-row decode step runs on one thread
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
