@@ -64,10 +64,9 @@ class PrepackedLinear(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad or x.dtype != torch.float32:  # packed path: float32 inference only
-            return F.linear(x, self.weight)
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > PACKED_MAX_ROWS:
+        # packed path: float32 inference, up to PACKED_MAX_ROWS rows
+        if x.requires_grad or x.dtype != torch.float32 or flat.shape[0] > PACKED_MAX_ROWS:
             return F.linear(x, self.weight)
         if not flat.is_contiguous():
             flat = flat.contiguous()
@@ -97,28 +96,6 @@ def prepack_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
-def warm_up(model: nn.Module, rows: int, threads: int = 1) -> None:
-    """Build oneDNN's kernels for 1..``rows`` rows (capped at :data:`PACKED_MAX_ROWS`) of every
-    distinct prepacked shape, on ``threads`` threads (what decode steps run on), so no request
-    pays for them. Kernels are cached per shape and thread count, so later engines in the same
-    process (a trainer's rollouts, a hot-swapped version) find them built."""
-    shapes = {}
-    for module in model.modules():
-        if isinstance(module, PrepackedLinear):
-            shapes.setdefault((module.in_features, module.out_features), module)
-    if not shapes:
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for (width, _), module in shapes.items():
-                for n in range(1, min(rows, PACKED_MAX_ROWS) + 1):
-                    module(torch.zeros(n, width))
-    finally:
-        torch.set_num_threads(saved)
-
-
 # tokens in a step from which its matmuls are wide enough for every core to pay off
 PARALLEL_TOKENS = 128
 
@@ -126,6 +103,29 @@ PARALLEL_TOKENS = 128
 def step_threads(tokens: int, cores: int) -> int:
     """Intra-op threads for a step computing ``tokens`` tokens."""
     return cores if tokens >= PARALLEL_TOKENS else 1
+
+
+def warm_up(model: nn.Module, rows: int, cores: int) -> None:
+    """Build oneDNN's kernels for 1..``rows`` rows (capped at :data:`PACKED_MAX_ROWS`) of every
+    distinct prepacked shape, each on the threads a step of that many rows runs on
+    (:func:`step_threads`), so no request pays for them. Kernels are cached per shape and thread
+    count, so later engines in the same process (a trainer's rollouts, a hot-swapped version)
+    find them built."""
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, PrepackedLinear):
+            shapes.setdefault((module.in_features, module.out_features), module)
+    if not shapes:
+        return
+    saved = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for n in range(1, min(rows, PACKED_MAX_ROWS) + 1):
+                torch.set_num_threads(step_threads(n, cores))
+                for (width, _), module in shapes.items():
+                    module(torch.zeros(n, width))
+    finally:
+        torch.set_num_threads(saved)
 
 
 class StepThreads:

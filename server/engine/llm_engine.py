@@ -20,7 +20,7 @@ from torch import nn
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
-from server.engine.cpu_kernels import StepThreads, prepack_linears, step_threads, warm_up
+from server.engine.cpu_kernels import StepThreads, prepack_linears, warm_up
 from server.engine.kv_cache import PagedKVCache, blocks_for_budget
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import Delta, TextState, metrics_of
@@ -66,8 +66,7 @@ def _serving_layout(model: PaLM, config: EngineConfig) -> None:
     model.to_logits.weight = nn.Parameter(model.to_logits.weight.detach().clone())
     model.requires_grad_(False)
     if prepack_linears(model):
-        rows = config.max_num_seqs
-        warm_up(model, rows, step_threads(rows, config.threads()))
+        warm_up(model, config.max_num_seqs, config.threads())
         return
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -238,8 +237,8 @@ class LLMEngine:
             now = time.perf_counter()
             self._stats.steps += 1
             if batch.is_prefill:
+                self._stats.prefill_tokens += batch.num_tokens
                 for seq in batch.seqs:
-                    self._stats.prefill_tokens += seq.num_tokens - seq.num_cached_tokens
                     if seq.num_preemptions == 0:
                         self._stats.prompt_tokens += seq.num_prompt_tokens
             results = worker.scheduler.postprocess(
@@ -343,28 +342,22 @@ class LLMEngine:
         ids = [self.add_request(p, params) for p in prompts]
         merged: dict[tuple[str, int], Delta] = {}
         try:
-            deltas = self._run_to_completion()
+            while self.has_work():
+                for d in self.step():
+                    key = (d.request_id, d.index)
+                    if key not in merged:
+                        merged[key] = d
+                        continue
+                    m = merged[key]
+                    m.token_ids += d.token_ids
+                    m.text += d.text
+                    if m.logprobs is not None and d.logprobs:
+                        m.logprobs += d.logprobs
+                    m.finish_reason, m.metrics = d.finish_reason, d.metrics
         finally:
             if self._threads is not None:
                 self._threads.restore()  # the caller's thread setting, as it was
-        for d in deltas:
-            key = (d.request_id, d.index)
-            if key not in merged:
-                merged[key] = d
-                continue
-            m = merged[key]
-            m.token_ids += d.token_ids
-            m.text += d.text
-            if m.logprobs is not None and d.logprobs:
-                m.logprobs += d.logprobs
-            m.finish_reason, m.metrics = d.finish_reason, d.metrics
         return [
             sorted((d for k, d in merged.items() if k[0] == rid), key=lambda d: d.index)
             for rid in ids
         ]
-
-    def _run_to_completion(self) -> list[Delta]:
-        deltas: list[Delta] = []
-        while self.has_work():
-            deltas += self.step()
-        return deltas
