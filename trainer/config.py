@@ -78,6 +78,11 @@ class TrainerConfig:
     critic_detach: bool = False  # value head on detached features (critic never moves policy)
 
     # -- DPO / KTO -------------------------------------------------------------------------
+    # the policy the DPO/KTO loss measures log-ratios against: "active" = the round's starting
+    # policy (iterative DPO: every round is one bounded step from what is serving) or
+    # "reference" = the KL reference above (one objective for the whole loop). The gate and
+    # PPO always use the KL reference.
+    pref_reference: str = "active"
     beta: float = 0.1
     pref_epochs: int = 2
     pref_lr: float = 1e-4
@@ -138,6 +143,10 @@ class TrainerConfig:
         for name in ("rm_lr", "ppo_lr", "pref_lr", "beta", "temperature", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainerConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.pref_reference not in ("active", "reference"):
+            raise ValueError(
+                f"pref_reference must be 'active' or 'reference', got {self.pref_reference!r}"
+            )
         if self.rm_init not in ("previous", "policy"):
             raise ValueError(f"rm_init must be 'previous' or 'policy', got {self.rm_init!r}")
         if not 0 <= self.rm_heldout_percent < 100:

@@ -356,6 +356,12 @@ class OnlineTrainer:
 
         t = time.monotonic()
         policy = copy.deepcopy(active.model).float().train().requires_grad_(True)
+        # DPO/KTO log-ratios: against this round's starting policy (its log-probs are new each
+        # round) or against the loop's KL reference (memoised across rounds)
+        if cfg.pref_reference == "active":
+            pref_ref, pref_cache = active.model, {}
+        else:
+            pref_ref, pref_cache = reference, self._ref_logprobs
         kl_ctl = None
         if cfg.algo == "ppo":
             kl_ctl = make_kl_controller(cfg, plan.get("kl_coef"))
@@ -386,27 +392,27 @@ class OnlineTrainer:
                 self._phase("on-policy pairs", 1, 1, f"{rm_pairs} pairs")
             report = train_dpo(
                 policy,
-                reference,
+                pref_ref,
                 tok,
                 pairs,
                 cfg,
                 info=info,
                 progress=phase,
                 seed=seed,
-                ref_cache=self._ref_logprobs,
+                ref_cache=pref_cache,
             ).to_dict()
             report["logged_pairs"], report["reward_model_pairs"] = len(data.pairs), rm_pairs
         else:
             report = train_kto(
                 policy,
-                reference,
+                pref_ref,
                 tok,
                 data.thumbs,
                 cfg,
                 info=info,
                 progress=phase,
                 seed=seed,
-                ref_cache=self._ref_logprobs,
+                ref_cache=pref_cache,
             ).to_dict()
         seconds["policy"] = time.monotonic() - t
         crash_point("after_training")

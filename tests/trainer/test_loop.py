@@ -18,6 +18,7 @@ from trainer_helpers import add_feedback, tiny_config
 from shared.db import session
 from shared.policies import active_version
 from shared.schema import Policy, TrainingRun
+from trainer.config import TrainerConfig
 from trainer.feedback import load_watermark, pending
 from trainer.gate import PolicyEval, decide
 from trainer.loop import CRASH_ENV, OnlineTrainer
@@ -224,3 +225,9 @@ def test_watch_trains_when_enough_feedback_arrived_and_serves_metrics(data_dir) 
         "palmchat_trainer_policy_loss",
     ):
         assert name in body, name
+
+
+def test_preference_reference_must_be_active_or_the_kl_reference() -> None:
+    assert TrainerConfig().pref_reference == "active"
+    with pytest.raises(ValueError, match="pref_reference"):
+        TrainerConfig(pref_reference="v1")
