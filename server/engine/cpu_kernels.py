@@ -9,6 +9,13 @@ graphs) and then run any number of rows against it. Measured on the 2-core AVX-5
 the 13 matmuls of one decode step of the benchmark model (17 MB of weights), one thread: 8 rows
 2.1 -> 1.0 ms, 32 rows 4.2 -> 3.1 ms.
 
+Whether packing pays depends on the CPU: on an AVX2 machine (AMD EPYC, 2 cores) the packed
+kernel is slower than BLAS at a few rows (one row, 256 -> 256: 53 vs 8 us) and faster only
+from ~16-32 rows. So :func:`warm_up` times both on each weight shape at a few row counts and
+sets at which row counts that shape uses its packed copy (:func:`packed_row_counts`, once per
+shape and thread count in a process); elsewhere the matmul goes to BLAS with the weight stored
+transposed (row-major (in, out), the faster layout for few rows).
+
 **Threads.** The engine sets ``OMP_WAIT_POLICY=PASSIVE``: workers that spin collapse a second
 busy process on a small machine (two engines side by side, 2-thread steps, spinning for as
 little as 5,000 rounds: 595 -> 98 tokens/s each at batch 1). A sleeping worker must then be
@@ -20,6 +27,8 @@ gives a step every core from :data:`PARALLEL_TOKENS` tokens on, one thread below
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +71,15 @@ class PrepackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(
                 linear.weight.detach().contiguous(), PACK_ROWS_HINT
             )
+            # BLAS's copy: same values, stored transposed (faster for a few rows)
+            self.weight.data = self.weight.data.t().contiguous().t()
+        # row counts that use the packed copy (warm_up times which do on this CPU)
+        self.packed_rows = frozenset(range(1, PACKED_MAX_ROWS + 1))
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        # packed path: float32 inference, up to PACKED_MAX_ROWS rows
-        if x.requires_grad or x.dtype != torch.float32 or flat.shape[0] > PACKED_MAX_ROWS:
+        # packed path: float32 inference at the row counts where it is the faster
+        if x.requires_grad or x.dtype != torch.float32 or flat.shape[0] not in self.packed_rows:
             return F.linear(x, self.weight)
         if not flat.is_contiguous():
             flat = flat.contiguous()
@@ -105,25 +118,68 @@ def step_threads(tokens: int, cores: int) -> int:
     return cores if tokens >= PARALLEL_TOKENS else 1
 
 
+# row counts at which warm_up times packed against BLAS
+PROBE_ROWS = (1, 2, 4, 8, 16, 32, PACKED_MAX_ROWS)
+# (in, out, threads) -> the row counts that use the packed copy
+_PACKED_ROWS: dict[tuple[int, int, int], frozenset[int]] = {}
+
+
+def _best_time(fn, x: Tensor, repeats: int = 7) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def packed_row_counts(module: PrepackedLinear, threads: int) -> frozenset[int]:
+    """The row counts (of 1..:data:`PACKED_MAX_ROWS`) at which ``module``'s packed kernel is
+    used: timed against BLAS at each of :data:`PROBE_ROWS` on ``threads`` intra-op threads (call
+    with them set), packed where it is 5% faster; a row count between two probes follows the
+    probe below it. Timed once per shape and thread count in a process."""
+    key = (module.in_features, module.out_features, threads)
+    if key not in _PACKED_ROWS:
+        blas = lambda x: F.linear(x, module.weight)  # noqa: E731
+        packed = lambda x: torch.ops.mkldnn._linear_pointwise(  # noqa: E731
+            x, module.packed, None, "none", [], ""
+        )
+        rows: set[int] = set()
+        bounds = (*PROBE_ROWS[1:], PACKED_MAX_ROWS + 1)
+        for n, upto in zip(PROBE_ROWS, bounds, strict=True):
+            x = torch.randn(n, module.in_features)
+            if _best_time(packed, x) < 0.95 * _best_time(blas, x):
+                rows.update(range(n, upto))
+        _PACKED_ROWS[key] = frozenset(rows)
+    return _PACKED_ROWS[key]
+
+
 def warm_up(model: nn.Module, rows: int, cores: int) -> None:
-    """Build oneDNN's kernels for 1..``rows`` rows (capped at :data:`PACKED_MAX_ROWS`) of every
-    distinct prepacked shape, each on the threads a step of that many rows runs on
+    """Pick, per weight shape, the row counts that use its packed copy
+    (:func:`packed_row_counts`), then build oneDNN's kernels for those row counts up to ``rows``
+    (capped at :data:`PACKED_MAX_ROWS`), each on the threads a step of that many rows runs on
     (:func:`step_threads`), so no request pays for them. Kernels are cached per shape and thread
     count, so later engines in the same process (a trainer's rollouts, a hot-swapped version)
     find them built."""
-    shapes = {}
+    shapes: dict[tuple[int, int], list[PrepackedLinear]] = {}
     for module in model.modules():
         if isinstance(module, PrepackedLinear):
-            shapes.setdefault((module.in_features, module.out_features), module)
+            shapes.setdefault((module.in_features, module.out_features), []).append(module)
     if not shapes:
         return
     saved = torch.get_num_threads()
     try:
         with torch.inference_mode():
+            torch.set_num_threads(step_threads(1, cores))
+            for modules in shapes.values():
+                rows_packed = packed_row_counts(modules[0], torch.get_num_threads())
+                for module in modules:
+                    module.packed_rows = rows_packed
             for n in range(1, min(rows, PACKED_MAX_ROWS) + 1):
                 torch.set_num_threads(step_threads(n, cores))
-                for (width, _), module in shapes.items():
-                    module(torch.zeros(n, width))
+                for (width, _), modules in shapes.items():
+                    modules[0](torch.zeros(n, width))
     finally:
         torch.set_num_threads(saved)
 

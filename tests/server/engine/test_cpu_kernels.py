@@ -53,3 +53,31 @@ def test_generate_restores_the_callers_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@needs_onednn
+def test_warm_up_picks_per_shape_row_counts_and_both_paths_give_f_linear_numbers() -> None:
+    """warm_up times packed against BLAS once per shape: every layer of one shape gets the same
+    choice, and whichever path a row count takes, the numbers are F.linear's."""
+    from server.engine.cpu_kernels import PACKED_MAX_ROWS, packed_row_counts
+
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=300)).eval()
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = LLMEngine(Policy("t", model, ByteTokenizer(300), {}), EngineConfig(num_blocks=64))
+    served = engine.current.runner.model
+    packed = [m for m in served.modules() if isinstance(m, PrepackedLinear)]
+    by_shape: dict[tuple[int, int], set[frozenset[int]]] = {}
+    for m in packed:
+        by_shape.setdefault((m.in_features, m.out_features), set()).add(m.packed_rows)
+        assert m.packed_rows <= set(range(1, PACKED_MAX_ROWS + 1))
+    assert all(len(choices) == 1 for choices in by_shape.values())
+    module = packed[0]
+    assert packed_row_counts(module, 1) == module.packed_rows  # timed once, then remembered
+    weight = next(p for n, p in reference.items() if served.get_parameter(n) is module.weight)
+    with torch.inference_mode():
+        for rows_packed in (frozenset(), frozenset(range(1, PACKED_MAX_ROWS + 1))):
+            module.packed_rows = rows_packed
+            for rows in (1, 5, 40):
+                x = torch.randn(rows, module.in_features)
+                torch.testing.assert_close(module(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
