@@ -83,8 +83,11 @@ class PrepackedLinear(nn.Module):
             return F.linear(x, self.weight)
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.packed_matmul(flat).view(*x.shape[:-1], self.out_features)
+
+    def packed_matmul(self, flat: Tensor) -> Tensor:
+        """(rows, in) contiguous float32 -> (rows, out) with the packed copy."""
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked"
@@ -141,15 +144,12 @@ def packed_row_counts(module: PrepackedLinear, threads: int) -> frozenset[int]:
     probe below it. Timed once per shape and thread count in a process."""
     key = (module.in_features, module.out_features, threads)
     if key not in _PACKED_ROWS:
-        blas = lambda x: F.linear(x, module.weight)  # noqa: E731
-        packed = lambda x: torch.ops.mkldnn._linear_pointwise(  # noqa: E731
-            x, module.packed, None, "none", [], ""
-        )
         rows: set[int] = set()
         bounds = (*PROBE_ROWS[1:], PACKED_MAX_ROWS + 1)
         for n, upto in zip(PROBE_ROWS, bounds, strict=True):
             x = torch.randn(n, module.in_features)
-            if _best_time(packed, x) < 0.95 * _best_time(blas, x):
+            blas = _best_time(lambda x: F.linear(x, module.weight), x)
+            if _best_time(module.packed_matmul, x) < 0.95 * blas:
                 rows.update(range(n, upto))
         _PACKED_ROWS[key] = frozenset(rows)
     return _PACKED_ROWS[key]
