@@ -29,7 +29,7 @@ def test_users_taste_is_learned_through_the_live_server(preference: str, tmp_pat
     cfg = DemoConfig(
         data_dir=tmp_path / "data",
         preference=preference,
-        rounds=4,
+        rounds=6,
         minutes=14,
         chats_per_round=96,
         eval_prompts=128,
