@@ -605,6 +605,11 @@ def trainer(
             f"{act.get('reward', 0):+.3f}, KL {cand.get('kl', 0):.2f}, correct "
             f"{cand.get('correct_rate', 0):.3f} vs {act.get('correct_rate', 0):.3f}, "
             f"{result.seconds:.0f}s"
+            + (
+                f", published at {result.metrics['step_fraction']:g} of its step"
+                if result.status == "published" and result.metrics.get("step_fraction", 1.0) != 1.0
+                else ""
+            )
         )
         for reason in result.reasons:
             console.print(f"  rejected: {reason}")

@@ -111,6 +111,11 @@ class TrainerConfig:
     gate_min_reward_gain: float = 0.0  # candidate mean RM score must exceed active's by more
     gate_correct_tolerance: float = 0.03  # allowed drop of held-out correct rate
     gate_max_new_tokens: int = 64
+    # when the trained candidate fails the gate, try it again at these fractions of its step
+    # away from the active policy (weights active + f * (candidate - active)), in order; the
+    # first that passes is published. A DPO round that overshoots (KL up, reward-model score
+    # down) or costs a few answers usually passes at half the step. [] = one try only
+    gate_backtrack: list[float] = field(default_factory=lambda: [0.5])
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in the recipe
 
@@ -162,6 +167,10 @@ class TrainerConfig:
         if self.dpo_rm_prompts < 0 or self.dpo_rm_samples < 2 or self.dpo_rm_min_gap < 0:
             raise ValueError(
                 "dpo_rm_prompts must be >= 0, dpo_rm_samples >= 2 and dpo_rm_min_gap >= 0"
+            )
+        if not all(0.0 < f < 1.0 for f in self.gate_backtrack):
+            raise ValueError(
+                f"gate_backtrack fractions must be in (0, 1), got {self.gate_backtrack}"
             )
         if self.poll_seconds <= 0 or self.settle_seconds < 0:
             raise ValueError("poll_seconds must be > 0 and settle_seconds >= 0")

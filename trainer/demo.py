@@ -293,6 +293,10 @@ def round_summary(run: TrainingRun) -> dict[str, Any]:
         "gate_correct_rate": [cand.get("correct_rate"), act.get("correct_rate")],
         "gate_reward": [cand.get("reward"), act.get("reward")],
         "reasons": m.get("reasons", []),
+        # 1 = the trained candidate; < 1 = it failed the gate and this share of its step passed
+        "step_fraction": m.get("step_fraction"),
+        "gate_tries": m.get("gate_tries", []),
+        "phase_seconds": m.get("seconds", {}),
         "seconds": (
             (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
         ),
@@ -406,12 +410,14 @@ async def run_loop(
                     report.rounds.append(summary)
                     acc = summary["rm_heldout_accuracy"]
                     kl = summary["kl_to_reference"]
+                    step = summary["step_fraction"]
                     log(
                         f"[{time.monotonic() - started:6.0f}s] round {round_no}: "
                         f"{summary['status']} {summary['candidate_version'] or ''} "
                         f"(RM held-out acc {'-' if acc is None else f'{acc:.2f}'}, "
                         f"KL {'-' if kl is None else f'{kl:.2f}'}, "
-                        f"{summary['seconds'] or 0:.0f}s)"
+                        + (f"at {step:g} of its step, " if step not in (None, 1.0) else "")
+                        + f"{summary['seconds'] or 0:.0f}s)"
                         + "".join(f"\n    {r}" for r in summary["reasons"])
                     )
                     if run.status == "published":

@@ -17,10 +17,19 @@ trained on). The candidate passes when all three hold:
    changes flips a few borderline answers (arithmetic at ~20% accuracy) either way; a
    tolerance alone rejected such candidates by noise. Only correctness is used from that
    report - the gate never consults a rater's taste.
+
+**Backtracking** (:func:`gate_with_backtracking`): a candidate that fails is tried again at
+smaller steps from the active policy, its weights interpolated as ``active + f * (candidate -
+active)`` for each ``f`` in ``gate_backtrack`` (default 0.5), and the first that passes is
+the one published. Interpolating towards the starting weights is a cheap trust region: a DPO
+round that overshot (KL to the reference up several nats, reward-model score down) or flipped
+a few answers usually keeps most of its gain at half the step. Only the candidate side is
+re-evaluated; the active policy's samples are reused.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -186,3 +195,56 @@ def run_gate(
     ]
     report = GateReport(not reasons, reasons, cand, act, config.gate_prompts, examples)
     return report, act_cache
+
+
+@torch.no_grad()
+def interpolate(active: PaLM, candidate: PaLM, fraction: float) -> PaLM:
+    """A new policy ``active + fraction * (candidate - active)`` (float32 weights; buffers
+    from the candidate). Both must share one architecture."""
+    out = copy.deepcopy(candidate).float()
+    start = dict(active.named_parameters())
+    for name, param in out.named_parameters():
+        base = start[name].detach().to(param.device, torch.float32)
+        param.copy_(base + fraction * (param - base))
+    return out.eval()
+
+
+def gate_with_backtracking(
+    candidate: PaLM,
+    active: PaLM,
+    reference: PaLM,
+    reward_model: Any,
+    tok: Tokenizer,
+    config: TrainerConfig,
+    *,
+    active_cache: dict[str, Any] | None = None,
+) -> tuple[PaLM, float, GateReport, list[dict[str, Any]], dict[str, Any]]:
+    """Gate ``candidate``; if it fails, gate its interpolations towards ``active`` at each
+    fraction of ``config.gate_backtrack`` until one passes.
+
+    Returns (policy to publish, its step fraction, its report, every try's summary, the active
+    policy's cache). When nothing passes, the full-step candidate and its report come back."""
+    tries: list[dict[str, Any]] = []
+    first: tuple[PaLM, GateReport] | None = None
+    for fraction in (1.0, *config.gate_backtrack):
+        policy = candidate if fraction == 1.0 else interpolate(active, candidate, fraction)
+        report, active_cache = run_gate(
+            policy, active, reference, reward_model, tok, config, active_cache=active_cache
+        )
+        tries.append(
+            {
+                "step_fraction": fraction,
+                "passed": report.passed,
+                "reasons": report.reasons,
+                "reward": report.candidate.reward,
+                "active_reward": report.active.reward,
+                "kl": report.candidate.kl,
+                "correct_rate": report.candidate.correct_rate,
+            }
+        )
+        if first is None:
+            first = (policy, report)
+        if report.passed:
+            return policy, fraction, report, tries, active_cache
+    assert first is not None
+    return first[0], 1.0, first[1], tries, active_cache

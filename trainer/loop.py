@@ -9,7 +9,8 @@ One round (:meth:`OnlineTrainer.run_round`):
 3. improve a copy of the active policy with ``ppo``, ``dpo`` or ``kto`` against the frozen
    reference (the active policy when this database's trainer first ran, kept in
    ``trainer_state``);
-4. gate the candidate against the active policy (:mod:`trainer.gate`);
+4. gate the candidate against the active policy (:mod:`trainer.gate`); one that fails is
+   tried again at a fraction of its step (weights interpolated towards the active policy);
 5. publish the candidate to the registry (atomic), then in **one transaction**: activate it
    (or record it ``rejected``), finish the run row and advance the watermark.
 
@@ -306,7 +307,7 @@ class OnlineTrainer:
 
     def _train(self, plan: dict[str, Any], pend: Pending | None, t0: float) -> RoundResult:
         from trainer.dpo import reward_ranked_pairs, train_dpo, train_kto
-        from trainer.gate import run_gate
+        from trainer.gate import gate_with_backtracking
         from trainer.ppo import make_kl_controller, train_ppo
         from trainer.reward import train_reward_model
 
@@ -420,17 +421,18 @@ class OnlineTrainer:
         result: dict[str, Any] = {}
         if info.is_main:
             t = time.monotonic()
-            self._phase("gate", 0, 2, "sampling held-out replies")
+            self._phase("gate", 0, 1, "sampling held-out replies")
             cache = (
                 self._active_cache[1]
                 if self._active_cache and self._active_cache[0] == base
                 else None
             )
-            gate, act_cache = run_gate(
+            policy, fraction, gate, tries, act_cache = gate_with_backtracking(
                 policy.eval(), active.model, reference, rm, tok, cfg, active_cache=cache
             )
             self._active_cache = (base, act_cache)
-            self._phase("gate", 2, 2, "passed" if gate.passed else "rejected")
+            verdict = f"passed at step {fraction:g}" if gate.passed else "rejected"
+            self._phase("gate", 1, 1, f"{verdict} ({len(tries)} tries)")
             seconds["gate"] = time.monotonic() - t
             metrics = {
                 "algo": cfg.algo,
@@ -446,6 +448,8 @@ class OnlineTrainer:
                 "reward_model": rm_report.to_dict(),
                 "policy": report,
                 "gate": gate.to_dict(),
+                "step_fraction": fraction,
+                "gate_tries": tries,
                 "seconds": seconds,
             }
             result = self._commit(

@@ -20,7 +20,7 @@ from shared.policies import active_version
 from shared.schema import Policy, TrainingRun
 from trainer.config import TrainerConfig
 from trainer.feedback import load_watermark, pending
-from trainer.gate import PolicyEval, decide
+from trainer.gate import PolicyEval, decide, evaluate_policy, gate_with_backtracking, interpolate
 from trainer.loop import CRASH_ENV, OnlineTrainer
 from trainer.metrics import TrainerMetrics
 
@@ -53,6 +53,8 @@ def test_a_round_publishes_activates_and_advances_the_watermark(data_dir) -> Non
     assert manifest["parent"] == "v1" and manifest["metrics"]["gate"]["passed"]
     (run,) = _runs(data_dir)
     assert (run.status, run.candidate_version, run.n_feedback) == ("published", "v2", 24)
+    # it passed as trained: one gate try, the full step
+    assert run.metrics["step_fraction"] == 1.0 and len(run.metrics["gate_tries"]) == 1
     assert trainer.pending().total == 0
     # nothing new: the next round waits for feedback
     skipped = trainer.run_round()
@@ -91,6 +93,51 @@ def test_gate_rejects_a_worse_candidate() -> None:
     assert decide(PolicyEval(0.5, 2.0, 0.68, 10, 0, lost=3, gained=0), active, cfg) == []
 
 
+def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_dir) -> None:
+    import torch
+
+    from trainer.reward import RewardModel
+
+    active = data_dir.ctx.registry.load("v1")
+    tok, start = active.tokenizer, active.model.float().eval()
+    candidate = interpolate(start, start, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in candidate.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.5 * p.std().clamp(min=1e-3))
+    half = interpolate(start, candidate, 0.5)
+    for name, p in half.named_parameters():
+        a, c = dict(start.named_parameters())[name], dict(candidate.named_parameters())[name]
+        assert torch.allclose(p, (a + c) / 2, atol=1e-6), name
+    rm = RewardModel.from_policy(start).eval()
+    loose = tiny_config(gate_min_reward_gain=-1e9, gate_correct_tolerance=1.0, gate_max_kl=1e9)
+    full_kl = evaluate_policy(candidate, start, rm, tok, loose)[0].kl
+    half_kl = evaluate_policy(half, start, rm, tok, loose)[0].kl
+    assert 0 < half_kl < full_kl, (half_kl, full_kl)
+
+    # a KL bound between the two: the full step fails, half of it passes and is returned
+    cfg = loose.replace(gate_max_kl=(half_kl + full_kl) / 2)
+    policy, fraction, report, tries, _ = gate_with_backtracking(
+        candidate, start, start, rm, tok, cfg
+    )
+    assert report.passed and fraction == 0.5
+    assert [(t["step_fraction"], t["passed"]) for t in tries] == [(1.0, False), (0.5, True)]
+    assert "KL" in tries[0]["reasons"][0]
+    assert report.candidate.kl == pytest.approx(half_kl, rel=1e-4)
+    assert torch.equal(
+        policy.state_dict()["token_emb.weight"], half.state_dict()["token_emb.weight"]
+    )
+    # without backtracking (or with nothing that passes) the full step comes back rejected
+    for no_luck in (cfg.replace(gate_backtrack=[]), cfg.replace(gate_max_kl=half_kl / 2)):
+        policy, fraction, report, tries, _ = gate_with_backtracking(
+            candidate, start, start, rm, tok, no_luck
+        )
+        assert not report.passed and fraction == 1.0 and policy is candidate
+        assert len(tries) == 1 + len(no_luck.gate_backtrack)
+    with pytest.raises(ValueError, match="gate_backtrack"):
+        tiny_config(gate_backtrack=[1.5])
+
+
 def test_a_rejected_candidate_is_recorded_with_its_reasons_and_never_served(data_dir) -> None:
     add_feedback(data_dir, n_prompts=6)
     cfg = tiny_config(gate_min_reward_gain=1e9)  # nothing can pass
@@ -103,6 +150,10 @@ def test_a_rejected_candidate_is_recorded_with_its_reasons_and_never_served(data
     assert any("reward model score" in r for r in row.metrics["reasons"])
     (run,) = _runs(data_dir)
     assert run.status == "rejected" and run.metrics["reasons"] == result.reasons
+    # it was tried at the full step and again at half of it, and failed both times
+    tries = run.metrics["gate_tries"]
+    assert [t["step_fraction"] for t in tries] == [1.0, 0.5]
+    assert not any(t["passed"] for t in tries)
     # the feedback was consumed: the watermark moved
     assert pending(data_dir.ctx.engine, load_watermark(data_dir.ctx.engine)).total == 0
 
