@@ -168,10 +168,16 @@ class TrainerConfig:
             raise ValueError(
                 "dpo_rm_prompts must be >= 0, dpo_rm_samples >= 2 and dpo_rm_min_gap >= 0"
             )
-        if not all(0.0 < f < 1.0 for f in self.gate_backtrack):
+        fractions = self.gate_backtrack
+        if not isinstance(fractions, list | tuple) or not all(
+            isinstance(f, int | float) and not isinstance(f, bool) and 0.0 < f < 1.0
+            for f in fractions
+        ):
             raise ValueError(
-                f"gate_backtrack fractions must be in (0, 1), got {self.gate_backtrack}"
+                f"gate_backtrack must be a list of fractions in (0, 1), e.g. [0.5]; got "
+                f"{fractions!r}"
             )
+        self.gate_backtrack = [float(f) for f in fractions]
         if self.poll_seconds <= 0 or self.settle_seconds < 0:
             raise ValueError("poll_seconds must be > 0 and settle_seconds >= 0")
 

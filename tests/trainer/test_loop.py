@@ -134,8 +134,9 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
         )
         assert not report.passed and fraction == 1.0 and policy is candidate
         assert len(tries) == 1 + len(no_luck.gate_backtrack)
-    with pytest.raises(ValueError, match="gate_backtrack"):
-        tiny_config(gate_backtrack=[1.5])
+    for bad in ([1.5], [0], "half", [True]):
+        with pytest.raises(ValueError, match="gate_backtrack must be a list"):
+            tiny_config(gate_backtrack=bad)
 
 
 def test_a_rejected_candidate_is_recorded_with_its_reasons_and_never_served(data_dir) -> None:
