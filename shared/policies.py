@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from shared.checkpoints import CheckpointError, PolicyRegistry
 from shared.db import session
@@ -30,21 +30,28 @@ def register_version(
     engine: Engine, registry: PolicyRegistry, version: str, status: str = "candidate"
 ) -> None:
     """Record a registry version in the table (no-op if it is already there)."""
-    manifest = registry.manifest(version)
     with session(engine) as s:
-        if s.get(Policy, version) is not None:
-            return
-        now = utcnow()
-        s.add(
-            Policy(
-                version=version,
-                status=status,
-                parent_version=manifest.get("parent"),
-                metrics=manifest.get("metrics", {}),
-                created_at=now,
-                activated_at=now if status == "active" else None,
-            )
+        add_version_row(s, registry, version, status)
+
+
+def add_version_row(
+    s: Session, registry: PolicyRegistry, version: str, status: str = "candidate"
+) -> None:
+    """:func:`register_version` in the caller's transaction."""
+    if s.get(Policy, version) is not None:
+        return
+    manifest = registry.manifest(version)
+    now = utcnow()
+    s.add(
+        Policy(
+            version=version,
+            status=status,
+            parent_version=manifest.get("parent"),
+            metrics=manifest.get("metrics", {}),
+            created_at=now,
+            activated_at=now if status == "active" else None,
         )
+    )
 
 
 def activate(engine: Engine, registry: PolicyRegistry, version: str) -> str | None:

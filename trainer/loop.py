@@ -48,7 +48,7 @@ from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.db import session
 from shared.model import PaLM
-from shared.policies import active_version, register_version
+from shared.policies import active_version, add_version_row
 from shared.schema import Policy, TrainingRun, utcnow
 from trainer.common import (
     DistInfo,
@@ -194,7 +194,13 @@ class OnlineTrainer:
                 run.status, run.finished_at = "failed", now
                 run.metrics = {**run.metrics, "error": "trainer stopped before the round ended"}
                 s.add(run)
-                row = s.get(Policy, run.candidate_version) if run.candidate_version else None
+                version = run.candidate_version
+                if version and s.get(Policy, version) is None:
+                    # published by a trainer that died before recording it (older versions
+                    # wrote the run and the row in two transactions)
+                    add_version_row(s, self.ctx.registry, version, "candidate")
+                    s.flush()
+                row = s.get(Policy, version) if version else None
                 if row is not None and row.status == "candidate":
                     row.status = "rejected"
                     row.metrics = {
@@ -532,13 +538,11 @@ class OnlineTrainer:
                 },
             )
             crash_point("after_publish")
-            with session(engine) as s:
+            with session(engine) as s:  # the run and the version's row know of each other
                 run = s.get(TrainingRun, run_id)
                 run.candidate_version = version
                 s.add(run)
-            register_version(
-                engine, registry, version, status="candidate" if passed else "rejected"
-            )
+                add_version_row(s, registry, version, "candidate" if passed else "rejected")
             if passed:
                 registry.verify(version)  # never activate files that do not check out
             crash_point("before_commit")

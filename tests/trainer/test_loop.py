@@ -232,6 +232,23 @@ def test_crash_between_publish_and_activation_redoes_the_round(data_dir) -> None
     assert [r.status for r in _runs(data_dir)] == ["failed", "published"]
 
 
+def test_a_dead_runs_candidate_without_a_policy_row_is_recorded_rejected(data_dir) -> None:
+    # a trainer of an earlier release could die after naming its candidate on the run and
+    # before writing the version's row (two transactions; now one): recovery adds the row
+    add_feedback(data_dir, n_prompts=4)
+    proc = _trainer_subprocess(data_dir, "--once", env={CRASH_ENV: "before_commit"})
+    assert proc.returncode == 86, proc.stderr[-2000:]
+    with session(data_dir.ctx.engine) as s:
+        s.delete(s.get(Policy, "v2"))
+    assert _runs(data_dir)[0].candidate_version == "v2" and "v2" not in _policies(data_dir)
+    trainer = OnlineTrainer(data_dir.ctx, tiny_config())
+    assert trainer.recover() == [_runs(data_dir)[0].id]
+    row = _policies(data_dir)["v2"]
+    assert row.status == "rejected" and row.parent_version == "v1"
+    assert row.metrics["reasons"] == ["the trainer stopped before activating it"]
+    _assert_intact(data_dir, "v1")
+
+
 def test_cli_once_runs_a_round_and_checks_its_flags(data_dir) -> None:
     add_feedback(data_dir, n_prompts=4)
     proc = _trainer_subprocess(data_dir, "--once", "--algo", "kto")
