@@ -225,7 +225,7 @@ def gate_with_backtracking(
     Returns (policy to publish, its step fraction, its report, every try's summary, the active
     policy's cache). When nothing passes, the full-step candidate and its report come back."""
     tries: list[dict[str, Any]] = []
-    first: tuple[PaLM, GateReport] | None = None
+    full_step: GateReport | None = None
     for fraction in (1.0, *config.gate_backtrack):
         policy = candidate if fraction == 1.0 else interpolate(active, candidate, fraction)
         report, active_cache = run_gate(
@@ -242,9 +242,8 @@ def gate_with_backtracking(
                 "correct_rate": report.candidate.correct_rate,
             }
         )
-        if first is None:
-            first = (policy, report)
         if report.passed:
             return policy, fraction, report, tries, active_cache
-    assert first is not None
-    return first[0], 1.0, first[1], tries, active_cache
+        full_step = full_step or report
+    assert full_step is not None
+    return candidate, 1.0, full_step, tries, active_cache
