@@ -109,7 +109,8 @@ class Scheduler:
         self, batch: ScheduledBatch, token_ids: list[int], now: float, end_id: int
     ) -> list[tuple[Sequence, bool]]:
         """Append each sampled token; return (sequence, token_is_output) pairs. An end token
-        finishes its sequence (and is not output), as do max_tokens and the model's context."""
+        finishes its sequence (and is not output), as do max_tokens, the model's context and
+        the KV pool's size."""
         out = []
         for seq, token in zip(batch.seqs, token_ids, strict=True):
             if batch.is_prefill:
@@ -121,7 +122,13 @@ class Scheduler:
                 out.append((seq, False))
                 continue
             seq.append(token, now)
-            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            if (
+                len(seq.output_ids) >= seq.params.max_tokens
+                or seq.num_tokens >= self.max_seq_len
+                # its next step would need more blocks than the whole pool has: it could only
+                # be preempted and re-admitted forever, so it ends here, as at the context limit
+                or self.blocks.blocks_needed(seq.num_tokens) > self.blocks.num_blocks
+            ):
                 seq.finish_reason = FinishReason.LENGTH
             out.append((seq, True))
         return out

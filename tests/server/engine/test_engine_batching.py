@@ -103,6 +103,21 @@ def test_preemption_under_a_tiny_block_pool_completes_every_request_correctly(ma
     assert stats.kv_blocks_used == 0
 
 
+def test_an_answer_that_outgrows_the_whole_pool_ends_with_length_instead_of_looping(make_engine):
+    # 12 blocks of 4 tokens hold the keys of 48 tokens: a 40-token prompt can be followed by 9
+    # (the last one is never fed back), whatever is preempted; the engine used to preempt and
+    # re-admit such a sequence forever
+    engine = make_engine(num_blocks=12, block_size=4)
+    model = engine.current.runner.model
+    prompt = list(range(40, 80))
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    (out,) = engine.generate([prompt, prompt[:5]], params)[0]
+    assert out.finish_reason is FinishReason.LENGTH
+    assert len(out.token_ids) == 9
+    assert out.token_ids == greedy_reference(model, prompt, 9, end_id=None)
+    assert engine.stats().kv_blocks_used == 0
+
+
 def test_a_prompt_larger_than_the_whole_pool_is_refused_up_front(make_engine):
     engine = make_engine(num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="does not fit"):
