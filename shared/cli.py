@@ -953,17 +953,33 @@ def bench_engine(
             "machine hits all alike); each contender reports its best run.",
         ),
     ] = 3,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, or cuda[:N]: every contender on that GPU in bfloat16; adds the engine "
+            "without CUDA graphs and batch-1 decode vs the card's bandwidth roofline "
+            "(results as engine-cuda-*.json)."
+        ),
+    ] = "cpu",
 ) -> None:
     """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
     generate and HF transformers' Llama generate, on the same weights and prompts."""
     from server.engine.bench import run_engine_benchmark
 
+    if not device.startswith(("cpu", "cuda")):
+        raise typer.BadParameter(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("--device cuda: this machine's PyTorch sees no CUDA GPU")
     results = run_engine_benchmark(
         new_tokens=new_tokens,
         include_hf=not no_hf,
         include_reference=not no_reference,
         out_dir=out,
         repeats=repeats,
+        device=device,
     )
     console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
 

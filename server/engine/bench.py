@@ -2,9 +2,12 @@
 ``generate`` and HF transformers' Llama ``generate``, on the same weights / size and prompts.
 
     python -m server.engine.bench --new-tokens 256     # writes ops/bench/results/engine-*.json
+    python -m server.engine.bench --device cuda        # engine-cuda-*.json, plus a roofline
 
 Every number is wall-clock tokens/s of generated tokens (prompt tokens excluded), after one
-warm-up, greedy, with the end token ignored so every request makes exactly ``new_tokens``.
+warm-up, greedy, with the end token ignored so every request makes exactly ``new_tokens``. On
+CUDA every contender runs in bfloat16 on the GPU, and the report adds the engine without CUDA
+graphs and batch-1 decode against the card's memory-bandwidth roofline.
 """
 
 from __future__ import annotations
@@ -47,15 +50,19 @@ def bench_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(5, vocab) for _ in range(rng.randrange(16, 49))] for _ in range(count)]
 
 
-def _timed_rounds(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, dict[str, Any]]:
+def _timed_rounds(
+    fns: dict[str, Callable[[], int]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, dict[str, Any]]:
     """Run every measurement once per round, ``repeats`` rounds, interleaved (round 1 of each,
     then round 2 of each, ...): a slow spell of a shared machine then hits every contender
     alike instead of whichever ran during it. Each reports its fastest run and every run."""
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             tokens = fn()
+            sync()  # a GPU contender's last kernels count too
             runs[name].append((time.perf_counter() - start, tokens))
     out = {}
     for name, timed in runs.items():
@@ -107,15 +114,18 @@ def palm_rlhf_generate(model: PaLM, prompts: list[list[int]], new_tokens: int) -
         rotary_xpos_scale_base=c.xpos_scale_base,
     ).eval()
     ref.load_state_dict(model.state_dict(), strict=True)
+    ref.to(device=model.device, dtype=model.token_emb.weight.dtype)
     total = 0
     for p in prompts:  # batch 1: its generate takes one (unpadded) prompt length
-        prompt = torch.tensor([p])
+        prompt = torch.tensor([p], device=model.device)
         out = ref.generate(len(p) + new_tokens, prompt, temperature=1.0, filter_thres=0.9)
         total += out.shape[-1]
     return total
 
 
-def hf_llama(config: PaLMConfig):
+def hf_llama(
+    config: PaLMConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaConfig(
@@ -133,7 +143,7 @@ def hf_llama(config: PaLMConfig):
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(llama).eval()
+    return LlamaForCausalLM(llama).eval().to(device=device, dtype=dtype)
 
 
 def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> int:
@@ -145,8 +155,8 @@ def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> int:
         mask[i, width - len(p) :] = 1
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -194,18 +204,22 @@ def run_engine_benchmark(
     engine_overrides: dict[str, Any] | None = None,
     repeats: int = 1,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run every measurement in one process and return (and write) the results.
 
     ``engine_overrides`` are ``EngineConfig`` fields (e.g. ``kv_cache_memory_mb``); each
     contender runs ``repeats`` times, in rounds that interleave all of them, and reports its
-    fastest run. ``threads`` (default: every core) applies to every contender."""
+    fastest run. ``threads`` (default: every core) applies to every contender. On ``device``
+    "cuda" every contender runs on the GPU in the engine's dtype (bfloat16)."""
     overrides = engine_overrides or {}
     policy = policy or bench_policy()
     config = policy.config
     threads = threads or len(os.sched_getaffinity(0))  # every contender gets the same
     torch.set_num_threads(threads)
-    overrides = {"num_threads": threads, **overrides}
+    overrides = {"num_threads": threads, "device": device, **overrides}
+    cuda = torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     prompts = bench_prompts(max(concurrency), config.num_tokens)
     results: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -217,7 +231,8 @@ def run_engine_benchmark(
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "device": "cpu",
+            "device": device,
+            **({"gpu": torch.cuda.get_device_name(device)} if cuda else {}),
         },
         "model": {**config.to_dict(), "params": policy.model.num_params()},
         "new_tokens": new_tokens,
@@ -235,15 +250,20 @@ def run_engine_benchmark(
     if include_reference:
         ref = prompts[:reference_requests]
         fns["palm_rlhf_pytorch/1"] = lambda: palm_rlhf_generate(policy.model, ref, new_tokens)
+    if cuda:  # what recording the decode steps as CUDA graphs buys
+        eager = _engine(policy, **{**overrides, "cuda_graphs": False})
+        engine_sync(eager, prompts[:2], 8)
+        for c in (1, 32):
+            fns[f"engine_eager/{c}"] = lambda c=c: engine_sync(eager, prompts[:c], new_tokens)
     if include_hf:
-        llama = hf_llama(config)
+        llama = hf_llama(config, device, policy.model.token_emb.weight.dtype)
         hf_generate(llama, prompts[:2], 4)  # warm-up
         results["hf_llama"] = {"params": sum(p.numel() for p in llama.parameters())}
         for b in hf_batches:
             fns[f"hf_llama/{b}"] = lambda b=b: hf_generate(llama, prompts[:b], new_tokens)
     try:
         engine_async(front, prompts[:2], 8)  # warm-up
-        timed = _timed_rounds(fns, repeats)
+        timed = _timed_rounds(fns, repeats, sync)
     finally:
         front.shutdown()
     for name, value in timed.items():
@@ -253,11 +273,69 @@ def run_engine_benchmark(
         else:
             results.setdefault(section, {})[key] = value
     results["prefix_cache"] = prefix_cache_cost(policy, **overrides)
+    if cuda:
+        results["roofline"] = roofline(engine, results, device)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     if out_dir is not None:
-        write_results(results, out_dir)
+        write_results(results, out_dir, "engine-cuda" if cuda else "engine")
     return results
+
+
+def copy_bandwidth(device: str, size_mb: int = 1024, repeats: int = 10) -> float:
+    """Measured device-memory bandwidth, bytes/s: a large device-to-device copy, counting the
+    bytes read and the bytes written (the median of ``repeats`` timed copies)."""
+    src = torch.randn(size_mb * 2**18, device=device)  # float32: size_mb MiB
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:  # warm-up
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2]
+
+
+def decode_bytes(model: PaLM, position: int) -> int:
+    """The fewest bytes one batch-1 decode step must read: every weight once (the embedding
+    table only its one row) and the keys and values of the ``position`` tokens before it."""
+    c = model.config
+    emb = model.token_emb.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= emb.numel() * emb.element_size() - c.dim * emb.element_size()
+    kv = 2 * c.depth * position * c.dim_head * emb.element_size()
+    return weights + kv
+
+
+def roofline(engine: LLMEngine, results: dict[str, Any], device: str) -> dict[str, Any]:
+    """Batch-1 decode against the memory-bandwidth roofline: tokens/s if a step cost only the
+    time to read its bytes once at the measured copy bandwidth. Reports the engine's end-to-end
+    batch-1 tokens/s and the GPU time of one recorded batch-1 step (its graph replayed alone)."""
+    model = engine.current.runner.model
+    prompt_len = len(bench_prompts(1, model.config.num_tokens)[0])
+    position = prompt_len + results["new_tokens"] // 2  # the mean position of a request
+    bandwidth = copy_bandwidth(device)
+    per_token = decode_bytes(model, position)
+    ceiling = bandwidth / per_token
+    out: dict[str, Any] = {
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "bytes_per_batch1_token": per_token,
+        "roofline_tokens_per_s": round(ceiling),
+    }
+    graphs = engine.current.runner.graphs
+    if graphs is not None:
+        engine_sync(engine, [[5] * prompt_len], 4)  # records the batch-1 graph if not yet
+        step_s = graphs.replay_seconds(1)
+        out["graph_step_us"] = round(step_s * 1e6, 1)
+        out["graph_step_pct_of_roofline"] = round(100 / step_s / ceiling, 2)
+    e2e = results["engine"].get("1", {}).get("tokens_per_s")
+    if e2e:
+        out["engine_batch1_tokens_per_s"] = e2e
+        out["engine_batch1_pct_of_roofline"] = round(100 * e2e / ceiling, 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (every contender)")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -290,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir=args.out,
         repeats=args.repeats,
         threads=args.threads,
+        device=args.device,
     )
     print(markdown_table(results))
     print(
@@ -303,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                     "palm_rlhf_pytorch",
                     "hf_llama",
                     "prefix_cache",
+                    "engine_eager",
+                    "roofline",
                     "targets",
                 )
                 if k in results

@@ -45,6 +45,7 @@ def markdown_table(r: dict[str, Any]) -> str:
     rows = [
         ("palmchat engine (continuous batching)", "engine"),
         ("palmchat engine via AsyncEngine streams", "engine_async"),
+        ("palmchat engine without CUDA graphs", "engine_eager"),
         ("HF transformers Llama `generate` (same size, random weights)", "hf_llama"),
         ("PaLM-rlhf-pytorch `generate` (same weights, no KV cache)", "palm_rlhf_pytorch"),
     ]
@@ -62,14 +63,15 @@ def markdown_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+def write_results(results: dict[str, Any], out_dir: Path, name: str = "engine") -> Path:
+    """``{name}-{time}.json``, and the same as ``{name}-latest.json`` with its PNG plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = results["created_at"].replace(":", "").replace("+0000", "")
-    path = out_dir / f"engine-{stamp}.json"
+    path = out_dir / f"{name}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "engine-latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"{name}-latest.json").write_text(json.dumps(results, indent=2) + "\n")
     with contextlib.suppress(ImportError):  # matplotlib is optional
-        _plot(results, out_dir / "engine-latest.png")
+        _plot(results, out_dir / f"{name}-latest.png")
     return path
 
 
@@ -83,6 +85,7 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     for name, label in (
         ("engine", "palmchat engine"),
         ("engine_async", "engine (async front)"),
+        ("engine_eager", "engine without CUDA graphs"),
         ("hf_llama", "HF transformers Llama"),
     ):
         points = sorted(
@@ -102,9 +105,10 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests (batch)")
     ax.set_ylabel("generated tokens / s")
+    where = r["machine"].get("gpu") or f"{r['machine']['cpu_threads']} CPU threads"
     ax.set_title(
-        f"{r['model']['params'] / 1e6:.1f}M params, {r['new_tokens']} new tokens, "
-        f"{r['machine']['cpu_threads']} CPU threads"
+        f"{r['model']['params'] / 1e6:.1f}M params, {r['new_tokens']} new tokens, {where}",
+        fontsize=9,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -28,6 +28,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     num_threads: int | None = None  # CPU: torch threads; None means every core
+    # fixed-shape decode steps by batch bucket (server/engine/cuda_graphs.py), recorded as CUDA
+    # graphs: None means on for CUDA, off on CPU; True on CPU runs the same path eagerly
+    cuda_graphs: bool | None = None
     seed: int = 0  # for requests that give no seed
 
     def __post_init__(self) -> None:
@@ -69,6 +72,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    def graph_decode(self) -> bool:
+        if self.cuda_graphs is None:
+            return self.torch_device().type == "cuda"
+        return self.cuda_graphs
 
     def threads(self) -> int:
         return self.num_threads or len(os.sched_getaffinity(0))

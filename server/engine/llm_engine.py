@@ -21,6 +21,7 @@ from torch import nn
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.cpu_kernels import StepThreads, prepack_linears, warm_up
+from server.engine.cuda_graphs import GraphDecoder
 from server.engine.kv_cache import PagedKVCache, blocks_for_budget
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import Delta, TextState, metrics_of
@@ -63,7 +64,9 @@ def _serving_layout(model: PaLM, config: EngineConfig) -> None:
     (same values and shapes), so ``F.linear`` hands BLAS a row-major (in, out) matrix, faster
     for the few-row matmuls of decoding. The output projection is untied from the embedding
     either way, so the embedding lookup keeps its own row-major table."""
-    model.to_logits.weight = nn.Parameter(model.to_logits.weight.detach().clone())
+    if model.to_logits.weight is model.token_emb.weight:  # once: a second engine on the same
+        # model must not swap a tensor that the first one's CUDA graphs read
+        model.to_logits.weight = nn.Parameter(model.to_logits.weight.detach().clone())
     model.requires_grad_(False)
     if prepack_linears(model):
         warm_up(model, config.max_num_seqs, config.threads())
@@ -90,7 +93,8 @@ def build_worker(policy: Policy, config: EngineConfig) -> PolicyWorker:
     blocks = BlockManager(num_blocks, config.block_size)
     cache = PagedKVCache(model.config, num_blocks, config.block_size, device, dtype)
     scheduler = Scheduler(config, blocks, model.config.max_seq_len)
-    return PolicyWorker(policy, blocks, scheduler, ModelRunner(model, cache, config.seed))
+    graphs = GraphDecoder(model, cache, config.max_num_seqs) if config.graph_decode() else None
+    return PolicyWorker(policy, blocks, scheduler, ModelRunner(model, cache, config.seed, graphs))
 
 
 class LLMEngine:

@@ -8,6 +8,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
+from server.engine.cuda_graphs import GraphDecoder
 from server.engine.kv_cache import PagedKVCache
 from server.engine.sampling import SampleOutput, apply_penalties, sample_rows, token_logprobs
 from server.engine.sequence import Sequence
@@ -15,10 +16,13 @@ from shared.model import PaLM
 
 
 class ModelRunner:
-    def __init__(self, model: PaLM, cache: PagedKVCache, seed: int = 0) -> None:
+    def __init__(
+        self, model: PaLM, cache: PagedKVCache, seed: int = 0, graphs: GraphDecoder | None = None
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        self.graphs = graphs  # fixed-shape decode steps (CUDA graphs); None: eager decode
         # draws for requests without a seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -45,6 +49,16 @@ class ModelRunner:
 
     def decode(self, seqs: Seq[Sequence]) -> Tensor:
         """One new token per row: the last sampled token at position ``num_tokens - 1``."""
+        if self.graphs is not None:
+            logits = self.graphs.run(
+                [s.token_ids[-1] for s in seqs],
+                [s.num_tokens - 1 for s in seqs],
+                [s.block_table for s in seqs],
+            )
+            if logits is not None:
+                # the eager path's workspace did not see this step's keys: it must regather
+                self.cache.workspace.reset()
+                return logits
         tokens = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.device)
         where = [s.num_tokens - 1 for s in seqs]
         self.cache.prepare_decode([s.block_table for s in seqs], where, [s.uid for s in seqs])
