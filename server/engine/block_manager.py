@@ -5,7 +5,8 @@ keyed by a hash chained over all tokens up to its end, so two sequences whose pr
 same (a shared system prompt, the n candidates of one request) point at the same physical
 blocks and those tokens are prefilled once. A freed block keeps its hash until the pool hands
 it out again, so a later request can still hit it. The block that holds a sequence's last token
-is never shared, so shared blocks are read-only and no copy-on-write is needed.
+is never shared, so shared blocks are read-only: the n candidates of one request fork from one
+prefill, sharing its full blocks and each getting a copy of its partial last block.
 """
 
 from __future__ import annotations
@@ -132,6 +133,31 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         self.stats.hit_tokens += cached_tokens
         seq.num_cached_tokens = cached_tokens
+
+    def can_fork(self, seq: Sequence) -> bool:
+        """Room to fork ``seq``: a block for the copy of its partial last block, if it has one."""
+        return self.num_free >= (1 if seq.num_tokens % self.block_size else 0)
+
+    def fork(self, source: Sequence, seq: Sequence) -> tuple[int, int] | None:
+        """Give ``seq`` (the same tokens as ``source``, which is about to compute them) a block
+        table: ``source``'s full blocks, shared, and for the partial last block that both will
+        write into, a block of its own. Returns that block as (source block, new block), whose
+        contents the caller copies once ``source``'s prefill has written them."""
+        assert not seq.block_table, "sequence already has blocks"
+        assert seq.token_ids == source.token_ids, "a fork has its source's tokens"
+        full = seq.num_tokens // self.block_size
+        for block_id in source.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+            seq.block_table.append(block_id)
+        self.stats.queries += full
+        self.stats.hits += full
+        self.stats.hit_tokens += full * self.block_size
+        seq.num_cached_tokens = seq.num_tokens  # computed once, by ``source``
+        if len(source.block_table) == full:
+            return None
+        block = self._take()
+        seq.block_table.append(block.block_id)
+        return source.block_table[full], block.block_id
 
     def _take(self) -> Block:
         block = self.blocks[self.free_ids.popitem(last=False)[0]]

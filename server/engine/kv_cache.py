@@ -82,6 +82,13 @@ class PagedKVCache:
         mask = torch.zeros(hidden.shape, device=self.device, dtype=self.k.dtype)
         self._mask = mask.masked_fill_(hidden, float("-inf")).unsqueeze(1)
 
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy every layer's keys and values of block ``source`` into ``destination``."""
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        self.k.index_copy_(1, dst, self.k.index_select(1, src))
+        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+
     def _set(self, table: Tensor, slots: Tensor) -> None:
         self._tables = table.view(-1)
         self._rows = table.shape[0]

@@ -237,7 +237,9 @@ class LLMEngine:
                 continue
             if self._threads is not None:
                 self._threads.use(batch.num_tokens)
-            out = worker.runner.run(batch.seqs, batch.is_prefill)
+            out = worker.runner.run(
+                batch.seqs, batch.is_prefill, batch.fork_rows, batch.block_copies
+            )
             now = time.perf_counter()
             self._stats.steps += 1
             if batch.is_prefill:

@@ -27,8 +27,22 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.inference_mode()
-    def run(self, seqs: Seq[Sequence], is_prefill: bool) -> SampleOutput:
-        logits = self.prefill(seqs) if is_prefill else self.decode(seqs)
+    def run(
+        self,
+        seqs: Seq[Sequence],
+        is_prefill: bool,
+        fork_rows: Seq[int] = (),
+        block_copies: Seq[tuple[int, int]] = (),
+    ) -> SampleOutput:
+        """One step. The last ``len(fork_rows)`` rows of a prefill are forks: they compute
+        nothing and sample from row ``fork_rows[i]``'s logits, after ``block_copies``."""
+        computed = seqs[: len(seqs) - len(fork_rows)]
+        logits = self.prefill(computed) if is_prefill else self.decode(seqs)
+        if block_copies:
+            self.cache.copy_blocks(block_copies)
+        if fork_rows:
+            rows = torch.tensor(fork_rows, device=logits.device)
+            logits = torch.cat((logits, logits.index_select(0, rows)))
         return self.sample(seqs, logits)
 
     def prefill(self, seqs: Seq[Sequence]) -> Tensor:

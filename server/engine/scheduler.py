@@ -10,7 +10,7 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
@@ -19,8 +19,19 @@ from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledBatch:
+    """One step's rows. A prefill may end with *forked* rows: candidates of a request whose
+    prompt another row of this batch computes. They compute nothing; ``fork_rows[i]`` is the
+    row whose logits the ``i``-th of them samples its first token from, and ``block_copies``
+    are (source, destination) blocks to copy once the prefill has written the sources."""
+
     seqs: list[Sequence]
     is_prefill: bool
+    fork_rows: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.seqs) - len(self.fork_rows)
 
     @property
     def num_tokens(self) -> int:
@@ -52,9 +63,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self, now: float) -> ScheduledBatch | None:
-        batch = self._admit(now)
-        if batch:
-            return ScheduledBatch(batch, is_prefill=True)
+        prefill = self._admit(now)
+        if prefill is not None:
+            return prefill
         decode: list[Sequence] = []
         queue = list(self.running)
         while queue:
@@ -69,8 +80,10 @@ class Scheduler:
                 decode.append(seq)
         return ScheduledBatch(decode, is_prefill=False) if decode else None
 
-    def _admit(self, now: float) -> list[Sequence]:
+    def _admit(self, now: float) -> ScheduledBatch | None:
         batch: list[Sequence] = []
+        forks: list[tuple[int, Sequence]] = []
+        copies: list[tuple[int, int]] = []
         width = 0
         deferred: list[Sequence] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -88,14 +101,43 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq)
             width = max(width, seq.num_tokens - seq.num_cached_tokens)
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
-                seq.first_cached_tokens = seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._start(seq, now)
             batch.append(seq)
+            for sibling in self._siblings(seq):
+                if len(self.running) >= self.config.max_num_seqs:
+                    break
+                if not self.blocks.can_fork(seq):
+                    break
+                self.waiting.remove(sibling)
+                copy = self.blocks.fork(seq, sibling)
+                if copy is not None:
+                    copies.append(copy)
+                self._start(sibling, now)
+                forks.append((len(batch) - 1, sibling))
         self.waiting.extendleft(reversed(deferred))
-        return batch
+        if not batch:
+            return None
+        return ScheduledBatch(
+            batch + [s for _, s in forks], True, [row for row, _ in forks], copies
+        )
+
+    def _siblings(self, seq: Sequence) -> list[Sequence]:
+        """The other candidates of ``seq``'s request still waiting to start: the same prompt,
+        so they fork from its prefill instead of computing (or waiting for) it themselves."""
+        if seq.params.n == 1 or seq.output_ids or seq.num_preemptions:
+            return []
+        return [
+            s
+            for s in self.waiting
+            if s.request_id == seq.request_id and not s.output_ids and not s.num_preemptions
+        ]
+
+    def _start(self, seq: Sequence, now: float) -> None:
+        if seq.first_scheduled is None:
+            seq.first_scheduled = now
+            seq.first_cached_tokens = seq.num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

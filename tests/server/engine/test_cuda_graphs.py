@@ -130,6 +130,20 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_another_bucket(regi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_candidates_forked_from_one_prefill_decode_like_separate_requests(registry, device):
+    prompt = _prompts(1, seed=13)[0] + [65, 66, 67]  # ends inside a block: one block copied
+    seeded = dict(temperature=1.0, max_tokens=16, ignore_eos=True)
+    engine = _engine(registry, device)
+    forked = engine.generate([prompt], SamplingParams(n=3, seed=5, **seeded))[0]
+    assert engine.stats().prefill_tokens == len(prompt)
+    for i, candidate in enumerate(forked):
+        alone = _engine(registry, device).generate([prompt], SamplingParams(seed=5 + i, **seeded))[
+            0
+        ][0]
+        assert candidate.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_default_dtype_serves_complete_answers_and_hot_swaps(registry, device):
     """The device's own dtype (bfloat16 on CUDA): every request completes on its version,
     while a second version is loaded mid-stream and new requests go to it."""

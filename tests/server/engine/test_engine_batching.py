@@ -128,18 +128,38 @@ def test_n_candidates_and_a_shared_system_prompt_are_prefilled_once(make_engine)
     engine = make_engine(block_size=4, num_blocks=512)
     prompt = [random.Random(1).randrange(32, 127) for _ in range(203)]
     params = SamplingParams(temperature=1.0, n=4, max_tokens=5, seed=0)
-    (candidates,) = engine.generate([prompt], params)
-    assert [c.index for c in candidates] == [0, 1, 2, 3]
+    engine.add_request(prompt, params)
+    first = engine.step()  # one prefill; the other three fork from it
+    assert sorted(d.index for d in first) == [0, 1, 2, 3]
+    assert all(len(d.token_ids) == 1 for d in first)
+    while engine.has_work():
+        engine.step()
     stats = engine.stats()
     assert stats.prompt_tokens == 4 * 203
-    # one full prefill plus the last partial block (3 tokens) for each other candidate
-    assert stats.prefill_tokens == 203 + 3 * 3
-    assert stats.prefix_cache_hits == 3 * 50
+    assert stats.prefill_tokens == 203  # the prompt is computed once
+    assert stats.prefix_cache_hits == 3 * 50  # the others share its 50 full blocks
     # a second request with the same system prompt reuses its blocks
     before = engine.stats().prefill_tokens
     engine.generate([prompt[:200] + [65, 66, 67, 68]], SamplingParams(temperature=0, max_tokens=2))
     assert engine.stats().prefill_tokens - before == 4
     assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("length", [203, 200])  # a partial last block to copy, and none
+def test_forked_candidates_generate_what_separately_seeded_requests_do(make_engine, length):
+    """Candidate i of a request seeded s draws from the generator seed s + i, as the single
+    candidate of a request seeded s + i does: forking from one prefill (shared blocks, a copied
+    last block) must give each the same text as computing its own prompt."""
+    prompt = [random.Random(2).randrange(32, 127) for _ in range(length)]
+    forked = make_engine(block_size=4).generate(
+        [prompt], SamplingParams(temperature=1.0, n=4, max_tokens=12, seed=40, ignore_eos=True)
+    )[0]
+    for i, candidate in enumerate(forked):
+        alone = make_engine(block_size=4).generate(
+            [prompt], SamplingParams(temperature=1.0, max_tokens=12, seed=40 + i, ignore_eos=True)
+        )[0][0]
+        assert candidate.token_ids == alone.token_ids
+    assert len({tuple(c.token_ids) for c in forked}) > 1  # they are different samples
 
 
 def test_a_full_waiting_queue_reports_overloaded(make_engine):
