@@ -56,3 +56,19 @@ def greedy_reference(
         out.append(nxt)
         tokens.append(nxt)
     return out
+
+
+def run_with_arrivals(
+    engine: LLMEngine, prompts: list[list[int]], params: object, every: int = 3
+) -> list[tuple[list[int], list[int]]]:
+    """Step ``engine`` to the end, adding one of ``prompts`` every ``every`` steps (so requests
+    join a batch mid-stream); returns each prompt with the token ids it got."""
+    pending, ids, outputs, steps = list(prompts), {}, {}, 0
+    while pending or engine.has_work():
+        if pending and steps % every == 0:
+            prompt = pending.pop(0)
+            ids[engine.add_request(prompt, params)] = prompt
+        for d in engine.step():
+            outputs.setdefault(d.request_id, []).extend(d.token_ids)
+        steps += 1
+    return [(prompt, outputs[rid]) for rid, prompt in ids.items()]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import greedy_reference
+from conftest import greedy_reference, run_with_arrivals
 
 from server.engine import EngineConfig, LLMEngine, SamplingParams
 from server.engine.cuda_graphs import GraphDecoder, StaticDecode, buckets
@@ -84,16 +84,8 @@ def test_greedy_with_requests_arriving_mid_stream_equals_unbatched_full_forwards
     engine = _engine(registry, device)
     reference = registry.load("v1").model  # float32 on CPU, no cache
     params = SamplingParams(temperature=0, max_tokens=24)
-    pending, ids, outputs, steps = _prompts(7, seed=3), {}, {}, 0
-    while pending or engine.has_work():
-        if pending and steps % 3 == 0:
-            prompt = pending.pop(0)
-            ids[engine.add_request(prompt, params)] = prompt
-        for d in engine.step():
-            outputs.setdefault(d.request_id, []).extend(d.token_ids)
-        steps += 1
-    for rid, prompt in ids.items():
-        assert outputs[rid] == greedy_reference(reference, prompt, 24, END)
+    for prompt, tokens in run_with_arrivals(engine, _prompts(7, seed=3), params):
+        assert tokens == greedy_reference(reference, prompt, 24, END)
     graphs = engine.current.runner.graphs
     assert graphs is not None and graphs.replays > 0
     if device == "cuda":  # the batch grew 1 -> 7 rows: buckets 1, 2, 4, 8 were recorded

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import greedy_reference
+from conftest import greedy_reference, run_with_arrivals
 
 from server.engine import EngineOverloaded, FinishReason, SamplingParams
 from shared.generate import generate_ids
@@ -46,20 +46,9 @@ def test_greedy_batched_equals_unbatched_for_every_request_in_a_mixed_batch(make
 def test_requests_arriving_mid_stream_join_the_batch_and_still_match_unbatched(make_engine):
     engine = make_engine()
     model = engine.current.runner.model
-    prompts = _prompts(6, seed=3)
-    outputs: dict[str, list[int]] = {}
-    ids = {}
-    pending = list(prompts)
-    steps = 0
-    while pending or engine.has_work():
-        if pending and steps % 3 == 0:  # a new request every third step
-            prompt = pending.pop(0)
-            ids[engine.add_request(prompt, GREEDY)] = prompt
-        for d in engine.step():
-            outputs.setdefault(d.request_id, []).extend(d.token_ids)
-        steps += 1
-    for rid, prompt in ids.items():
-        assert outputs[rid] == greedy_reference(model, prompt, 24, END)
+    # a new request every third step
+    for prompt, tokens in run_with_arrivals(engine, _prompts(6, seed=3), GREEDY):
+        assert tokens == greedy_reference(model, prompt, 24, END)
 
 
 def test_seeded_sampling_gives_the_same_text_whatever_else_is_in_the_batch(make_engine):
