@@ -12,4 +12,4 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev,triton]'
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
