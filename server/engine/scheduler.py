@@ -30,10 +30,6 @@ class ScheduledBatch:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
-    def num_computed(self) -> int:
-        return len(self.seqs) - len(self.fork_rows)
-
-    @property
     def num_tokens(self) -> int:
         """Tokens this step computes: each row's uncached part in a prefill, one per row in a
         decode."""
