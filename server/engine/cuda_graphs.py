@@ -94,16 +94,11 @@ class StaticDecode:
         attend over each row's blocks. q (B, 1, H, dh), k and v (B, 1, dh) -> (B, 1, H * dh)."""
         assert self._slots is not None and self._table is not None and self._mask is not None
         cache = self.cache
-        b, _, h, dh = q.shape
-        k_pool, v_pool = cache.k[layer], cache.v[layer]
-        k_pool.view(-1, dh).index_copy_(0, self._slots, k.reshape(-1, dh))
-        v_pool.view(-1, dh).index_copy_(0, self._slots, v.reshape(-1, dh))
-        keys = k_pool.index_select(0, self._table).view(b, self.width, dh)
-        values = v_pool.index_select(0, self._table).view(b, self.width, dh)
-        scores = torch.baddbmm(
-            self._mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=cache.scale
-        )
-        return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
+        b, dh = q.shape[0], q.shape[-1]
+        cache.store(layer, k.reshape(-1, dh), v.reshape(-1, dh), self._slots)
+        keys = cache.k[layer].index_select(0, self._table).view(b, self.width, dh)
+        values = cache.v[layer].index_select(0, self._table).view(b, self.width, dh)
+        return cache.decode_attention(q, keys, values, self._mask)
 
 
 class GraphDecoder:

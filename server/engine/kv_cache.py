@@ -101,8 +101,7 @@ class PagedKVCache:
         assert self._slots is not None and self._mask is not None
         dh = k.shape[-1]
         k, v = k.reshape(-1, dh), v.reshape(-1, dh)
-        self.k[layer].view(-1, dh).index_copy_(0, self._slots, k)
-        self.v[layer].view(-1, dh).index_copy_(0, self._slots, v)
+        self.store(layer, k, v, self._slots)
         if self._tables is None:  # decode: the workspace has every row's keys and values
             keys, values = self.workspace.write_and_read(layer, k, v)
             return keys, values, self._mask
@@ -110,17 +109,26 @@ class PagedKVCache:
         values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
         return keys, values, self._mask
 
+    def store(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
+        """Write keys and values (N, dh) of ``layer`` into the pool's flat ``slots`` (N,)."""
+        dh = k.shape[-1]
+        self.k[layer].view(-1, dh).index_copy_(0, slots, k)
+        self.v[layer].view(-1, dh).index_copy_(0, slots, v)
+
+    def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """One query per row: q (B, 1, H, dh) over keys/values (B, S, dh) with an additive mask
+        (B, 1, S), as (B, H, dh) x (B, dh, S) matmuls with no per-head key copy."""
+        b, _, h, dh = q.shape
+        scores = torch.baddbmm(mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=self.scale)
+        return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Attention of q (B, T, H, dh) over each row's cached keys, the new k/v (B, T, dh)
         included; returns (B, T, H * dh)."""
         keys, values, mask = self.update(layer, k, v, positions)
         b, t, h, dh = q.shape
-        if mask.dtype != torch.bool:
-            # decode: one query per row, (B, H, dh) x (B, dh, S) matmuls, no per-head key copy
-            scores = torch.baddbmm(
-                mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=self.scale
-            )
-            return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
+        if mask.dtype != torch.bool:  # decode
+            return self.decode_attention(q, keys, values, mask)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys.unsqueeze(1).expand(-1, h, -1, -1),
