@@ -88,7 +88,9 @@ class TrainerConfig:
     pref_lr: float = 1e-4
     pref_batch_size: int = 16
     pref_max_steps: int = 48
-    dpo_sft_weight: float = 0.5  # + weight * per-token NLL of chosen replies (RPO)
+    # + weight * per-token NLL of the chosen replies of logged pairs (RPO); never of the
+    # on-policy pairs below, whose chosen reply the reward model picked and may be wrong
+    dpo_sft_weight: float = 0.5
     # on-policy pairs (online DPO): sample dpo_rm_samples replies from the active policy for
     # each of dpo_rm_prompts prompts (logged + generated), score them with this round's reward
     # model, and add (best, worst) when their scores differ by dpo_rm_min_gap (in standard

@@ -196,3 +196,28 @@ def test_reward_ranked_pairs_pair_the_best_finished_reply_with_the_worst() -> No
     again = reward_ranked_pairs(model, rm, tok, prompts, cfg, seed=5)
     assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in pairs]
     assert reward_ranked_pairs(model, rm, tok, prompts, cfg.replace(dpo_rm_min_gap=1e9)) == []
+
+
+def test_dpo_imitates_only_replies_a_user_picked(tiny_seed_dir) -> None:
+    """The RPO term (NLL of the chosen reply) applies to logged pairs only: the reward model's
+    favourite among on-policy samples may be a wrong answer in the users' style."""
+    from shared.checkpoints import load_policy_dir
+    from trainer.config import TrainerConfig
+    from trainer.dpo import train_dpo
+    from trainer.feedback import Pair
+
+    prompt = [{"role": "user", "content": "What is 1200 centimeters in meters?"}]
+    cfg = TrainerConfig(pref_max_steps=2, pref_batch_size=2, threads=1, dpo_sft_weight=0.5)
+
+    def trained(source: str, sft: float) -> dict[str, torch.Tensor]:
+        policy = load_policy_dir(tiny_seed_dir, "v1")
+        ref = load_policy_dir(tiny_seed_dir, "v1").model
+        pairs = [Pair(prompt, "12", "Sure! It is 12 meters.", source=source)] * 2
+        train_dpo(policy.model, ref, policy.tokenizer, pairs, cfg.replace(dpo_sft_weight=sft))
+        return {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(trained("reward_model", 0.5), trained("reward_model", 0.0))
+    assert not same(trained("ranking", 0.5), trained("ranking", 0.0))
