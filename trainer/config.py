@@ -116,8 +116,10 @@ class TrainerConfig:
     # when the trained candidate fails the gate, try it again at these fractions of its step
     # away from the active policy (weights active + f * (candidate - active)), in order; the
     # first that passes is published. A DPO round that overshoots (KL up, reward-model score
-    # down) or costs a few answers usually passes at half the step. [] = one try only
-    gate_backtrack: list[float] = field(default_factory=lambda: [0.5])
+    # down) or costs a few answers usually passes at half or a quarter of the step, with most
+    # of its reward-model gain (each try re-evaluates the candidate side only: a few seconds
+    # on the seed policy). [] = one try only
+    gate_backtrack: list[float] = field(default_factory=lambda: [0.5, 0.25])
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in the recipe
 

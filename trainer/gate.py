@@ -20,10 +20,11 @@ trained on). The candidate passes when all three hold:
 
 **Backtracking** (:func:`gate_with_backtracking`): a candidate that fails is tried again at
 smaller steps from the active policy, its weights interpolated as ``active + f * (candidate -
-active)`` for each ``f`` in ``gate_backtrack`` (default 0.5), and the first that passes is
-the one published. Interpolating towards the starting weights is a cheap trust region: a DPO
-round that overshot (KL to the reference up several nats, reward-model score down) or flipped
-a few answers usually keeps most of its gain at half the step. Only the candidate side is
+active)`` for each ``f`` in ``gate_backtrack`` (default 0.5, then 0.25), and the first that
+passes is the one published. Interpolating towards the starting weights is a cheap trust
+region: a DPO round that overshot (KL to the reference up several nats, reward-model score
+down) or flipped a few answers usually keeps most of its gain at a half or a quarter of the
+step. Only the candidate side is
 re-evaluated; the active policy's samples are reused.
 """
 

@@ -128,7 +128,7 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
         policy.state_dict()["token_emb.weight"], half.state_dict()["token_emb.weight"]
     )
     # without backtracking (or with nothing that passes) the full step comes back rejected
-    for no_luck in (cfg.replace(gate_backtrack=[]), cfg.replace(gate_max_kl=half_kl / 2)):
+    for no_luck in (cfg.replace(gate_backtrack=[]), cfg.replace(gate_min_reward_gain=1e9)):
         policy, fraction, report, tries, _ = gate_with_backtracking(
             candidate, start, start, rm, tok, no_luck
         )
