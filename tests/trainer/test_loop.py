@@ -151,9 +151,9 @@ def test_a_rejected_candidate_is_recorded_with_its_reasons_and_never_served(data
     assert any("reward model score" in r for r in row.metrics["reasons"])
     (run,) = _runs(data_dir)
     assert run.status == "rejected" and run.metrics["reasons"] == result.reasons
-    # it was tried at the full step and again at half of it, and failed both times
+    # it was tried at the full step, then at a half and a quarter of it, and failed each time
     tries = run.metrics["gate_tries"]
-    assert [t["step_fraction"] for t in tries] == [1.0, 0.5]
+    assert [t["step_fraction"] for t in tries] == [1.0, 0.5, 0.25]
     assert not any(t["passed"] for t in tries)
     # the feedback was consumed: the watermark moved
     assert pending(data_dir.ctx.engine, load_watermark(data_dir.ctx.engine)).total == 0
