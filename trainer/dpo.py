@@ -217,7 +217,7 @@ def train_dpo(
     reference.eval().requires_grad_(False)
     ref_c = _reference_logprobs(reference, [c for c, _, _ in mine], tok.pad_id, ref_cache)
     ref_r = _reference_logprobs(reference, [r for _, r, _ in mine], tok.pad_id, ref_cache)
-    items = [(c, r, a, b, s) for (c, r, s), a, b in zip(mine, ref_c, ref_r, strict=True)]
+    items = list(zip(mine, ref_c, ref_r, strict=True))
     params = list(policy.parameters())
     if config.lora_rank:
         params = apply_lora(policy, config.lora_rank, config.lora_alpha)
@@ -227,21 +227,20 @@ def train_dpo(
     device = policy.device
     policy.train()
     for step, chunk in enumerate(_batches(items, steps, config.pref_batch_size, seed)):
-        seqs = [x for c, r, _, _, _ in chunk for x in (c, r)]
+        seqs = [x for (c, r, _), _, _ in chunk for x in (c, r)]
         batch = collate(seqs, tok.pad_id).to(device)
         logps = sequence_logprobs(model, batch)
-        rc = torch.tensor([a for _, _, a, _, _ in chunk], device=device)
-        rr = torch.tensor([b for _, _, _, b, _ in chunk], device=device)
+        rc = torch.tensor([a for _, a, _ in chunk], device=device)
+        rr = torch.tensor([b for _, _, b in chunk], device=device)
         loss, chosen, rejected = dpo_loss(logps[0::2], logps[1::2], rc, rr, config.beta)
         if config.dpo_sft_weight:
             # RPO-style NLL of the chosen replies, per token (https://arxiv.org/abs/2404.19733),
             # only of replies a user picked: the reward model's favourite among on-policy
             # samples may be a wrong answer in the users' style, and imitating it costs answers
             tokens = batch.mask[0::2].sum(-1).clamp(min=1)
-            picked = torch.tensor([s for *_, s in chunk], device=device)
-            if picked.any():
-                nll = (-logps[0::2] / tokens)[picked].sum() / len(chunk)
-                loss = loss + config.dpo_sft_weight * nll
+            picked = torch.tensor([s for (_, _, s), _, _ in chunk], device=device)
+            nll = (-logps[0::2] / tokens)[picked].sum() / len(chunk)
+            loss = loss + config.dpo_sft_weight * nll
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -164,7 +164,7 @@ class Pair:
     chosen: str
     rejected: str
     margin: float = 0.0
-    source: str = "ranking"  # ranking | thumbs
+    source: str = "ranking"  # ranking | thumbs (logged) | reward_model (on-policy, trainer-made)
     # True: thumbs agree (chosen up, rejected down); False: both got the same thumb, so the
     # order may be a tie broken arbitrarily; None: no thumbs on them
     decisive: bool | None = None

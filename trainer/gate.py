@@ -24,8 +24,7 @@ active)`` for each ``f`` in ``gate_backtrack`` (default 0.5, then 0.25), and the
 passes is the one published. Interpolating towards the starting weights is a cheap trust
 region: a DPO round that overshot (KL to the reference up several nats, reward-model score
 down) or flipped a few answers usually keeps most of its gain at a half or a quarter of the
-step. Only the candidate side is
-re-evaluated; the active policy's samples are reused.
+step. Only the candidate side is re-evaluated; the active policy's samples are reused.
 """
 
 from __future__ import annotations
