@@ -118,6 +118,16 @@ def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> tor
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 
+def optimizer_step(
+    opt: torch.optim.Optimizer, loss: Tensor, params: Sequence[nn.Parameter], grad_clip: float
+) -> None:
+    """One update: fresh gradients of ``loss``, clipped to ``grad_clip`` in global norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -29,6 +29,7 @@ from trainer.common import (
     batched_sequence_logprobs,
     collate,
     encode_reply,
+    optimizer_step,
     sequence_logprobs,
     shard,
     wrap_ddp,
@@ -185,6 +186,39 @@ def reward_ranked_pairs(
     return pairs
 
 
+def _trainable(
+    policy: PaLM, config: TrainerConfig, info: DistInfo
+) -> tuple[list[torch.nn.Parameter], torch.nn.Module, torch.optim.Optimizer]:
+    """What a preference trainer updates (LoRA adapters, or every weight), the model to run
+    (DDP-wrapped when distributed) and its optimiser."""
+    params = list(policy.parameters())
+    if config.lora_rank:
+        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+    return params, wrap_ddp(policy, info), adamw(params, config.pref_lr, config.weight_decay)
+
+
+def _finish(
+    policy: PaLM,
+    config: TrainerConfig,
+    report: PreferenceReport,
+    info: DistInfo,
+    losses: list[float],
+    *series: list[float],
+) -> list[float]:
+    """Fold LoRA back in, unfreeze, record the step count and first loss; returns the means
+    over the last (up to) 10 steps of ``losses`` and each of ``series``, averaged over the
+    processes (empty when no step ran)."""
+    if config.lora_rank:
+        merge_lora(policy)
+    policy.requires_grad_(True)
+    report.steps = len(losses)
+    if not losses:
+        return []
+    tail = min(10, len(losses))
+    report.loss_first = all_mean([losses[0]], info)[0]
+    return all_mean([sum(x[-tail:]) / tail for x in (losses, *series)], info)
+
+
 def train_dpo(
     policy: PaLM,
     reference: PaLM,
@@ -218,11 +252,7 @@ def train_dpo(
     ref_c = _reference_logprobs(reference, [c for c, _, _ in mine], tok.pad_id, ref_cache)
     ref_r = _reference_logprobs(reference, [r for _, r, _ in mine], tok.pad_id, ref_cache)
     items = list(zip(mine, ref_c, ref_r, strict=True))
-    params = list(policy.parameters())
-    if config.lora_rank:
-        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-    model = wrap_ddp(policy, info)
-    opt = adamw(params, config.pref_lr, config.weight_decay)
+    params, model, opt = _trainable(policy, config, info)
     losses, margins, accs = [], [], []
     device = policy.device
     policy.train()
@@ -241,25 +271,15 @@ def train_dpo(
             picked = torch.tensor([s for (_, _, s), _, _ in chunk], device=device)
             nll = (-logps[0::2] / tokens)[picked].sum() / len(chunk)
             loss = loss + config.dpo_sft_weight * nll
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())
         margins.append(float((chosen - rejected).mean()))
         accs.append(float((chosen > rejected).float().mean()))
         if progress is not None:
             progress("dpo", step + 1, steps, f"loss {loss.item():.3f} margin {margins[-1]:+.3f}")
-    if config.lora_rank:
-        merge_lora(policy)
-    policy.requires_grad_(True)
-    tail = max(1, min(10, len(losses)))
-    report.steps = len(losses)
-    if losses:
-        report.loss_first = all_mean([losses[0]], info)[0]
-        report.loss_last, report.reward_margin, report.accuracy = all_mean(
-            [sum(x[-tail:]) / tail for x in (losses, margins, accs)], info
-        )
+    tails = _finish(policy, config, report, info, losses, margins, accs)
+    if tails:
+        report.loss_last, report.reward_margin, report.accuracy = tails
     return report
 
 
@@ -288,11 +308,7 @@ def train_kto(
     reference.eval().requires_grad_(False)
     ref = _reference_logprobs(reference, [e for e, _ in mine], tok.pad_id, ref_cache)
     items = list(zip(mine, ref, strict=True))
-    params = list(policy.parameters())
-    if config.lora_rank:
-        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-    model = wrap_ddp(policy, info)
-    opt = adamw(params, config.pref_lr, config.weight_decay)
+    params, model, opt = _trainable(policy, config, info)
     losses, zs = [], []
     device = policy.device
     policy.train()
@@ -309,22 +325,12 @@ def train_kto(
             config.kto_desirable_weight,
             config.kto_undesirable_weight,
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())
         zs.append(float(z))
         if progress is not None:
             progress("kto", step + 1, steps, f"loss {loss.item():.3f} z {zs[-1]:.3f}")
-    if config.lora_rank:
-        merge_lora(policy)
-    policy.requires_grad_(True)
-    tail = max(1, min(10, len(losses)))
-    report.steps = len(losses)
-    if losses:
-        report.loss_first = all_mean([losses[0]], info)[0]
-        report.loss_last, report.kl_ref_point = all_mean(
-            [sum(x[-tail:]) / tail for x in (losses, zs)], info
-        )
+    tails = _finish(policy, config, report, info, losses, zs)
+    if tails:
+        report.loss_last, report.kl_ref_point = tails
     return report

@@ -40,6 +40,7 @@ from trainer.common import (
     collate,
     entropy_of,
     masked_mean,
+    optimizer_step,
     token_logprobs,
     wrap_ddp,
 )
@@ -404,10 +405,7 @@ def train_ppo(
                     entropy=entropy_of(logits) if config.ent_coef else None,
                     ent_coef=config.ent_coef,
                 )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                opt.step()
+                optimizer_step(opt, loss, params, config.grad_clip)
                 stats.append(st)
                 done_updates += 1
                 if progress is not None:

@@ -41,6 +41,7 @@ from trainer.common import (
     all_mean,
     collate,
     encode_reply,
+    optimizer_step,
     shard,
     token_logprobs,
     wrap_ddp,
@@ -305,10 +306,7 @@ def train_reward_model(
         if tb:
             labels = torch.tensor([lab for _, lab in tb], device=device, dtype=torch.float)
             loss = loss + pointwise_weight * pointwise_loss(rewards[2 * len(pb) :], labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, grad_clip)
         losses.append(loss.item())
         if progress is not None:
             progress(
