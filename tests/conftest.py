@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -32,9 +33,9 @@ def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A freshly created, uniquely named PostgreSQL database, dropped at teardown.
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """The URL of a freshly created, uniquely named PostgreSQL database, dropped on exit.
 
     Outside CI an unreachable server skips the test; in CI (``CI=true``) it fails it, so a
     green CI run always means the PostgreSQL tests ran.
@@ -54,3 +55,10 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (:func:`fresh_postgres`) for one test."""
+    with fresh_postgres() as url:
+        yield url
