@@ -20,6 +20,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+# ...but a worker that sleeps between the ops of one step must be woken for each (tens of
+# microseconds on a VM). Serving processes let a waiting worker spin this many rounds (tens of
+# microseconds) first, so a wide decode step can use every core; the engine times whether that
+# pays on the machine as it is (server/engine/cpu_kernels.py) and else stays on one thread.
+SERVING_SPIN_COUNT = "2000"
+
+
+def _serving_process() -> None:
+    """Called by the commands that serve, before anything imports torch."""
+    os.environ.setdefault("GOMP_SPINCOUNT", SERVING_SPIN_COUNT)
+
+
 app = typer.Typer(
     help="palmchat: serve a PaLM chat policy, collect feedback, and improve it with RLHF.",
     no_args_is_help=True,
@@ -108,6 +120,7 @@ def up(
     Runs the database migrations, installs the bundled seed policy on first run, creates and
     prints a first admin API key, then serves the API, WebSocket and metrics.
     """
+    _serving_process()
     if demo_:
         demo(data_dir=data_dir)
         return
@@ -157,6 +170,7 @@ def serve(
     `palmchat` model of the Triton server at --triton-url, and activating or rolling back a
     policy loads that version in Triton through its model-control API.
     """
+    _serving_process()
     _logging()
     if backend not in ("engine", "triton"):
         _fail(f"--backend must be engine or triton, got {backend!r}")
@@ -903,6 +917,7 @@ def demo(
     Uses a fresh data dir (default: ./palmchat-demo-<preference>) so the demo starts from the
     seed policy; the trainer's log is <data dir>/trainer.log.
     """
+    _serving_process()
     _logging("WARNING")
     from trainer.demo import DemoConfig, run_demo
 
@@ -964,6 +979,7 @@ def bench_engine(
 ) -> None:
     """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
     generate and HF transformers' Llama generate, on the same weights and prompts."""
+    _serving_process()
     from server.engine.bench import run_engine_benchmark
 
     if not device.startswith(("cpu", "cuda")):

@@ -363,6 +363,7 @@ async def run_loop(
             "PALMCHAT_DATA_DIR": str(cfg.data_dir),
             "PALMCHAT_DATABASE_URL": cfg.database_url,
             "OMP_WAIT_POLICY": "PASSIVE",
+            "GOMP_SPINCOUNT": "0",  # the trainer's workers sleep at once (see shared/cli.py)
         }
         loop_start = time.monotonic()
         sim_events: list[Any] = []

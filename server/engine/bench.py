@@ -227,6 +227,7 @@ def run_engine_benchmark(
             "cpu_threads": threads,
             "cores": len(os.sched_getaffinity(0)),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             # other load on the machine skews every contender; recorded to judge a run by
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__,
@@ -276,6 +277,11 @@ def run_engine_benchmark(
     if cuda:
         results["roofline"] = roofline(engine, results, device)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if engine.threads is not None:  # what the timed wide decode steps settled on, by rows
+        results["decode_threads"] = {
+            "engine": engine.threads.timed_choices(),
+            "engine_async": front.engine.threads.timed_choices(),
+        }
     results["targets"] = targets(results)
     if out_dir is not None:
         write_results(results, out_dir, "engine-cuda" if cuda else "engine")

@@ -28,6 +28,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     num_threads: int | None = None  # CPU: torch threads; None means every core
+    # CPU decode steps of 16-127 rows: None runs them on one thread or on num_threads, whichever
+    # is timed faster now and then (server/engine/cpu_kernels.py); a number pins them to it
+    decode_threads: int | None = None
     # fixed-shape decode steps by batch bucket (server/engine/cuda_graphs.py), recorded as CUDA
     # graphs: None means on for CUDA, off on CPU; True on CPU runs the same path eagerly
     cuda_graphs: bool | None = None
@@ -47,8 +50,9 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}"
             )
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"EngineConfig.num_threads must be >= 1, got {self.num_threads}")
+        for name in ("num_threads", "decode_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ValueError(
                 f"EngineConfig.device must be auto, cpu or cuda[:N], got {self.device!r}"

@@ -24,10 +24,23 @@ microseconds; a decode step is a hundred small ops, so there the second core cos
 saves (batch 1: ~250 tokens/s on 2 threads, ~550 on 1; batch 32: ~4,100 vs ~4,800). Prefill is
 a few big ops and does gain (8 prompts of 500 tokens: 0.62 -> 0.34 s). :class:`StepThreads`
 gives a step every core from :data:`PARALLEL_TOKENS` tokens on, one thread below.
+
+**Wide decode steps.** The serving commands (``palmchat serve``, ``up``, ``demo``, ``bench
+engine``) let a waiting worker spin briefly before it sleeps (``GOMP_SPINCOUNT=2000``: tens of
+microseconds; the trainer keeps 0): the workers then stay awake between the ops of one step, and a
+32-row decode step on both cores of the 2-core AMD EPYC machine takes ~2.5 ms instead of
+~4 ms on one. Whether that pays depends on what else runs on the cores: with a second busy
+process the worker is descheduled while its master waits, and the same step takes longer
+than on one thread (two engines side by side, each 32 rows: ~3,700 tokens/s each on 2 threads
+vs ~7,600 on 1). So decode steps of :data:`TUNED_MIN_TOKENS` rows or more run on whichever of
+one thread and every core was faster when last timed (:class:`ThreadChoice`: both, interleaved,
+every :data:`PROBE_EVERY` steps of that size). Thread count does not change the numbers: the
+kernels split rows and columns, never a dot product.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -117,8 +130,64 @@ PARALLEL_TOKENS = 128
 
 
 def step_threads(tokens: int, cores: int) -> int:
-    """Intra-op threads for a step computing ``tokens`` tokens."""
+    """Intra-op threads for a step computing ``tokens`` tokens, where no timing decides."""
     return cores if tokens >= PARALLEL_TOKENS else 1
+
+
+# decode steps from this many rows (below PARALLEL_TOKENS) run on one thread or every core,
+# whichever ThreadChoice last timed faster
+TUNED_MIN_TOKENS = 16
+# steps of one size class between two timings, and steps on each choice per timing
+PROBE_EVERY = 256
+PROBE_STEPS = 3
+# every core must be this much faster than one thread to be chosen (one thread leaves the other
+# core to the rest of the machine)
+PARALLEL_MARGIN = 0.9
+
+
+def tuned(tokens: int, cores: int, is_prefill: bool) -> bool:
+    """Whether a step's thread count is chosen by timing (:class:`ThreadChoice`)."""
+    return cores > 1 and not is_prefill and TUNED_MIN_TOKENS <= tokens < PARALLEL_TOKENS
+
+
+class ThreadChoice:
+    """One thread or every core, for the decode steps of one size class: every
+    :data:`PROBE_EVERY` steps it runs :data:`PROBE_STEPS` steps on each, interleaved (a change of
+    load hits both alike), and keeps the one with the lower median time per token."""
+
+    def __init__(self, cores: int) -> None:
+        self.options = (1, cores)
+        self.best = 1
+        self.current = 1
+        self.until_probe = 0  # time both on first use
+        self.plan: list[int] = []
+        self.timings: dict[int, list[float]] | None = None
+        self.probes = 0
+
+    def next(self) -> int:
+        """The thread count for the next step of this size class."""
+        if self.timings is None and self.until_probe <= 0:
+            self.plan = [n for _ in range(PROBE_STEPS) for n in self.options]
+            self.timings = {n: [] for n in self.options}
+        if self.plan:
+            self.current = self.plan.pop(0)
+        else:
+            self.until_probe -= 1
+            self.current = self.best
+        return self.current
+
+    def record(self, seconds: float, tokens: int) -> None:
+        """The step just run on :attr:`current` threads took ``seconds``."""
+        if self.timings is None:
+            return
+        self.timings[self.current].append(seconds / tokens)
+        if self.plan:
+            return
+        one, every = (statistics.median(self.timings[n]) for n in self.options)
+        self.best = self.options[1] if every < PARALLEL_MARGIN * one else 1
+        self.timings = None
+        self.until_probe = PROBE_EVERY
+        self.probes += 1
 
 
 # row counts at which warm_up times packed against BLAS
@@ -159,7 +228,8 @@ def warm_up(model: nn.Module, rows: int, cores: int) -> None:
     """Pick, per weight shape, the row counts that use its packed copy
     (:func:`packed_row_counts`), then build oneDNN's kernels for those row counts up to ``rows``
     (capped at :data:`PACKED_MAX_ROWS`), each on the threads a step of that many rows runs on
-    (:func:`step_threads`), so no request pays for them. Kernels are cached per shape and thread
+    (:func:`step_threads`, and both choices where :class:`ThreadChoice` times them), so no
+    request pays for them. Kernels are cached per shape and thread
     count, so later engines in the same process (a trainer's rollouts, a hot-swapped version)
     find them built."""
     shapes: dict[tuple[int, int], list[PrepackedLinear]] = {}
@@ -177,9 +247,13 @@ def warm_up(model: nn.Module, rows: int, cores: int) -> None:
                 for module in modules:
                     module.packed_rows = rows_packed
             for n in range(1, min(rows, PACKED_MAX_ROWS) + 1):
-                torch.set_num_threads(step_threads(n, cores))
-                for (width, _), modules in shapes.items():
-                    modules[0](torch.zeros(n, width))
+                counts = {step_threads(n, cores)}
+                if tuned(n, cores, is_prefill=False):
+                    counts.update((1, cores))
+                for threads in sorted(counts):
+                    torch.set_num_threads(threads)
+                    for (width, _), modules in shapes.items():
+                        modules[0](torch.zeros(n, width))
     finally:
         torch.set_num_threads(saved)
 
@@ -187,19 +261,47 @@ def warm_up(model: nn.Module, rows: int, cores: int) -> None:
 class StepThreads:
     """Sets torch's intra-op threads per step, touching the setting only when it changes, and
     puts back what was there (:meth:`restore`), so code sharing the thread - a trainer that
-    generates rollouts between optimiser steps - keeps its own setting."""
+    generates rollouts between optimiser steps - keeps its own setting. Decode steps of
+    :data:`TUNED_MIN_TOKENS` rows or more take the count their size class's
+    :class:`ThreadChoice` picks (or ``decode_threads`` where given); call :meth:`done` after
+    each step so it can time them."""
 
-    def __init__(self, cores: int) -> None:
+    def __init__(self, cores: int, decode_threads: int | None = None) -> None:
         self.cores = cores
+        self.decode_threads = decode_threads
         self._saved: int | None = None
+        self.choices: dict[int, ThreadChoice] = {}  # by size class: tokens.bit_length()
+        self._timing: tuple[ThreadChoice, int, float] | None = None
 
-    def use(self, tokens: int) -> None:
+    def use(self, tokens: int, is_prefill: bool = False) -> None:
         wanted = step_threads(tokens, self.cores)
+        self._timing = None
+        if tuned(tokens, self.cores, is_prefill) and self.decode_threads is not None:
+            wanted = self.decode_threads
+        elif tuned(tokens, self.cores, is_prefill):
+            choice = self.choices.setdefault(tokens.bit_length(), ThreadChoice(self.cores))
+            wanted = choice.next()
+            self._timing = (choice, tokens, time.perf_counter())
         current = torch.get_num_threads()
         if wanted != current:
             if self._saved is None:
                 self._saved = current
             torch.set_num_threads(wanted)
+
+    def done(self) -> None:
+        """The step announced by the last :meth:`use` has finished."""
+        if self._timing is not None:
+            choice, tokens, start = self._timing
+            choice.record(time.perf_counter() - start, tokens)
+            self._timing = None
+
+    def timed_choices(self) -> dict[str, int]:
+        """The thread count each timed size class of decode steps runs on, e.g. {"32-63": 2}."""
+        return {
+            f"{1 << (k - 1)}-{(1 << k) - 1}": c.best
+            for k, c in sorted(self.choices.items())
+            if c.probes
+        }
 
     def restore(self) -> None:
         if self._saved is not None:

@@ -116,7 +116,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._stats = EngineStats()
         cpu = self.config.torch_device().type == "cpu"
-        self._threads = StepThreads(self.config.threads()) if cpu else None
+        self.threads = (
+            StepThreads(self.config.threads(), self.config.decode_threads) if cpu else None
+        )
 
     @classmethod
     def from_registry(
@@ -235,11 +237,13 @@ class LLMEngine:
             batch = worker.scheduler.schedule(time.perf_counter())
             if batch is None:
                 continue
-            if self._threads is not None:
-                self._threads.use(batch.num_tokens)
+            if self.threads is not None:
+                self.threads.use(batch.num_tokens, batch.is_prefill)
             out = worker.runner.run(
                 batch.seqs, batch.is_prefill, batch.fork_rows, batch.block_copies
             )
+            if self.threads is not None:
+                self.threads.done()
             now = time.perf_counter()
             self._stats.steps += 1
             if batch.is_prefill:
@@ -361,8 +365,8 @@ class LLMEngine:
                         m.logprobs += d.logprobs
                     m.finish_reason, m.metrics = d.finish_reason, d.metrics
         finally:
-            if self._threads is not None:
-                self._threads.restore()  # the caller's thread setting, as it was
+            if self.threads is not None:
+                self.threads.restore()  # the caller's thread setting, as it was
         return [
             sorted((d for k, d in merged.items() if k[0] == rid), key=lambda d: d.index)
             for rid in ids

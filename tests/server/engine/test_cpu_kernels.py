@@ -81,3 +81,61 @@ def test_warm_up_picks_per_shape_row_counts_and_both_paths_give_f_linear_numbers
             for rows in (1, 5, 40):
                 x = torch.randn(rows, module.in_features)
                 torch.testing.assert_close(module(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_thread_choice_keeps_the_faster_option_and_follows_a_change_of_load() -> None:
+    """Decode steps of one size class run on whichever of one thread and every core last timed
+    faster; a later timing (every PROBE_EVERY steps) undoes the choice when the machine changes,
+    e.g. another busy process arrives and the second core stops paying."""
+    from server.engine.cpu_kernels import PROBE_EVERY, PROBE_STEPS, ThreadChoice
+
+    choice = ThreadChoice(cores=2)
+    step_ms = {1: 4.0, 2: 2.5}  # an idle machine: both cores win
+
+    def run(steps: int) -> list[int]:
+        used = []
+        for _ in range(steps):
+            threads = choice.next()
+            used.append(threads)
+            choice.record(step_ms[threads] / 1000, tokens=32)
+        return used
+
+    first = run(2 * PROBE_STEPS)
+    assert sorted(first) == [1] * PROBE_STEPS + [2] * PROBE_STEPS  # both timed, interleaved
+    assert first[:2] == [1, 2]
+    assert run(PROBE_EVERY) == [2] * PROBE_EVERY  # then every step on both cores
+    step_ms[2] = 7.0  # contended: the second core is busy elsewhere
+    probe = run(2 * PROBE_STEPS)
+    assert sorted(probe) == [1] * PROBE_STEPS + [2] * PROBE_STEPS
+    assert run(PROBE_EVERY) == [1] * PROBE_EVERY
+    # a near tie keeps one thread, leaving the other core to the rest of the machine
+    step_ms[2] = 3.9
+    run(2 * PROBE_STEPS)
+    assert choice.best == 1
+
+
+def test_decode_steps_give_the_same_tokens_on_one_thread_and_on_every_core() -> None:
+    """Which thread count a wide decode step gets must not change the text: greedy replies of
+    a 24-request batch are identical with wide decode steps pinned to one thread, pinned to
+    two, and timed (the default, which switches between the two)."""
+    torch.manual_seed(0)
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=300)).eval()
+    prompts = [[5 + (i * 7 + j) % 250 for j in range(3 + i % 9)] for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    texts = {}
+    saved = torch.get_num_threads()
+    try:
+        for pinned in (1, 2, None):
+            engine = LLMEngine(
+                Policy("t", model, ByteTokenizer(300), {}),
+                EngineConfig(num_blocks=256, num_threads=2, decode_threads=pinned),
+            )
+            out = engine.generate(prompts, params)
+            texts[pinned] = [[c.token_ids for c in r] for r in out]
+            timed = engine.threads.timed_choices()
+            assert (timed == {}) if pinned else (set(timed) == {"16-31"})
+    finally:
+        torch.set_num_threads(saved)
+    assert texts[1] == texts[2] == texts[None]
+    with pytest.raises(ValueError, match="decode_threads"):
+        EngineConfig(decode_threads=0)
