@@ -10,15 +10,16 @@ import json
 import logging
 import os
 import sys
-
-# Spinning OpenMP workers steal the cores from everything else on a shared CPU box and can make
-# every op many times slower; must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+# Spinning OpenMP workers steal the cores from everything else on a shared CPU box and can make
+# every op many times slower; must be set before torch is imported (none of the above does).
+_OWN_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # ...but a worker that sleeps between the ops of one step must be woken for each (tens of
 # microseconds on a VM). Serving processes let a waiting worker spin this many rounds (tens of
@@ -28,8 +29,14 @@ SERVING_SPIN_COUNT = "2000"
 
 
 def _serving_process() -> None:
-    """Called by the commands that serve, before anything imports torch."""
-    os.environ.setdefault("GOMP_SPINCOUNT", SERVING_SPIN_COUNT)
+    """Called by the commands that serve, before anything imports torch (unless the operator
+    set OMP_WAIT_POLICY or GOMP_SPINCOUNT). The policy is ACTIVE, bounded by the spin count:
+    with PASSIVE, libgomp drops the spin to 0 once the process holds more OpenMP threads than
+    cores, which a server always does (a team for the thread that built the engine, one for the
+    engine's step thread); ACTIVE keeps 1,000 rounds then."""
+    if not _OWN_WAIT_POLICY:
+        os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+        os.environ["GOMP_SPINCOUNT"] = SERVING_SPIN_COUNT
 
 
 app = typer.Typer(

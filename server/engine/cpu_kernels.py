@@ -26,16 +26,19 @@ a few big ops and does gain (8 prompts of 500 tokens: 0.62 -> 0.34 s). :class:`S
 gives a step every core from :data:`PARALLEL_TOKENS` tokens on, one thread below.
 
 **Wide decode steps.** The serving commands (``palmchat serve``, ``up``, ``demo``, ``bench
-engine``) let a waiting worker spin briefly before it sleeps (``GOMP_SPINCOUNT=2000``: tens of
-microseconds; the trainer keeps 0): the workers then stay awake between the ops of one step, and a
+engine``) let a waiting worker spin briefly before it sleeps (``OMP_WAIT_POLICY=ACTIVE`` with
+``GOMP_SPINCOUNT=2000``: tens of microseconds; the trainer keeps PASSIVE, no spin; see
+``shared/cli.py``): the workers then stay awake between the ops of one step, and a
 32-row decode step on both cores of the 2-core AMD EPYC machine takes ~2.5 ms instead of
 ~4 ms on one. Whether that pays depends on what else runs on the cores: with a second busy
 process the worker is descheduled while its master waits, and the same step takes longer
 than on one thread (two engines side by side, each 32 rows: ~3,700 tokens/s each on 2 threads
 vs ~7,600 on 1). So decode steps of :data:`TUNED_MIN_TOKENS` rows or more run on whichever of
-one thread and every core was faster when last timed (:class:`ThreadChoice`: both, interleaved,
-every :data:`PROBE_EVERY` steps of that size). Thread count does not change the numbers: the
-kernels split rows and columns, never a dot product.
+one thread and every core was faster when last timed (:class:`ThreadChoice`: pairs of adjacent
+steps, one on each, every :data:`PROBE_EVERY` steps of that size). In a process whose workers
+do not spin (PASSIVE, e.g. the trainer's) every core loses and the steps stay on one thread.
+Thread count does not change the numbers: the kernels split rows and columns, never a dot
+product.
 """
 
 from __future__ import annotations
@@ -137,11 +140,11 @@ def step_threads(tokens: int, cores: int) -> int:
 # decode steps from this many rows (below PARALLEL_TOKENS) run on one thread or every core,
 # whichever ThreadChoice last timed faster
 TUNED_MIN_TOKENS = 16
-# steps of one size class between two timings, and steps on each choice per timing
+# steps of one size class between two timings, and pairs of steps (one of each choice) per timing
 PROBE_EVERY = 256
-PROBE_STEPS = 3
-# every core must be this much faster than one thread to be chosen (one thread leaves the other
-# core to the rest of the machine)
+PROBE_PAIRS = 8
+# every core must take at most this share of one thread's time to be chosen (one thread leaves
+# the other core to the rest of the machine)
 PARALLEL_MARGIN = 0.9
 
 
@@ -151,9 +154,12 @@ def tuned(tokens: int, cores: int, is_prefill: bool) -> bool:
 
 
 class ThreadChoice:
-    """One thread or every core, for the decode steps of one size class: every
-    :data:`PROBE_EVERY` steps it runs :data:`PROBE_STEPS` steps on each, interleaved (a change of
-    load hits both alike), and keeps the one with the lower median time per token."""
+    """One thread or every core, for the decode steps of one size class. Every
+    :data:`PROBE_EVERY` steps it runs :data:`PROBE_PAIRS` pairs of adjacent steps, one on each
+    (the order alternating, so neither always runs first), and keeps every core if the median
+    of the pairs' time ratios is under :data:`PARALLEL_MARGIN`. Pairs, because one step's time
+    swings by a third with the machine; two adjacent steps see nearly the same machine and the
+    same batch."""
 
     def __init__(self, cores: int) -> None:
         self.options = (1, cores)
@@ -161,14 +167,17 @@ class ThreadChoice:
         self.current = 1
         self.until_probe = 0  # time both on first use
         self.plan: list[int] = []
-        self.timings: dict[int, list[float]] | None = None
+        self.timings: list[float] | None = None  # seconds per token, in plan order
         self.probes = 0
+        self.last_ratio: float | None = None  # every core's time / one thread's, last timing
 
     def next(self) -> int:
         """The thread count for the next step of this size class."""
         if self.timings is None and self.until_probe <= 0:
-            self.plan = [n for _ in range(PROBE_STEPS) for n in self.options]
-            self.timings = {n: [] for n in self.options}
+            one, every = self.options
+            pairs = [(one, every) if i % 2 == 0 else (every, one) for i in range(PROBE_PAIRS)]
+            self.plan = [n for pair in pairs for n in pair]
+            self.timings = []
         if self.plan:
             self.current = self.plan.pop(0)
         else:
@@ -180,11 +189,15 @@ class ThreadChoice:
         """The step just run on :attr:`current` threads took ``seconds``."""
         if self.timings is None:
             return
-        self.timings[self.current].append(seconds / tokens)
+        self.timings.append(seconds / tokens)
         if self.plan:
             return
-        one, every = (statistics.median(self.timings[n]) for n in self.options)
-        self.best = self.options[1] if every < PARALLEL_MARGIN * one else 1
+        t = self.timings
+        ratios = [
+            (t[i + 1] / t[i]) if i % 4 == 0 else (t[i] / t[i + 1]) for i in range(0, len(t), 2)
+        ]
+        self.last_ratio = statistics.median(ratios)
+        self.best = self.options[1] if self.last_ratio < PARALLEL_MARGIN else 1
         self.timings = None
         self.until_probe = PROBE_EVERY
         self.probes += 1

@@ -87,7 +87,7 @@ def test_thread_choice_keeps_the_faster_option_and_follows_a_change_of_load() ->
     """Decode steps of one size class run on whichever of one thread and every core last timed
     faster; a later timing (every PROBE_EVERY steps) undoes the choice when the machine changes,
     e.g. another busy process arrives and the second core stops paying."""
-    from server.engine.cpu_kernels import PROBE_EVERY, PROBE_STEPS, ThreadChoice
+    from server.engine.cpu_kernels import PROBE_EVERY, PROBE_PAIRS, ThreadChoice
 
     choice = ThreadChoice(cores=2)
     step_ms = {1: 4.0, 2: 2.5}  # an idle machine: both cores win
@@ -100,17 +100,17 @@ def test_thread_choice_keeps_the_faster_option_and_follows_a_change_of_load() ->
             choice.record(step_ms[threads] / 1000, tokens=32)
         return used
 
-    first = run(2 * PROBE_STEPS)
-    assert sorted(first) == [1] * PROBE_STEPS + [2] * PROBE_STEPS  # both timed, interleaved
-    assert first[:2] == [1, 2]
+    first = run(2 * PROBE_PAIRS)
+    assert first[:4] == [1, 2, 2, 1]  # pairs of adjacent steps, one on each, order alternating
+    assert sorted(first) == [1] * PROBE_PAIRS + [2] * PROBE_PAIRS
     assert run(PROBE_EVERY) == [2] * PROBE_EVERY  # then every step on both cores
     step_ms[2] = 7.0  # contended: the second core is busy elsewhere
-    probe = run(2 * PROBE_STEPS)
-    assert sorted(probe) == [1] * PROBE_STEPS + [2] * PROBE_STEPS
+    probe = run(2 * PROBE_PAIRS)
+    assert sorted(probe) == [1] * PROBE_PAIRS + [2] * PROBE_PAIRS
     assert run(PROBE_EVERY) == [1] * PROBE_EVERY
     # a near tie keeps one thread, leaving the other core to the rest of the machine
     step_ms[2] = 3.9
-    run(2 * PROBE_STEPS)
+    run(2 * PROBE_PAIRS)
     assert choice.best == 1
 
 
@@ -139,3 +139,35 @@ def test_decode_steps_give_the_same_tokens_on_one_thread_and_on_every_core() -> 
     assert texts[1] == texts[2] == texts[None]
     with pytest.raises(ValueError, match="decode_threads"):
         EngineConfig(decode_threads=0)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, ("ACTIVE", "2000")),  # serving: a bounded spin
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", None)),  # the operator's choice stands
+        ({"GOMP_SPINCOUNT": "0"}, ("PASSIVE", "0")),
+    ],
+)
+def test_serving_commands_bound_the_openmp_spin_unless_the_operator_set_it(
+    given: dict[str, str], expected: tuple[str, str | None]
+) -> None:
+    """What a `palmchat serve` process runs with: workers that spin at most 2,000 rounds,
+    set before torch loads; an operator's own OMP_WAIT_POLICY / GOMP_SPINCOUNT are kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import os, sys, shared.cli as cli; cli._serving_process(); "
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'), "
+        "'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    policy, spin, torch_loaded = out.stdout.split()
+    assert (policy, None if spin == "None" else spin) == expected
+    assert torch_loaded == "False"  # still in time: libgomp reads these when torch loads
