@@ -29,6 +29,7 @@ import torch
 from server.engine.async_engine import AsyncEngine
 from server.engine.bench_report import markdown_table, targets, write_results
 from server.engine.config import EngineConfig
+from server.engine.cpu_kernels import TUNED_MIN_TOKENS
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling import SamplingParams
 from shared.checkpoints import Policy, PolicyRegistry
@@ -256,6 +257,11 @@ def run_engine_benchmark(
         engine_sync(eager, prompts[:2], 8)
         for c in (1, 32):
             fns[f"engine_eager/{c}"] = lambda c=c: engine_sync(eager, prompts[:c], new_tokens)
+    if not cuda:  # what timing wide decode steps onto every core buys: the same, on one thread
+        pinned = _engine(policy, **{**overrides, "decode_threads": 1})
+        engine_sync(pinned, prompts[:2], 8)
+        for c in (c for c in concurrency if c >= TUNED_MIN_TOKENS):
+            fns[f"engine_one_thread/{c}"] = lambda c=c: engine_sync(pinned, prompts[:c], new_tokens)
     if include_hf:
         llama = hf_llama(config, device, policy.model.token_emb.weight.dtype)
         hf_generate(llama, prompts[:2], 4)  # warm-up
@@ -273,6 +279,12 @@ def run_engine_benchmark(
             results[section] = value
         else:
             results.setdefault(section, {})[key] = value
+    if "engine_one_thread" in results:  # the same run's engine at 32 / 64 over the pinned one
+        results["every_core_vs_one_thread"] = {
+            c: round(results["engine"][c]["tokens_per_s"] / v["tokens_per_s"], 2)
+            for c, v in results["engine_one_thread"].items()
+            if c in results.get("engine", {})
+        }
     results["prefix_cache"] = prefix_cache_cost(policy, **overrides)
     if cuda:
         results["roofline"] = roofline(engine, results, device)
@@ -390,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                     "hf_llama",
                     "prefix_cache",
                     "engine_eager",
+                    "engine_one_thread",
+                    "every_core_vs_one_thread",
                     "roofline",
                     "targets",
                 )

@@ -46,6 +46,7 @@ def markdown_table(r: dict[str, Any]) -> str:
         ("palmchat engine (continuous batching)", "engine"),
         ("palmchat engine via AsyncEngine streams", "engine_async"),
         ("palmchat engine without CUDA graphs", "engine_eager"),
+        ("palmchat engine, decode steps on one thread", "engine_one_thread"),
         ("HF transformers Llama `generate` (same size, random weights)", "hf_llama"),
         ("PaLM-rlhf-pytorch `generate` (same weights, no KV cache)", "palm_rlhf_pytorch"),
     ]
@@ -86,6 +87,7 @@ def _plot(r: dict[str, Any], path: Path) -> None:
         ("engine", "palmchat engine"),
         ("engine_async", "engine (async front)"),
         ("engine_eager", "engine without CUDA graphs"),
+        ("engine_one_thread", "engine, decode on one thread"),
         ("hf_llama", "HF transformers Llama"),
     ):
         points = sorted(

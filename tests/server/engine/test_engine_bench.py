@@ -16,7 +16,7 @@ def test_benchmark_writes_json_with_every_contender_and_the_targets(tmp_path):
     policy = Policy("v1", random_policy(0), ByteTokenizer(300), {})
     results = run_engine_benchmark(
         new_tokens=4,
-        concurrency=(1, 4),
+        concurrency=(1, 4, 16),
         sequential_requests=2,
         policy=policy,
         include_hf=False,
@@ -34,4 +34,13 @@ def test_benchmark_writes_json_with_every_contender_and_the_targets(tmp_path):
         assert len(timed["runs_tokens_per_s"]) == 2
         assert timed["tokens_per_s"] == max(timed["runs_tokens_per_s"])
     assert "batch32_vs_one_at_a_time" not in written["targets"]["engine"]  # no 32 measured
+    # from 16 rows decode steps are timed onto one thread or every core: the same run measures
+    # the engine with them pinned to one thread, and the gain
+    assert set(written["engine_one_thread"]) == {"16"}
+    assert written["engine_one_thread"]["16"]["tokens"] == 64
+    assert written["every_core_vs_one_thread"]["16"] == round(
+        written["engine"]["16"]["tokens_per_s"]
+        / written["engine_one_thread"]["16"]["tokens_per_s"],
+        2,
+    )
     assert "| palmchat engine (continuous batching) |" in markdown_table(results)
