@@ -185,6 +185,11 @@ class ThreadChoice:
             self.current = self.best
         return self.current
 
+    def abandon(self) -> None:
+        """A step of the timing did not finish (it raised): time both again from the start,
+        rather than pair the steps wrongly."""
+        self.plan, self.timings, self.until_probe = [], None, 0
+
     def record(self, seconds: float, tokens: int) -> None:
         """The step just run on :attr:`current` threads took ``seconds``."""
         if self.timings is None:
@@ -288,7 +293,9 @@ class StepThreads:
 
     def use(self, tokens: int, is_prefill: bool = False) -> None:
         wanted = step_threads(tokens, self.cores)
-        self._timing = None
+        if self._timing is not None:  # the last step never reported done: it raised
+            self._timing[0].abandon()
+            self._timing = None
         if tuned(tokens, self.cores, is_prefill) and self.decode_threads is not None:
             wanted = self.decode_threads
         elif tuned(tokens, self.cores, is_prefill):

@@ -112,6 +112,13 @@ def test_thread_choice_keeps_the_faster_option_and_follows_a_change_of_load() ->
     step_ms[2] = 3.9
     run(2 * PROBE_PAIRS)
     assert choice.best == 1
+    # a step of a timing that raised (never recorded) restarts the timing
+    step_ms[2] = 2.0
+    run(PROBE_EVERY)
+    assert choice.next() == 1 and choice.next() == 2  # the timing's first pair
+    choice.abandon()  # ...whose second step failed
+    assert run(2 * PROBE_PAIRS)[:2] == [1, 2]  # paired from the start again
+    assert choice.best == 2
 
 
 def test_decode_steps_give_the_same_tokens_on_one_thread_and_on_every_core() -> None:
