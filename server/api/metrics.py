@@ -53,6 +53,14 @@ class EngineCollector:
             ("palmchat_preemptions", "Sequences preempted for lack of KV blocks.", s.preemptions),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        threads = GaugeMetricFamily(
+            "palmchat_decode_threads",
+            "CPU threads the decode steps of this many rows run on (timed: 1 or every core).",
+            labels=["rows"],
+        )
+        for rows, count in s.decode_threads.items():
+            threads.add_metric([rows], count)
+        yield threads
         info = InfoMetricFamily("palmchat_policy", "The policy version serving new requests.")
         info.add_metric([], {"version": engine.version})
         yield info

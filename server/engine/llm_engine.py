@@ -342,6 +342,7 @@ class LLMEngine:
         s.prefix_cache_hits = retired.hits + sum(w.blocks.stats.hits for w in workers)
         s.preemptions = retired.preemptions + sum(w.scheduler.num_preemptions for w in workers)
         s.policy_versions = list(self.workers)
+        s.decode_threads = self.threads.timed_choices() if self.threads is not None else {}
         return s.snapshot()
 
     def generate(

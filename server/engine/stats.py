@@ -24,6 +24,8 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     policy_versions: list[str] = field(default_factory=list)
+    # CPU: threads the timed decode steps of each size class run on, e.g. {"32-63": 2}
+    decode_threads: dict[str, int] = field(default_factory=dict)
     # the last finished candidates' timings, newest last
     recent: deque[RequestMetrics] = field(default_factory=lambda: deque(maxlen=1024), repr=False)
 
@@ -36,5 +38,6 @@ class EngineStats:
     def snapshot(self) -> EngineStats:
         copy = EngineStats(**{f: getattr(self, f) for f in self.__slots__ if f != "recent"})
         copy.policy_versions = list(self.policy_versions)
+        copy.decode_threads = dict(self.decode_threads)
         copy.recent = deque(self.recent, maxlen=1024)
         return copy

@@ -148,6 +148,16 @@ def test_metrics_change_after_traffic(server, client) -> None:
     )
     assert after['palmchat_policy_info{version="v1"}'] == 1.0
     assert 0.0 <= after["palmchat_kv_cache_usage_perc"] <= 1.0
+    # 16 candidates decode 16 rows a step: the engine times those steps on one thread against
+    # every core and reports what it chose
+    client.chat.completions.create(
+        model="palmchat",
+        messages=MESSAGES,
+        max_tokens=24,
+        n=16,
+        extra_body={"ignore_eos": True},
+    )
+    assert scrape()['palmchat_decode_threads{rows="16-31"}'] in (1.0, 2.0)
 
 
 def test_conversation_id_continues_the_thread(server, client) -> None:

@@ -139,7 +139,7 @@ def test_decode_steps_give_the_same_tokens_on_one_thread_and_on_every_core() -> 
             )
             out = engine.generate(prompts, params)
             texts[pinned] = [[c.token_ids for c in r] for r in out]
-            timed = engine.threads.timed_choices()
+            timed = engine.stats().decode_threads  # what /metrics shows as palmchat_decode_threads
             assert (timed == {}) if pinned else (set(timed) == {"16-31"})
     finally:
         torch.set_num_threads(saved)
