@@ -18,7 +18,7 @@ from rich.console import Console
 
 # Spinning OpenMP workers steal the cores from everything else on a shared CPU box and can make
 # every op many times slower; must be set before torch is imported (none of the above does).
-_OWN_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+_OWN_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # ...but a worker that sleeps between the ops of one step must be woken for each (tens of
@@ -29,14 +29,17 @@ SERVING_SPIN_COUNT = "2000"
 
 
 def _serving_process() -> None:
-    """Called by the commands that serve, before anything imports torch (unless the operator
-    set OMP_WAIT_POLICY or GOMP_SPINCOUNT). The policy is ACTIVE, bounded by the spin count:
-    with PASSIVE, libgomp drops the spin to 0 once the process holds more OpenMP threads than
-    cores, which a server always does (a team for the thread that built the engine, one for the
-    engine's step thread); ACTIVE keeps 1,000 rounds then."""
+    """Called by the commands that serve, before anything imports torch. OpenMP waits ACTIVE,
+    bounded by ``GOMP_SPINCOUNT`` (2,000 rounds unless set): with PASSIVE, libgomp drops the
+    spin to 0 once the process holds more OpenMP threads than cores, which a server always
+    does (a team for the thread that built the engine, one for the engine's step thread);
+    ACTIVE keeps min(1,000, GOMP_SPINCOUNT) rounds then. An operator's OMP_WAIT_POLICY, and
+    their GOMP_SPINCOUNT (0: no spin), stand. KMP_BLOCKTIME bounds the same for an Intel
+    OpenMP build of torch (1 ms)."""
     if not _OWN_WAIT_POLICY:
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
-        os.environ["GOMP_SPINCOUNT"] = SERVING_SPIN_COUNT
+    os.environ.setdefault("GOMP_SPINCOUNT", SERVING_SPIN_COUNT)
+    os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 
 app = typer.Typer(
@@ -1025,6 +1028,7 @@ def bench_api(
     With --backend triton the same streams also go through a gateway backed by a real
     tritonserver, reported next to the in-process gateway.
     """
+    _serving_process()
     _logging("WARNING")
     from rich.markup import escape
 

@@ -9,7 +9,7 @@ OpenMP workers that spin while they wait collapse throughput (20x and more, meas
 cores are shared, e.g. with a trainer on the same machine; sleeping workers cost the engine's
 small ops little. The setting is read when torch loads, so set ``OMP_WAIT_POLICY=PASSIVE`` in
 the environment of any process that imports torch before this package. The serving commands
-instead let a worker spin a bounded 2,000 rounds (``shared/cli.py``), and the engine times
+instead let a worker spin a bounded 1,000-2,000 rounds (``shared/cli.py``), and the engine times
 whether its wide decode steps gain from every core (``server/engine/cpu_kernels.py``).
 """
 

@@ -16,19 +16,22 @@ sets at which row counts that shape uses its packed copy (:func:`packed_row_coun
 shape and thread count in a process); elsewhere the matmul goes to BLAS with the weight stored
 transposed (row-major (in, out), the faster layout for few rows).
 
-**Threads.** The engine sets ``OMP_WAIT_POLICY=PASSIVE``: workers that spin collapse a second
-busy process on a small machine (two engines side by side, 2-thread steps, spinning for as
-little as 5,000 rounds: 595 -> 98 tokens/s each at batch 1). A sleeping worker must then be
-woken for every parallel op, and on a virtual machine waking an idle vCPU costs tens of
-microseconds; a decode step is a hundred small ops, so there the second core costs more than it
-saves (batch 1: ~250 tokens/s on 2 threads, ~550 on 1; batch 32: ~4,100 vs ~4,800). Prefill is
-a few big ops and does gain (8 prompts of 500 tokens: 0.62 -> 0.34 s). :class:`StepThreads`
-gives a step every core from :data:`PARALLEL_TOKENS` tokens on, one thread below.
+**Threads.** The engine package defaults ``OMP_WAIT_POLICY`` to PASSIVE: workers that spin
+without bound collapse a second busy process on a small machine (two engines side by side,
+2-thread steps, spinning for as little as 5,000 rounds: 595 -> 98 tokens/s each at batch 1). A
+sleeping worker must then be woken for every parallel op, and on a virtual machine waking an
+idle vCPU costs tens of microseconds; a decode step is a hundred small ops, so there the second
+core costs more than it saves (batch 1: ~250 tokens/s on 2 threads, ~550 on 1; batch 32:
+~4,100 vs ~4,800). Prefill is a few big ops and does gain (8 prompts of 500 tokens: 0.62 ->
+0.34 s). :class:`StepThreads` gives a step every core from :data:`PARALLEL_TOKENS` tokens on,
+one thread below - except wide decode steps:
 
 **Wide decode steps.** The serving commands (``palmchat serve``, ``up``, ``demo``, ``bench
-engine``) let a waiting worker spin briefly before it sleeps (``OMP_WAIT_POLICY=ACTIVE`` with
-``GOMP_SPINCOUNT=2000``: tens of microseconds; the trainer keeps PASSIVE, no spin; see
-``shared/cli.py``): the workers then stay awake between the ops of one step, and a
+engine``, ``bench api``) let a waiting worker spin briefly before it sleeps
+(``OMP_WAIT_POLICY=ACTIVE`` with ``GOMP_SPINCOUNT=2000``, which libgomp caps at 1,000 rounds
+once a process holds more OpenMP threads than cores, as a server does: tens of microseconds;
+the trainer keeps PASSIVE, no spin; see ``shared/cli.py``): the workers then stay awake between
+the ops of one step, and a
 32-row decode step on both cores of the 2-core AMD EPYC machine takes ~2.5 ms instead of
 ~4 ms on one. Whether that pays depends on what else runs on the cores: with a second busy
 process the worker is descheduled while its master waits, and the same step takes longer
@@ -296,17 +299,19 @@ class StepThreads:
         if self._timing is not None:  # the last step never reported done: it raised
             self._timing[0].abandon()
             self._timing = None
+        choice = None
         if tuned(tokens, self.cores, is_prefill) and self.decode_threads is not None:
             wanted = self.decode_threads
         elif tuned(tokens, self.cores, is_prefill):
             choice = self.choices.setdefault(tokens.bit_length(), ThreadChoice(self.cores))
             wanted = choice.next()
-            self._timing = (choice, tokens, time.perf_counter())
         current = torch.get_num_threads()
         if wanted != current:
             if self._saved is None:
                 self._saved = current
             torch.set_num_threads(wanted)
+        if choice is not None:  # timed from here: the switch above is not the step's
+            self._timing = (choice, tokens, time.perf_counter())
 
     def done(self) -> None:
         """The step announced by the last :meth:`use` has finished."""

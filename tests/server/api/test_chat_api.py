@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -157,7 +158,9 @@ def test_metrics_change_after_traffic(server, client) -> None:
         n=16,
         extra_body={"ignore_eos": True},
     )
-    assert scrape()['palmchat_decode_threads{rows="16-31"}'] in (1.0, 2.0)
+    cores = len(os.sched_getaffinity(0))  # the engine's threads by default
+    threads = scrape().get('palmchat_decode_threads{rows="16-31"}')
+    assert threads in ((1.0, float(cores)) if cores > 1 else (None,))  # 1 core: nothing to time
 
 
 def test_conversation_id_continues_the_thread(server, client) -> None:

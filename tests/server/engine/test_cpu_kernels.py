@@ -152,8 +152,8 @@ def test_decode_steps_give_the_same_tokens_on_one_thread_and_on_every_core() -> 
     ("given", "expected"),
     [
         ({}, ("ACTIVE", "2000")),  # serving: a bounded spin
-        ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", None)),  # the operator's choice stands
-        ({"GOMP_SPINCOUNT": "0"}, ("PASSIVE", "0")),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", "2000")),  # the operator's policy stands
+        ({"GOMP_SPINCOUNT": "0"}, ("ACTIVE", "0")),  # ...and their spin count: 0 = none
     ],
 )
 def test_serving_commands_bound_the_openmp_spin_unless_the_operator_set_it(
@@ -164,6 +164,7 @@ def test_serving_commands_bound_the_openmp_spin_unless_the_operator_set_it(
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = (
@@ -172,7 +173,11 @@ def test_serving_commands_bound_the_openmp_spin_unless_the_operator_set_it(
         "'torch' in sys.modules)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**env, **given},
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     policy, spin, torch_loaded = out.stdout.split()
