@@ -111,6 +111,11 @@ class TrainerConfig:
     gate_seed: int = 4242
     gate_max_kl: float = 12.0  # nats per reply, candidate vs the reference policy
     gate_min_reward_gain: float = 0.0  # candidate mean RM score must exceed active's by more
+    # each reply's RM score is clipped to +-this many standard deviations before the mean (as
+    # trlx clips PPO rewards): a few garbled samples scored -10 to -16, far outside anything the
+    # reward model was trained on, otherwise outweigh a better policy's other 125 replies.
+    # None = no clipping
+    gate_reward_clip: float | None = 3.0
     gate_correct_tolerance: float = 0.03  # allowed drop of held-out correct rate
     gate_max_new_tokens: int = 64
     # when the trained candidate fails the gate, try it again at these fractions of its step
@@ -164,6 +169,8 @@ class TrainerConfig:
             raise ValueError("log_prompt_fraction must be in [0, 1]")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError("gamma and lam must be in [0, 1]")
+        if self.gate_reward_clip is not None and not self.gate_reward_clip > 0:
+            raise ValueError("gate_reward_clip must be > 0 (or None for no clipping)")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError("kl_target must be > 0 (or None for a fixed coefficient)")
         if self.lora_rank < 0 or self.threads < 0:

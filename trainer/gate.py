@@ -5,7 +5,12 @@ trained on). The candidate passes when all three hold:
 
 1. **reward up** - the mean reward-model score of its sampled replies beats the active policy's
    by more than ``gate_min_reward_gain`` (the reward model is this round's, trained on the
-   feedback; it decides style);
+   feedback; it decides style). Each score is clipped to ``+-gate_reward_clip`` (3) standard
+   deviations first: a DPO step can leave 2-3% of samples garbled, which the reward model
+   scores -10 to -16, and those few once outweighed the rest. A candidate whose users'
+   thumbs-up rate on the gate's prompts rose from 29% to 36% was rejected at -0.147 vs +0.170;
+   clipped, it scores +0.203 vs +0.170. A garbled reply still counts as worse than any
+   typical bad one;
 2. **KL bounded** - ``KL(candidate || reference)`` per reply, estimated on its own samples as
    ``mean(sum_t log pi(y_t) - log ref(y_t))``, is at most ``gate_max_kl`` nats;
 3. **capability kept** - the held-out correct rate of greedy answers
@@ -83,7 +88,8 @@ def sample_and_score(
     config: TrainerConfig,
     rollouts: list[Rollout] | None = None,
 ) -> tuple[list[Rollout], float, float]:
-    """(rollouts, mean RM score, mean KL to reference) of ``policy``'s sampled replies."""
+    """(rollouts, mean RM score (each clipped to ``config.gate_reward_clip``), mean KL to
+    reference) of ``policy``'s sampled replies."""
     if rollouts is None:
         rollouts = generate_rollouts(
             policy,
@@ -96,6 +102,8 @@ def sample_and_score(
     if not rollouts:
         return rollouts, float("nan"), float("nan")
     scores = reward_model.score(tok, [r.prompt for r in rollouts], [r.text for r in rollouts])
+    if config.gate_reward_clip is not None:
+        scores = scores.clamp(-config.gate_reward_clip, config.gate_reward_clip)
     seqs = [r.encoded(policy.config.max_seq_len) for r in rollouts]
     kl = batched_sequence_logprobs(policy, seqs, tok.pad_id) - batched_sequence_logprobs(
         reference, seqs, tok.pad_id

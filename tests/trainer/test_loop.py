@@ -93,6 +93,31 @@ def test_gate_rejects_a_worse_candidate() -> None:
     assert decide(PolicyEval(0.5, 2.0, 0.68, 10, 0, lost=3, gained=0), active, cfg) == []
 
 
+def test_the_gate_clips_each_reply_score_before_the_mean(data_dir) -> None:
+    """A few garbled samples scored far outside the reward model's training range must not
+    outweigh the rest: each reply's score is clipped to +-gate_reward_clip, then averaged."""
+    from trainer.reward import RewardModel
+
+    active = data_dir.ctx.registry.load("v1")
+    tok, policy = active.tokenizer, active.model.float().eval()
+    rm = RewardModel.from_policy(policy).eval()
+    plain = tiny_config(gate_reward_clip=None)
+    unclipped, cache = evaluate_policy(policy, policy, rm, tok, plain)
+    rollouts = cache["rollouts"]
+    scores = rm.score(tok, [r.prompt for r in rollouts], [r.text for r in rollouts])
+    assert unclipped.reward == pytest.approx(float(scores.mean()), abs=1e-4)
+    bound = float(scores.abs().median())  # half the replies score beyond it
+    clipped, _ = evaluate_policy(
+        policy, policy, rm, tok, plain.replace(gate_reward_clip=bound), cached=cache
+    )
+    assert clipped.reward == pytest.approx(float(scores.clamp(-bound, bound).mean()), abs=1e-4)
+    assert -bound <= clipped.reward <= bound
+    assert clipped.reward != pytest.approx(unclipped.reward, abs=1e-3)
+    assert tiny_config().gate_reward_clip == 3.0  # on by default
+    with pytest.raises(ValueError, match="gate_reward_clip"):
+        tiny_config(gate_reward_clip=0)
+
+
 def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_dir) -> None:
     import torch
 
