@@ -97,7 +97,7 @@ class PreferenceReport:
 
 def _steps(n: int, config: TrainerConfig, world: int) -> int:
     per_epoch = math.ceil(n / (config.pref_batch_size * world))
-    return min(config.pref_max_steps, config.pref_epochs * per_epoch)
+    return min(config.pref_max_steps, max(config.pref_min_steps, config.pref_epochs * per_epoch))
 
 
 def _subset(items: Sequence, steps: int, config: TrainerConfig, world: int, seed: int) -> list:
