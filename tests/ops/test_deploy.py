@@ -217,7 +217,7 @@ def test_readme_operations_section_covers_alerts_metrics_and_procedures() -> Non
         "prompt_tokens_total", "generation_tokens_total", "preemptions_total", "feedback_total",
         "policy_info", "policy_swaps_total", "trainer_rounds_total", "trainer_reward_mean",
         "trainer_rm_accuracy", "trainer_kl", "trainer_last_publish_timestamp_seconds",
-        "trainer_feedback_lag_seconds",
+        "trainer_feedback_lag_seconds", "decode_threads",
     ):  # fmt: skip
         assert f"palmchat_{metric}" in ops or f"`{metric}`" in ops, metric
     for topic in ("PostgreSQL", "--scale gateway", "pg_dump", "keys revoke", "keys create",
