@@ -170,9 +170,9 @@ class ThreadChoice:
         self.current = 1
         self.until_probe = 0  # time both on first use
         self.plan: list[int] = []
-        self.timings: list[float] | None = None  # seconds per token, in plan order
+        # this timing's steps so far, in order: (threads, seconds per token)
+        self.timings: list[tuple[int, float]] | None = None
         self.probes = 0
-        self.last_ratio: float | None = None  # every core's time / one thread's, last timing
 
     def next(self) -> int:
         """The thread count for the next step of this size class."""
@@ -197,15 +197,13 @@ class ThreadChoice:
         """The step just run on :attr:`current` threads took ``seconds``."""
         if self.timings is None:
             return
-        self.timings.append(seconds / tokens)
+        self.timings.append((self.current, seconds / tokens))
         if self.plan:
             return
-        t = self.timings
-        ratios = [
-            (t[i + 1] / t[i]) if i % 4 == 0 else (t[i] / t[i + 1]) for i in range(0, len(t), 2)
-        ]
-        self.last_ratio = statistics.median(ratios)
-        self.best = self.options[1] if self.last_ratio < PARALLEL_MARGIN else 1
+        one, every = self.options
+        pairs = [dict(self.timings[i : i + 2]) for i in range(0, len(self.timings), 2)]
+        ratio = statistics.median(pair[every] / pair[one] for pair in pairs)
+        self.best = every if ratio < PARALLEL_MARGIN else one
         self.timings = None
         self.until_probe = PROBE_EVERY
         self.probes += 1
@@ -300,11 +298,14 @@ class StepThreads:
             self._timing[0].abandon()
             self._timing = None
         choice = None
-        if tuned(tokens, self.cores, is_prefill) and self.decode_threads is not None:
-            wanted = self.decode_threads
-        elif tuned(tokens, self.cores, is_prefill):
-            choice = self.choices.setdefault(tokens.bit_length(), ThreadChoice(self.cores))
-            wanted = choice.next()
+        if tuned(tokens, self.cores, is_prefill):
+            if self.decode_threads is not None:
+                wanted = self.decode_threads
+            else:
+                choice = self.choices.get(tokens.bit_length())
+                if choice is None:
+                    choice = self.choices[tokens.bit_length()] = ThreadChoice(self.cores)
+                wanted = choice.next()
         current = torch.get_num_threads()
         if wanted != current:
             if self._saved is None:
