@@ -47,7 +47,7 @@ class TrainerConfig:
     rm_margin: float = 0.0  # BT margin per rank of distance (0 = plain Bradley-Terry)
     rm_pointwise_weight: float = 0.5  # weight of the thumbs (BCE) term
     # + rm_lm_weight * log-likelihood of the reply under the trunk's LM head (learned from this
-    # start; 0 = head only)
+    # start, at its own rate, reward.LM_WEIGHT_LR; 0 = head only)
     rm_lm_weight: float = 0.3
     rm_heldout_percent: int = 15  # pairs held out (by prompt) for the accuracy report
     rm_max_pairs_per_prompt: int = 16

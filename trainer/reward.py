@@ -60,6 +60,11 @@ Progress = Callable[[str, int, int, str], None]
 # 0.78-0.83 to 0.85-0.86: right-vs-wrong pairs gain most; 1.0 overweights it (pairs of two
 # wrong replies suffer)
 LM_WEIGHT_INIT = 0.3
+# learning rate of that weight: an O(1) scalar that Adam moves by about this much a step. At
+# the head's rate (10x the trunk's, 1e-3) 48 steps moved it 0.30 -> 0.32, i.e. not at all; at
+# 0.02 it settles at 0.55-0.85 within a round (courteous feedback, 40% of prompts held out:
+# held-out accuracy 0.85 -> 0.91, right-vs-wrong pairs 0.74 -> 0.85)
+LM_WEIGHT_LR = 0.02
 
 
 class RewardModel(nn.Module):
@@ -280,7 +285,12 @@ def train_reward_model(
         [
             {"params": [p for p in params if p.requires_grad and id(p) not in head]},
             # the fresh head learns faster than the pretrained trunk
-            {"params": [p for p in rm.head_parameters() if p.requires_grad], "lr": lr * 10},
+            {"params": [*rm.head.parameters()], "lr": lr * 10},
+            {
+                "params": [p for p in (rm.lm_weight,) if p.requires_grad],
+                "lr": LM_WEIGHT_LR,
+                "weight_decay": 0.0,
+            },
         ],
         lr=lr,
         betas=(0.9, 0.95),

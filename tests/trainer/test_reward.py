@@ -153,3 +153,23 @@ def test_the_likelihood_term_adds_its_weight_times_the_replys_log_probability(
     assert float(loaded.lm_weight) == pytest.approx(0.7)
     off, _, _ = registry.load(registry.publish(head_only, tok))
     assert float(off.lm_weight) == 0.0 and not off.lm_weight.requires_grad
+
+
+def test_the_likelihood_weight_is_learned_within_a_round(tiny_seed_dir) -> None:
+    # the weight is one O(1) number: at the head's learning rate a round of training left it
+    # where it started (0.30 -> 0.32 in 48 steps), so the reward model could not lean on the
+    # likelihood when the users' feedback says it should; it has its own rate now
+    torch.manual_seed(0)
+    policy = load_policy_dir(tiny_seed_dir, "v1")
+    rm, report = train_reward_model(
+        policy.model,
+        policy.tokenizer,
+        _style_data(48, seed=1),
+        _style_data(8, seed=2),
+        epochs=2,
+        batch_size=8,
+        lr=1e-4,
+        lm_weight=0.3,
+    )
+    assert report.steps == 24  # 96 thumbs, 8 a step, 2 epochs
+    assert abs(float(rm.lm_weight) - 0.3) > 0.05, float(rm.lm_weight)
