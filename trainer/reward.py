@@ -179,6 +179,7 @@ class RewardReport:
     heldout_thumb_accuracy: float | None = None  # sign of the score vs the thumb
     offset: float = 0.0
     scale: float = 1.0
+    lm_weight: float = 0.0  # the likelihood term's learned weight after training
     version: str | None = None
     history: list[float] = field(default_factory=list)
 
@@ -340,6 +341,7 @@ def train_reward_model(
         report.heldout_thumb_accuracy,
     ) = evaluate_reward_model(rm, tok, heldout, max_len)
     report.offset, report.scale = float(rm.offset), float(rm.scale)
+    report.lm_weight = float(rm.lm_weight.detach())
     return rm, report
 
 

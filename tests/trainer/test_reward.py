@@ -173,3 +173,4 @@ def test_the_likelihood_weight_is_learned_within_a_round(tiny_seed_dir) -> None:
     )
     assert report.steps == 24  # 96 thumbs, 8 a step, 2 epochs
     assert abs(float(rm.lm_weight) - 0.3) > 0.05, float(rm.lm_weight)
+    assert report.to_dict()["lm_weight"] == pytest.approx(float(rm.lm_weight))
