@@ -621,11 +621,13 @@ def trainer(
         gate = result.metrics.get("gate", {})
         cand, act = gate.get("candidate", {}), gate.get("active", {})
         acc = result.rm_accuracy
+        n_held = result.metrics.get("reward_model", {}).get("heldout_pairs")
         console.print(
             f"round {result.run_id} [{cfg.algo}] {result.status}: "
             f"{result.candidate_version or '-'} (parent {result.base_version}), "
             f"{result.n_feedback} new items, RM held-out acc "
-            f"{'-' if acc is None else f'{acc:.3f}'}, reward {cand.get('reward', 0):+.3f} vs "
+            f"{'-' if acc is None else f'{acc:.3f} of {n_held} pairs'}, "
+            f"reward {cand.get('reward', 0):+.3f} vs "
             f"{act.get('reward', 0):+.3f}, KL {cand.get('kl', 0):.2f}, correct "
             f"{cand.get('correct_rate', 0):.3f} vs {act.get('correct_rate', 0):.3f}, "
             f"{result.seconds:.0f}s"

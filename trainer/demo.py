@@ -409,13 +409,14 @@ async def run_loop(
                     run = finished_runs(engine)[-1]
                     summary = round_summary(run)
                     report.rounds.append(summary)
-                    acc = summary["rm_heldout_accuracy"]
+                    acc, n_held = summary["rm_heldout_accuracy"], summary["rm_heldout_pairs"]
+                    acc_text = "-" if acc is None else f"{acc:.2f} of {n_held} pairs"
                     kl = summary["kl_to_reference"]
                     step = summary["step_fraction"]
                     log(
                         f"[{time.monotonic() - started:6.0f}s] round {round_no}: "
                         f"{summary['status']} {summary['candidate_version'] or ''} "
-                        f"(RM held-out acc {'-' if acc is None else f'{acc:.2f}'}, "
+                        f"(RM held-out acc {acc_text}, "
                         f"KL {'-' if kl is None else f'{kl:.2f}'}, "
                         + (f"at {step:g} of its step, " if step not in (None, 1.0) else "")
                         + f"{summary['seconds'] or 0:.0f}s)"

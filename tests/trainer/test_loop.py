@@ -5,6 +5,7 @@ round), the --once CLI and the trainer's own /metrics."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -276,9 +277,14 @@ def test_a_dead_runs_candidate_without_a_policy_row_is_recorded_rejected(data_di
 
 def test_cli_once_runs_a_round_and_checks_its_flags(data_dir) -> None:
     add_feedback(data_dir, n_prompts=4)
-    proc = _trainer_subprocess(data_dir, "--once", "--algo", "kto")
+    # (half the prompts held out, so the reward model has held-out pairs to be judged on)
+    proc = _trainer_subprocess(
+        data_dir, "--once", "--algo", "kto", "--set", "rm_heldout_percent=50"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"status": "published"' in proc.stdout
+    # the reward model's accuracy comes with the number of held-out pairs it was measured on
+    assert re.search(r"RM held-out acc [01]\.\d{3} of [1-9]\d* pairs,", proc.stdout), proc.stdout
     assert active_version(data_dir.ctx.engine) == "v2"
     from typer.testing import CliRunner
 
