@@ -620,8 +620,7 @@ def trainer(
             return
         gate = result.metrics.get("gate", {})
         cand, act = gate.get("candidate", {}), gate.get("active", {})
-        acc = result.rm_accuracy
-        n_held = result.metrics.get("reward_model", {}).get("heldout_pairs")
+        acc, n_held = result.rm_accuracy, result.rm_heldout_pairs
         console.print(
             f"round {result.run_id} [{cfg.algo}] {result.status}: "
             f"{result.candidate_version or '-'} (parent {result.base_version}), "

@@ -140,6 +140,11 @@ class RoundResult:
         return self.metrics.get("reward_model", {}).get("heldout_accuracy")
 
     @property
+    def rm_heldout_pairs(self) -> int | None:
+        """How many held-out pairs :attr:`rm_accuracy` was measured on."""
+        return self.metrics.get("reward_model", {}).get("heldout_pairs")
+
+    @property
     def kl(self) -> float | None:
         return self.metrics.get("gate", {}).get("candidate", {}).get("kl")
 
