@@ -29,14 +29,17 @@ RUN python -m venv /opt/venv \
 WORKDIR /app
 # Dependencies change less often than the code: resolve them in their own layer.
 COPY pyproject.toml README.md ./
-RUN mkdir -p server shared trainer \
+RUN mkdir -p server shared trainer palmchat demo bench \
  && pip install ".[${EXTRAS}]" \
  && pip uninstall -y palmchat
 COPY shared ./shared
 COPY server ./server
 COPY trainer ./trainer
+COPY palmchat ./palmchat
+COPY demo ./demo
+COPY bench ./bench
 RUN pip install --no-deps '.' \
- && python -c "import server.api.app, shared.cli, trainer.metrics"
+ && python -c "import server.api.app, palmchat.app, trainer.metrics"
 
 # ------------------------------------------------------------------------------ runtime
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         None, description="Policy registry root; empty means <data_dir>/policies."
     )
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one).")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     kv_cache_memory_mb: int = Field(256, description="Memory budget of the paged KV cache.")
     max_waiting: int = Field(

@@ -17,9 +17,9 @@ def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random-weight policy version (BPE tokenizer) to stand in for the bundled seed."""
     import torch
 
+    from demo.tasks import sft_conversations
     from shared.checkpoints import PolicyRegistry
     from shared.model import PaLM, PaLMConfig
-    from shared.tasks import sft_conversations
     from shared.tokenizer import BPETokenizer
 
     texts = [m["content"] for c in sft_conversations(300, seed=0) for m in c]

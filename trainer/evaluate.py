@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from demo.rater import ScriptedRater, is_correct
+from demo.tasks import TaskGenerator
 from shared.generate import generate_replies
 from shared.model import PaLM
-from shared.rater import ScriptedRater, is_correct
-from shared.tasks import TaskGenerator
 from shared.tokenizer import Tokenizer
 
 

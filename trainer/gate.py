@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
+from demo.tasks import TaskGenerator
 from shared.model import PaLM
-from shared.tasks import TaskGenerator
 from shared.tokenizer import Tokenizer
 from trainer.common import batched_sequence_logprobs
 from trainer.config import TrainerConfig

@@ -494,7 +494,7 @@ class OnlineTrainer:
         return rm, version
 
     def _ppo_prompts(self, data: FeedbackData, seed: int) -> list[list[dict[str, str]]]:
-        from shared.tasks import TaskGenerator
+        from demo.tasks import TaskGenerator
 
         pool = max(256, self.config.ppo_rollouts * 4)
         n_log = min(len(data.prompts), int(pool * self.config.log_prompt_fraction))

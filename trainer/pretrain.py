@@ -1,6 +1,6 @@
 """Supervised pretraining / SFT of a PaLM policy on chat conversations.
 
-Data is the synthetic task corpus (``shared.tasks``) or a JSONL file of
+Data is the synthetic task corpus (``demo.tasks``) or a JSONL file of
 ``{"messages": [{"role", "content"}, ...]}``. Loss is next-token cross entropy on assistant
 tokens only (the model learns to answer and to stop, not to imitate users). AdamW, linear
 warmup then cosine decay, gradient clipping, periodic eval loss, resumable state, and a final
@@ -117,7 +117,7 @@ def load_conversations(cfg: PretrainConfig) -> tuple[list[list[dict]], list[list
         random.Random(cfg.seed).shuffle(rows)
         n_eval = max(1, min(cfg.eval_examples, len(rows) // 10))
         return rows[n_eval:] or rows, rows[:n_eval]
-    from shared.tasks import TaskGenerator, sft_conversations
+    from demo.tasks import TaskGenerator, sft_conversations
 
     train = sft_conversations(cfg.train_examples, seed=cfg.seed, style_weights=cfg.style_weights)
     gen = TaskGenerator(cfg.seed + 1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session in one command: the CUDA-graph engine tests on CPU and CUDA, then
-# `python -m server.engine.bench --device cuda` (engine, HF Llama, PaLM-rlhf-pytorch on the GPU,
+# `python -m bench.engine --device cuda` (engine, HF Llama, PaLM-rlhf-pytorch on the GPU,
 # bandwidth roofline). Results land in $OUT (default ops/bench/results). Wheels for packages the
 # GPU machine lacks (pydantic, palm-rlhf-pytorch and their needs) are installed from .whl/ if
 # that folder exists.
@@ -20,5 +20,5 @@ echo "== tests (CPU and CUDA)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider --confcutdir=tests/server/engine \
     tests/server/engine/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu-tests.txt" | tail -25
 echo "== benchmark"
-timeout 360 python3 -m server.engine.bench --device cuda --repeats 3 $reference --out "$OUT" \
+timeout 360 python3 -m bench.engine --device cuda --repeats 3 $reference --out "$OUT" \
     2>&1 | tee "$OUT/gpu-bench.txt" | tail -80

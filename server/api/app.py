@@ -25,6 +25,7 @@ from server.api.limits import BodySizeLimit, RateLimiter
 from server.api.metrics import Metrics
 from server.api.protocol import APIError
 from server.api.routes import chat, conversations, feedback, policies, web, ws
+from server.api.spool import WriteSpool, is_unavailable
 from server.engine import AsyncEngine, EngineConfig, LLMEngine
 from shared.bootstrap import SEED_DIR, prepare
 from shared.checkpoints import CheckpointError
@@ -32,7 +33,6 @@ from shared.config import Settings
 from shared.db import ping
 from shared.keys import local_principal
 from shared.policies import active_version
-from shared.spool import WriteSpool, is_unavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 
 from server.api.protocol import APIError
+from server.api.spool import WriteSpool, is_unavailable
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_key
-from shared.spool import WriteSpool, is_unavailable
 
 
 class KeyCache:

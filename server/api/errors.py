@@ -11,8 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import APIError
+from server.api.spool import SpoolError, is_unavailable
 from shared.db import DatabaseError
-from shared.spool import SpoolError, is_unavailable
 from shared.store import Invalid, NotFound
 
 log = logging.getLogger(__name__)

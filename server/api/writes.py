@@ -1,6 +1,6 @@
 """Writes the API acknowledges: conversation log entries, thumbs and rankings.
 
-Each goes through the app's :class:`~shared.spool.WriteSpool`: committed to the database, or,
+Each goes through the app's :class:`~server.api.spool.WriteSpool`: committed to the database, or,
 while the database is unavailable, fsynced into the spool under the data dir and replayed in
 order once it is back. A caller answers 2xx only after one of the two happened; a queued
 thumb or ranking is answered ``202`` with ``"queued": true`` (its row id is not known yet).
@@ -15,8 +15,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from server.api.deps import AppState
 from server.api.protocol import FeedbackRequest, RankingRequest
+from server.api.spool import APPLIERS, Written
 from shared.keys import Principal
-from shared.spool import APPLIERS, Written
 
 
 async def write(state: AppState, kind: str, args: Mapping[str, Any]) -> Written:

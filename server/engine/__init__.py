@@ -5,29 +5,43 @@
         ...  # delta.token_ids, delta.text, delta.logprobs, delta.finish_reason, ...
     await engine.load_policy("v7")  # hot-swap; in-flight requests finish on their version
 
-OpenMP workers that spin while they wait collapse throughput (20x and more, measured) when the
-cores are shared, e.g. with a trainer on the same machine; sleeping workers cost the engine's
-small ops little. The setting is read when torch loads, so set ``OMP_WAIT_POLICY=PASSIVE`` in
-the environment of any process that imports torch before this package. The serving commands
-instead let a worker spin a bounded 1,000-2,000 rounds (``shared/cli.py``), and the engine times
-whether its wide decode steps gain from every core (``server/engine/cpu_kernels.py``).
+Importing this package sets the OpenMP wait policy (``server/engine/openmp.py``) and nothing
+heavier: the names below load on first use, so a command can import ``server.engine.openmp``
+and still change the environment before torch loads.
 """
 
-import os
+from __future__ import annotations
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from server.engine.async_engine import AsyncEngine, RequestStream
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import EngineOverloaded, LLMEngine
-from server.engine.outputs import Delta, RequestMetrics
-from server.engine.sampling import SamplingParams
-from server.engine.sequence import FinishReason, TokenLogprob
-from server.engine.stats import EngineStats
+from server.engine import openmp  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+if TYPE_CHECKING:
+    from server.engine.async_engine import AsyncEngine, RequestStream
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import EngineOverloaded, LLMEngine
+    from server.engine.outputs import Delta, RequestMetrics
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import FinishReason, TokenLogprob
+    from server.engine.stats import EngineStats
+
+_EXPORTS = {
+    "AsyncEngine": "async_engine",
+    "RequestStream": "async_engine",
+    "EngineConfig": "config",
+    "EngineOverloaded": "llm_engine",
+    "LLMEngine": "llm_engine",
+    "Delta": "outputs",
+    "RequestMetrics": "outputs",
+    "SamplingParams": "sampling",
+    "FinishReason": "sequence",
+    "TokenLogprob": "sequence",
+    "EngineStats": "stats",
+}
 
 __all__ = [
     "AsyncEngine",
-    "RequestStream",
     "Delta",
     "EngineConfig",
     "EngineOverloaded",
@@ -35,6 +49,13 @@ __all__ = [
     "FinishReason",
     "LLMEngine",
     "RequestMetrics",
+    "RequestStream",
     "SamplingParams",
     "TokenLogprob",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'server.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"server.engine.{_EXPORTS[name]}"), name)

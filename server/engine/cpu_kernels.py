@@ -30,9 +30,9 @@ one thread below - except wide decode steps:
 engine``, ``bench api``) let a waiting worker spin briefly before it sleeps
 (``OMP_WAIT_POLICY=ACTIVE`` with ``GOMP_SPINCOUNT=2000``, which libgomp caps at 1,000 rounds
 once a process holds more OpenMP threads than cores, as a server does: tens of microseconds;
-the trainer keeps PASSIVE, no spin; see ``shared/cli.py``): the workers then stay awake between
-the ops of one step, and a
-32-row decode step on both cores of the 2-core AMD EPYC machine takes ~2.5 ms instead of
+the trainer keeps PASSIVE, no spin; see ``server/engine/openmp.py``): the workers then stay
+awake between the ops of one step, and a 32-row decode step on both cores of the 2-core AMD
+EPYC machine takes ~2.5 ms instead of
 ~4 ms on one. Whether that pays depends on what else runs on the cores: with a second busy
 process the worker is descheduled while its master waits, and the same step takes longer
 than on one thread (two engines side by side, each 32 rows: ~3,700 tokens/s each on 2 threads

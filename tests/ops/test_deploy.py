@@ -10,7 +10,7 @@ import shlex
 import yaml
 from typer.testing import CliRunner
 
-from shared.cli import app as cli
+from palmchat.app import app as cli
 from shared.config import Settings
 from tests.ops.conftest import OPS, ROOT
 

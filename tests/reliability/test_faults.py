@@ -459,7 +459,7 @@ def test_a_server_killed_during_an_outage_loses_nothing_it_acknowledged(
         "PALMCHAT_LOG_LEVEL": "WARNING",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve"],
+        [sys.executable, "-m", "palmchat", "serve"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -643,7 +643,7 @@ TRAINER_SETS = {
 
 def _trainer(dd: DataDir, log: Path) -> subprocess.Popen:
     sets = [arg for k, v in TRAINER_SETS.items() for arg in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "shared.cli", "trainer", "--data-dir", str(dd.root),
+    cmd = [sys.executable, "-m", "palmchat", "trainer", "--data-dir", str(dd.root),
            "--metrics-port", "0", "--once", *sets]  # fmt: skip
     with log.open("w") as out:
         return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)

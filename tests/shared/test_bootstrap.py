@@ -67,7 +67,7 @@ def test_up_on_a_fresh_data_dir_serves_the_seed_policy(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "palmchat",
             "up",
             "--data-dir",
             str(tmp_path / "fresh"),
@@ -120,7 +120,7 @@ def test_chat_command_answers_from_the_terminal(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "palmchat",
             "chat",
             "--data-dir",
             str(tmp_path),

@@ -152,7 +152,7 @@ def test_cli_import_palm_then_verify(tmp_path: Path) -> None:
     ref = palm_rlhf.PaLM(num_tokens=300, dim=32, depth=1, heads=2, dim_head=16)
     torch.save(ref.state_dict(), tmp_path / "palm.pt")
     data = tmp_path / "data"
-    cli = [sys.executable, "-m", "shared.cli"]
+    cli = [sys.executable, "-m", "palmchat"]
     out = subprocess.run(
         [*cli, "policies", "import-palm", str(tmp_path / "palm.pt"), "--data-dir", str(data)],
         capture_output=True,

@@ -44,7 +44,7 @@ def test_revoked_key_stops_working_at_once(engine) -> None:
 
 
 def test_cli_keys_create_prints_a_working_key(tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "shared.cli"]
+    cli = [sys.executable, "-m", "palmchat"]
     out = subprocess.run(
         [*cli, "keys", "create", "--user", "carol", "--admin", "--data-dir", str(tmp_path)],
         capture_output=True,

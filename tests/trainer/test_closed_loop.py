@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.driver import DemoConfig, run_demo
 from trainer.config import TrainerConfig
-from trainer.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ def test_torchrun_two_process_ddp_round_on_cpu(data_dir) -> None:
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "shared.cli", "trainer", "--once", "--algo", "ppo", "--metrics-port", "0",
+        "-m", "palmchat", "trainer", "--once", "--algo", "ppo", "--metrics-port", "0",
         "--data-dir", str(data_dir.root),
     ]  # fmt: skip
     for key, value in sets.items():

@@ -189,7 +189,7 @@ def _trainer_subprocess(dd, *args: str, env: dict[str, str] | None = None, code:
     sets = ["--set", "settle_seconds=0", "--set", "rm_max_steps=2", "--set", "pref_max_steps=2",
             "--set", "gate_prompts=4", "--set", "gate_max_new_tokens=8", "--set", "threads=1",
             "--set", "gate_min_reward_gain=-1e9"]  # fmt: skip
-    cmd = [sys.executable, "-m", "shared.cli", "trainer", "--data-dir", str(dd.root),
+    cmd = [sys.executable, "-m", "palmchat", "trainer", "--data-dir", str(dd.root),
            "--metrics-port", "0", *sets, *args]  # fmt: skip
     if code:
         cmd = [sys.executable, "-c", code, *cmd[4:]]
@@ -218,7 +218,7 @@ def test_crash_mid_publish_leaves_the_active_version_intact(data_dir) -> None:
         import os, sys
         import shared.checkpoints as c
         c.PolicyRegistry._commit = lambda self, tmp, manifest: os._exit(9)
-        from shared.cli import app
+        from palmchat.app import app
         sys.argv = ["palmchat", "trainer", *sys.argv[1:]]
         app()
         """
@@ -288,7 +288,7 @@ def test_cli_once_runs_a_round_and_checks_its_flags(data_dir) -> None:
     assert active_version(data_dir.ctx.engine) == "v2"
     from typer.testing import CliRunner
 
-    from shared.cli import app
+    from palmchat.app import app
 
     runner = CliRunner()
     args = ["trainer", "--data-dir", str(data_dir.root), "--metrics-port", "0"]

@@ -85,7 +85,7 @@ def test_cli_pretrain_rejects_a_missing_data_file_cleanly(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "palmchat",
             "pretrain",
             "--data",
             str(tmp_path / "none.jsonl"),

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from demo.tasks import TaskGenerator
 from shared.checkpoints import load_policy_dir
-from shared.tasks import TaskGenerator
 from trainer.dpo import dpo_loss, kto_loss
 from trainer.feedback import FeedbackData, Pair, Thumb
 from trainer.reward import (

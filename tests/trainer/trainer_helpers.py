@@ -11,11 +11,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from demo.rater import ScriptedRater
+from demo.tasks import TaskGenerator
 from shared.config import Settings
 from shared.generate import generate_replies
-from shared.rater import ScriptedRater
 from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
-from shared.tasks import TaskGenerator
 from trainer.config import TrainerConfig
 from trainer.loop import TrainerContext
 

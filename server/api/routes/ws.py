@@ -24,9 +24,9 @@ from pydantic import ValidationError
 from server.api import serving, writes
 from server.api.deps import authenticate, bearer_token, get_state
 from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest
+from server.api.spool import SpoolError, is_unavailable
 from shared import store
 from shared.keys import Principal
-from shared.spool import SpoolError, is_unavailable
 
 try:  # what sending on a socket that is already closed raises (a plain RuntimeError before)
     from starlette.websockets import WebSocketDisconnected as SocketClosed

@@ -154,7 +154,7 @@ def test_cli_chat_talks_to_the_server_over_the_websocket(server) -> None:
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "palmchat",
             "chat",
             "--url",
             server.url,
@@ -177,7 +177,7 @@ def test_cli_chat_talks_to_the_server_over_the_websocket(server) -> None:
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "palmchat",
             "chat",
             "--url",
             server.url,

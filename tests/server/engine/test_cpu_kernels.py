@@ -168,7 +168,7 @@ def test_serving_commands_bound_the_openmp_spin_unless_the_operator_set_it(
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = (
-        "import os, sys, shared.cli as cli; cli._serving_process(); "
+        "import os, sys, server.engine.openmp as openmp; openmp.serving_process(); "
         "print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'), "
         "'torch' in sys.modules)"
     )

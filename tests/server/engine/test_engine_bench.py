@@ -6,8 +6,8 @@ import json
 
 from conftest import random_policy
 
-from server.engine.bench import run_engine_benchmark
-from server.engine.bench_report import markdown_table
+from bench.engine import run_engine_benchmark
+from bench.engine_report import markdown_table
 from shared.checkpoints import Policy
 from shared.tokenizer import ByteTokenizer
 

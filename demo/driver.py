@@ -3,12 +3,12 @@ climbing version by version (``palmchat demo``, ``palmchat up --demo``).
 
 Three real parts run together:
 
-* the **server** (this process, uvicorn on loopback) serves the active policy and logs every
+* the **server** (a `palmchat serve` process on loopback) serves the active policy and logs every
   chat, thumb and ranking to the database, and hot-swaps when a new version is activated;
 * the **trainer** (a separate ``palmchat trainer --watch`` process) trains a round whenever
   ``chats_per_round`` new feedback items have arrived, and publishes + activates a candidate
   that passes its gate;
-* **scripted users** (:mod:`shared.simulator`) chat through the public API (REST, SSE,
+* **scripted users** (:mod:`demo.simulator`) chat through the public API (REST, SSE,
   WebSocket), thumb and rank replies with the scripted rater's taste. The trainer never calls
   the rater: it only sees the database.
 
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,12 +37,12 @@ from typing import Any
 import httpx
 from sqlmodel import col, select
 
+from demo.rater import PREFERENCES, ScriptedRater, is_correct, politeness
+from demo.simulator import SimConfig, run_simulation
+from demo.tasks import TaskGenerator
 from shared.config import Settings
 from shared.db import session
-from shared.rater import PREFERENCES, ScriptedRater, is_correct, politeness
 from shared.schema import TrainingRun
-from shared.simulator import SimConfig, run_simulation
-from shared.tasks import TaskGenerator
 
 FINISHED = ("published", "rejected", "failed")
 
@@ -244,7 +245,7 @@ def trainer_command(cfg: DemoConfig) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
-        "shared.cli",
+        "palmchat",
         "trainer",
         "--watch",
         "--algo",
@@ -363,7 +364,7 @@ async def run_loop(
             "PALMCHAT_DATA_DIR": str(cfg.data_dir),
             "PALMCHAT_DATABASE_URL": cfg.database_url,
             "OMP_WAIT_POLICY": "PASSIVE",
-            "GOMP_SPINCOUNT": "0",  # the trainer's workers sleep at once (see shared/cli.py)
+            "GOMP_SPINCOUNT": "0",  # the trainer's workers sleep at once (server/engine/openmp.py)
         }
         loop_start = time.monotonic()
         sim_events: list[Any] = []
@@ -448,8 +449,7 @@ async def run_loop(
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
     """Start the server on loopback, run the loop, stop everything; write JSON + PNG to
     ``cfg.out_dir`` when given."""
-    from server.api.app import create_app
-    from server.api.live import LiveServer
+    from shared.bootstrap import SEED_DIR, prepare
     from shared.keys import create_key
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -461,18 +461,64 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
         rate_limit_burst=10**6,
     )
     cfg.database_url = settings.database_url
-    extra = {"seed_dir": cfg.seed_dir} if cfg.seed_dir is not None else {}
-    app = create_app(settings, **extra)
-    engine = app.state.palmchat.db
+    # the seed is installed here, so the server process finds a registry with a policy in it
+    engine = prepare(settings, seed_dir=cfg.seed_dir or SEED_DIR).engine
     keys = {name: create_key(engine, f"demo-{name}") for name in ("users", "eval", "probe")}
-    with LiveServer(app) as live:
-        log(f"server on {live.url}; users prefer {cfg.preference!r} replies")
-        report = asyncio.run(
-            run_loop(cfg, live.url, engine, keys, log, cfg.data_dir / "trainer.log")
-        )
+    with ServerProcess(settings, cfg.data_dir / "server.log") as url:
+        log(f"server on {url}; users prefer {cfg.preference!r} replies")
+        report = asyncio.run(run_loop(cfg, url, engine, keys, log, cfg.data_dir / "trainer.log"))
     if cfg.out_dir is not None:
         write_outputs(report, cfg.out_dir)
     return report
+
+
+class ServerProcess:
+    """``palmchat serve`` for the demo's data dir, on a free loopback port, in its own process:
+    the demo meets the server only over HTTP and in the database, as the trainer does."""
+
+    def __init__(self, settings: Settings, log_path: Path, timeout: float = 300.0) -> None:
+        self.settings, self.log_path, self.timeout = settings, log_path, timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "PALMCHAT_DATA_DIR": str(self.settings.data_dir),
+            "PALMCHAT_DATABASE_URL": self.settings.database_url,
+            "PALMCHAT_POLICY_POLL_SECONDS": str(self.settings.policy_poll_seconds),
+            "PALMCHAT_RATE_LIMIT_PER_MINUTE": str(self.settings.rate_limit_per_minute),
+            "PALMCHAT_RATE_LIMIT_BURST": str(self.settings.rate_limit_burst),
+            "PALMCHAT_LOG_LEVEL": "WARNING",
+        }
+        cmd = [sys.executable, "-m", "palmchat", "serve", "--host", "127.0.0.1"]
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [*cmd, "--port", str(port)], env=env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    return url
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the demo's server did not start; see {self.log_path}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 def write_outputs(report: DemoReport, out_dir: Path) -> Path:

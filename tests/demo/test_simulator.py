@@ -6,13 +6,13 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from demo.rater import ScriptedRater
+from demo.simulator import SimConfig, distinct_ranking, run_simulation
 from server.api.app import create_app
 from shared.config import Settings
 from shared.db import session
 from shared.keys import create_key
-from shared.rater import ScriptedRater
 from shared.schema import Feedback, Ranking
-from shared.simulator import SimConfig, distinct_ranking, run_simulation
 from tests.conftest import LiveServer
 
 

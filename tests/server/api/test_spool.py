@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from server.api.spool import APPLIED_SUFFIX, REJECTED_FILE, WriteSpool, is_unavailable
 from shared.db import init_db, make_engine, session
 from shared.schema import Feedback, Message, Ranking, User
-from shared.spool import APPLIED_SUFFIX, REJECTED_FILE, WriteSpool, is_unavailable
 from shared.store import LoggedChoice, NotFound, log_completion
 
 DOWN_URL = "postgresql://postgres@127.0.0.1:1/palmchat"

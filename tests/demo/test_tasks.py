@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import rater as rater_module
-from shared import tasks as tasks_module
-from shared.rater import (
+from demo import rater as rater_module
+from demo import tasks as tasks_module
+from demo.rater import (
     PREFERENCES,
     ScriptedRater,
     check_python,
@@ -22,7 +22,7 @@ from shared.rater import (
     rate,
     solve,
 )
-from shared.tasks import (
+from demo.tasks import (
     CORRECT_STYLES,
     FAMILIES,
     PY_SPECS,

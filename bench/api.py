@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import torch
 
+from bench.engine import RESULTS_DIR, bench_policy, bench_prompts
 from server.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
-from server.engine.bench import RESULTS_DIR, bench_policy, bench_prompts
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 

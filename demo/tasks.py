@@ -2,7 +2,7 @@
 
 Every task is a short ASCII conversation built from a few regular templates, so a tiny
 byte-level-BPE policy can learn it on CPU. The text-only side (``solve``, ``parse_problem``,
-``is_correct``, ``check_python``, ``ScriptedRater``, ``rate``) lives in :mod:`shared.rater`
+``is_correct``, ``check_python``, ``ScriptedRater``, ``rate``) lives in :mod:`demo.rater`
 and is re-exported from here lazily, since it needs these tables and templates.
 """
 
@@ -454,7 +454,7 @@ def _render(draft: _Draft, rng: random.Random) -> dict[str, str]:
 
 def _consistent(task: Task) -> bool:
     """Generated data must agree with the text-only checker (guards rare collisions)."""
-    from shared.rater import is_correct, solve
+    from demo.rater import is_correct, solve
 
     if solve(task.messages) != task.answer:
         return False
@@ -521,9 +521,9 @@ _RATER_EXPORTS = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    """Lazily re-export the text-only API from :mod:`shared.rater`."""
+    """Lazily re-export the text-only API from :mod:`demo.rater`."""
     if name in _RATER_EXPORTS:
-        from shared import rater
+        from demo import rater
 
         return getattr(rater, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """Reading conversations back: parsing prompts, checking replies, and a scripted rater.
 
-Everything here works from conversation text alone, never from a :class:`shared.tasks.Task`,
+Everything here works from conversation text alone, never from a :class:`demo.tasks.Task`,
 so it scores logged production conversations exactly like generated ones. The prompt templates
-and tables come from :mod:`shared.tasks`; each is compiled to a regex and matched against the
+and tables come from :mod:`demo.tasks`; each is compiled to a regex and matched against the
 last user turn (:func:`parse_problem`, :func:`solve`).
 """
 
@@ -19,7 +19,7 @@ from fractions import Fraction
 from functools import cache
 from typing import Any
 
-from shared.tasks import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
+from demo.tasks import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
 
 # --------------------------------------------------------------------------- parsing
 

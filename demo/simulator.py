@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import websockets
 
-from shared.rater import ScriptedRater
-from shared.tasks import TaskGenerator
+from demo.rater import ScriptedRater
+from demo.tasks import TaskGenerator
 
 TRANSPORTS = ("rest", "sse", "ws")
 

@@ -1,8 +1,8 @@
 """``palmchat bench engine``: this engine against one-at-a-time serving, PaLM-rlhf-pytorch's own
 ``generate`` and HF transformers' Llama ``generate``, on the same weights / size and prompts.
 
-    python -m server.engine.bench --new-tokens 256     # writes ops/bench/results/engine-*.json
-    python -m server.engine.bench --device cuda        # engine-cuda-*.json, plus a roofline
+    python -m bench.engine --new-tokens 256     # writes ops/bench/results/engine-*.json
+    python -m bench.engine --device cuda        # engine-cuda-*.json, plus a roofline
 
 Every number is wall-clock tokens/s of generated tokens (prompt tokens excluded), after one
 warm-up, greedy, with the end token ignored so every request makes exactly ``new_tokens``. On
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from bench.engine_report import markdown_table, targets, write_results
 from server.engine.async_engine import AsyncEngine
-from server.engine.bench_report import markdown_table, targets, write_results
 from server.engine.config import EngineConfig
 from server.engine.cpu_kernels import TUNED_MIN_TOKENS
 from server.engine.llm_engine import LLMEngine

@@ -1,0 +1,102 @@
+"""``palmchat bench``: the engine and API benchmarks (JSON under ops/bench/results/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from palmchat.common import app, console, fail, setup_logging
+from server.engine import openmp
+
+bench_app = typer.Typer(
+    help="Benchmarks; results are written as JSON under ops/bench/results/.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 256,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF transformers' Llama.")] = False,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Skip PaLM-rlhf-pytorch's generate.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Rounds: each runs every contender once (interleaved, so a slow spell of the "
+            "machine hits all alike); each contender reports its best run.",
+        ),
+    ] = 3,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cpu, or cuda[:N]: every contender on that GPU in bfloat16; adds the engine "
+            "without CUDA graphs and batch-1 decode vs the card's bandwidth roofline "
+            "(results as engine-cuda-*.json)."
+        ),
+    ] = "cpu",
+) -> None:
+    """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
+    generate and HF transformers' Llama generate, on the same weights and prompts."""
+    openmp.serving_process()
+    from bench.engine import run_engine_benchmark
+
+    if not device.startswith(("cpu", "cuda")):
+        raise typer.BadParameter(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    results = run_engine_benchmark(
+        new_tokens=new_tokens,
+        include_hf=not no_hf,
+        include_reference=not no_reference,
+        out_dir=out,
+        repeats=repeats,
+        device=device,
+    )
+    console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
+
+
+@bench_app.command("api")
+def bench_api(
+    streams: Annotated[int, typer.Option(min=1, help="Concurrent SSE streams.")] = 32,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per stream.")] = 128,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="engine: engine alone vs the API; triton: also through a gateway whose "
+            "backend is a tritonserver on loopback (needs the triton extra)."
+        ),
+    ] = "engine",
+) -> None:
+    """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT.
+
+    With --backend triton the same streams also go through a gateway backed by a real
+    tritonserver, reported next to the in-process gateway.
+    """
+    openmp.serving_process()
+    setup_logging("WARNING")
+    from rich.markup import escape
+
+    from bench.api import run_api_benchmark
+
+    if backend not in ("engine", "triton"):
+        fail(f"--backend must be engine or triton, got {backend!r}")
+    if backend == "triton":
+        try:
+            from server.triton.server import pytriton_dir
+
+            pytriton_dir()
+        except Exception as e:
+            fail(escape(str(e)))
+    results = run_api_benchmark(streams, new_tokens, out_dir=out, backend=backend)
+    console.print_json(json.dumps(results))
