@@ -2,7 +2,7 @@
 
 Everything here works from conversation text alone, never from a :class:`demo.tasks.Task`,
 so it scores logged production conversations exactly like generated ones. The prompt templates
-and tables come from :mod:`demo.tasks`; each is compiled to a regex and matched against the
+and tables come from :mod:`demo.task_tables`; each is compiled to a regex and matched against the
 last user turn (:func:`parse_problem`, :func:`solve`).
 """
 
@@ -19,7 +19,7 @@ from fractions import Fraction
 from functools import cache
 from typing import Any
 
-from demo.tasks import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
+from demo.task_tables import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
 
 # --------------------------------------------------------------------------- parsing
 
