@@ -24,11 +24,11 @@ def policies_list(data_dir: DataDir = None) -> None:
     from shared.policies import list_policies
 
     prepared = prepare(settings_for(data_dir))
+    typer.echo("VERSION\tSTATUS\tPARENT\tFEEDBACK\tUP_RATE")
     for p in list_policies(prepared.engine, prepared.registry):
         rate = "-" if p["thumbs_up_rate"] is None else f"{p['thumbs_up_rate']:.2f}"
         typer.echo(
-            f"{p['version']}\t{p['status']}\tparent={p['parent']}\t"
-            f"feedback={p['feedback_count']}\tup_rate={rate}"
+            f"{p['version']}\t{p['status']}\t{p['parent'] or '-'}\t{p['feedback_count']}\t{rate}"
         )
 
 
@@ -169,9 +169,10 @@ def keys_list(data_dir: DataDir = None) -> None:
     from shared.db import init_db
     from shared.keys import list_keys
 
+    typer.echo("USER\tPREFIX\tFLAGS")
     for user, prefix, is_admin, revoked in list_keys(init_db(settings_for(data_dir).database_url)):
         flags = ",".join(f for f, on in (("admin", is_admin), ("revoked", revoked)) if on)
-        typer.echo(f"{user}\t{prefix}\t{flags}")
+        typer.echo(f"{user}\t{prefix}\t{flags or '-'}")
 
 
 @keys_app.command("revoke")

@@ -42,8 +42,11 @@ def bench_engine(
         ),
     ] = "cpu",
 ) -> None:
-    """This engine at 1/8/32/64 concurrent requests vs one-at-a-time, PaLM-rlhf-pytorch's
-    generate and HF transformers' Llama generate, on the same weights and prompts."""
+    """The engine at 1/8/32/64 concurrent requests vs one at a time and vs other generators.
+
+    The baselines run on the same weights and prompts: PaLM-rlhf-pytorch's generate and HF
+    transformers' Llama generate.
+    """
     openmp.serving_process()
     from bench.engine import run_engine_benchmark
 

@@ -61,3 +61,5 @@ def settings_for(data_dir: Path | None = None) -> Settings:
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # alembic narrates its plugins and each step at INFO; shared.db says what it migrates
+    logging.getLogger("alembic").setLevel(logging.WARNING)

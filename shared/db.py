@@ -209,6 +209,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at ``url`` up to ``revision``; a no-op when already there."""
     cfg = alembic_config()
     with _migration_connection(url) as conn:
+        if revision == "head" and MigrationContext.configure(conn).get_current_revision() == (
+            head_revision()
+        ):
+            log.debug("%s is at head already", redact_url(url))
+            return
         cfg.attributes["connection"] = conn
         log.info("migrating %s to %s", redact_url(url), revision)
         command.upgrade(cfg, revision)
