@@ -30,6 +30,16 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def _summary(tokens: int, seconds: float, ttfts: list[float]) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
+        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
+    }
+
+
 async def _engine_alone(
     front: AsyncEngine, prompts: list[list[int]], new_tokens: int
 ) -> dict[str, Any]:
@@ -47,13 +57,7 @@ async def _engine_alone(
     start = time.perf_counter()
     tokens = sum(await asyncio.gather(*(one(p) for p in prompts)))
     seconds = time.perf_counter() - start
-    return {
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1),
-        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
-        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
-    }
+    return _summary(tokens, seconds, ttfts)
 
 
 async def _through_api(url: str, key: str, texts: list[str], new_tokens: int) -> dict[str, Any]:
@@ -89,13 +93,7 @@ async def _through_api(url: str, key: str, texts: list[str], new_tokens: int) ->
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(client, t) for t in texts)))
         seconds = time.perf_counter() - start
-    return {
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1),
-        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
-        "ttft_p95_s": round(_pct(ttfts, 0.95), 4),
-    }
+    return _summary(tokens, seconds, ttfts)
 
 
 def run_api_benchmark(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -13,6 +14,8 @@ from server.engine import openmp  # noqa: F401  (OMP_WAIT_POLICY defaults before
 
 if TYPE_CHECKING:
     from shared.config import Settings
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="palmchat: serve a PaLM chat policy, collect feedback, and improve it with RLHF.",
@@ -42,6 +45,14 @@ Port = Annotated[
 def fail(message: str) -> NoReturn:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(2)
+
+
+def built_or_fail(factory: Callable[..., T], **options: Any) -> T:
+    """``factory(**options)``, with a bad option value reported as a clean CLI error."""
+    try:
+        return factory(**options)
+    except (TypeError, ValueError) as e:
+        fail(str(e))
 
 
 def settings_for(data_dir: Path | None = None) -> Settings:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from palmchat.common import DataDir, app, console, fail, setup_logging
+from palmchat.common import DataDir, app, built_or_fail, console, fail, setup_logging
 from palmchat.train import trainer_config, trainer_overrides
 from server.engine import openmp
 
@@ -42,19 +42,17 @@ def simulate(
 
     from demo.simulator import SimConfig, run_simulation
 
-    try:
-        cfg = SimConfig(
-            url=url,
-            api_key=api_key,
-            users=users,
-            minutes=minutes,
-            max_requests=max_requests,
-            preference=preference,
-            rank_fraction=rank_fraction,
-            seed=seed,
-        )
-    except ValueError as e:
-        fail(str(e))
+    cfg = built_or_fail(
+        SimConfig,
+        url=url,
+        api_key=api_key,
+        users=users,
+        minutes=minutes,
+        max_requests=max_requests,
+        preference=preference,
+        rank_fraction=rank_fraction,
+        seed=seed,
+    )
     report = asyncio.run(run_simulation(cfg, out))
     for version, row in report.per_version.items():
         typer.echo(
@@ -114,22 +112,20 @@ def demo(
     root = data_dir or Path(f"palmchat-demo-{preference}")
     if (root / "palmchat.db").exists():
         fail(f"{root} already holds a palmchat database; give a fresh --data-dir")
-    try:
-        cfg = DemoConfig(
-            data_dir=root,
-            preference=preference,
-            rounds=rounds,
-            minutes=minutes,
-            chats_per_round=chats_per_round,
-            users=users,
-            eval_prompts=eval_prompts,
-            algo=algo,
-            trainer_set=overrides,
-            seed=seed,
-            out_dir=out,
-        )
-    except ValueError as e:
-        fail(str(e))
+    cfg = built_or_fail(
+        DemoConfig,
+        data_dir=root,
+        preference=preference,
+        rounds=rounds,
+        minutes=minutes,
+        chats_per_round=chats_per_round,
+        users=users,
+        eval_prompts=eval_prompts,
+        algo=algo,
+        trainer_set=overrides,
+        seed=seed,
+        out_dir=out,
+    )
     report = run_demo(cfg, log=console.print)
     console.print(
         f"thumbs-up rate on fresh prompts: {report.start_rate:.1%} ({report.evals[0].version}) "

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from palmchat.common import DataDir, app, console, err, fail, settings_for, setup_logging
+from palmchat.common import (
+    DataDir,
+    app,
+    built_or_fail,
+    console,
+    err,
+    fail,
+    settings_for,
+    setup_logging,
+)
 
 
 @app.command()
@@ -51,23 +60,21 @@ def pretrain(
     if data is not None and not data.is_file():
         fail(f"{data}: no such file")
     overrides = {k: v for k, v in (("dim", dim), ("depth", depth)) if v is not None}
-    try:
-        cfg = PretrainConfig(
-            preset=preset,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            warmup_steps=warmup,
-            vocab_size=vocab_size,
-            max_seq_len=max_seq_len,
-            seed=seed,
-            data=str(data) if data else None,
-            train_examples=train_examples,
-            eval_every=eval_every,
-            model_overrides=overrides,
-        )
-    except ValueError as e:
-        fail(str(e))
+    cfg = built_or_fail(
+        PretrainConfig,
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup,
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        data=str(data) if data else None,
+        train_examples=train_examples,
+        eval_every=eval_every,
+        model_overrides=overrides,
+    )
     settings = settings_for(data_dir)
     with Progress(
         TextColumn("pretrain"),

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from shared.db import session
 from shared.schema import ApiKey, User, utcnow
@@ -34,6 +34,16 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(30)
 
 
+def _user_named(s: Session, name: str) -> User:
+    """The user called ``name``, created (and flushed, so it has an id) when new."""
+    user = s.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        user = User(name=name)
+        s.add(user)
+        s.flush()
+    return user
+
+
 def create_key(engine: Engine, user_name: str, *, admin: bool = False) -> str:
     """Create (or reuse) the user and a new key for them; return the key — shown only once."""
     user_name = user_name.strip()
@@ -41,11 +51,7 @@ def create_key(engine: Engine, user_name: str, *, admin: bool = False) -> str:
         raise ValueError("user name must be 1-64 characters")
     key = new_key()
     with session(engine) as s:
-        user = s.exec(select(User).where(User.name == user_name)).first()
-        if user is None:
-            user = User(name=user_name)
-            s.add(user)
-            s.flush()
+        user = _user_named(s, user_name)
         s.add(
             ApiKey(user_id=user.id, key_hash=ApiKey.hash_key(key), prefix=key[:8], is_admin=admin)
         )
@@ -110,9 +116,5 @@ def local_principal(engine: Engine, name: str = "local") -> Principal:
     """The admin principal used when auth is off (loopback only): a real user row, so the
     conversation log and feedback keep their foreign keys."""
     with session(engine) as s:
-        user = s.exec(select(User).where(User.name == name)).first()
-        if user is None:
-            user = User(name=name)
-            s.add(user)
-            s.flush()
+        user = _user_named(s, name)
         return Principal(user_id=user.id, user_name=name, key_id=0, is_admin=True)
