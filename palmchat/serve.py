@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -189,13 +190,13 @@ def triton(
         prepared.registry.verify(version)
     except (CheckpointError, FileNotFoundError) as e:
         fail(str(e))
-    engine: dict = {
-        "kv_cache_memory_mb": kv_cache_memory_mb or settings.kv_cache_memory_mb,
-        "max_waiting": settings.max_waiting,
-        "device": settings.device,
-    }
-    if num_threads:
-        engine["num_threads"] = num_threads
+    from server.engine import EngineConfig
+
+    given = {"kv_cache_memory_mb": kv_cache_memory_mb, "num_threads": num_threads}
+    try:
+        engine = EngineConfig.from_settings(settings, **{k: v for k, v in given.items() if v})
+    except ValueError as e:
+        fail(str(e))
     server = TritonServer(
         settings.registry_dir,
         host=host,
@@ -297,9 +298,11 @@ def chat(
         replier = _remote_replier(url, api_key, params)
         banner = f"server {url}"
     else:
+        from server.engine import SamplingParams
+        from server.engine.offline import generate
         from shared.bootstrap import prepare
         from shared.checkpoints import CheckpointError
-        from shared.generate import generate_replies
+        from shared.tokenizer import apply_chat_template
 
         try:
             prepared = prepare(settings_for(data_dir))
@@ -307,16 +310,13 @@ def chat(
         except (CheckpointError, FileNotFoundError) as e:
             fail(str(e))
         banner = f"policy {policy.version}"
+        turns = itertools.count()  # a new seed each turn: asking again samples again
 
         def replier(history: list[dict], out) -> str:
-            text = generate_replies(
-                policy.model,
-                policy.tokenizer,
-                [history],
-                max_new_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-            )[0]
+            prompt = apply_chat_template(policy.tokenizer, history, add_generation_prompt=True)
+            params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+            done = generate(policy.model, policy.tokenizer, [prompt], params, seed=next(turns))
+            text = done[0].text
             out(text)
             return text
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from demo.rater import ScriptedRater, is_correct
 from demo.tasks import TaskGenerator
-from shared.generate import generate_replies
+from server.engine.offline import generate
+from server.engine.sampling import SamplingParams
 from shared.model import PaLM
-from shared.tokenizer import Tokenizer
+from shared.tokenizer import Tokenizer, apply_chat_template
 
 
 @dataclass
@@ -37,12 +38,9 @@ def evaluate_heldout(
 ) -> HeldoutReport:
     """Greedy answers to ``n`` held-out prompts (never seen in training), scored by the rater."""
     tasks = list(TaskGenerator(seed).iter_tasks(n, split="heldout"))
-    was_training = model.training
-    model.eval()
-    replies = generate_replies(
-        model, tokenizer, [t.messages for t in tasks], max_new_tokens=max_new_tokens
-    )
-    model.train(was_training)
+    prompts = [apply_chat_template(tokenizer, t.messages) for t in tasks]  # + <|assistant|>
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    replies = [d.text for d in generate(model, tokenizer, prompts, greedy)]
     rater = ScriptedRater(preference)
     hits: dict[str, list[bool]] = defaultdict(list)
     scores = []

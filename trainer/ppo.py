@@ -18,7 +18,6 @@ keeps old and new log-probs numerically identical at the first PPO step.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -211,9 +210,6 @@ class Rollout:
         return Encoded(ids, min(len(self.prompt_ids), len(ids) - 1))
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 @torch.no_grad()
 def generate_rollouts(
     model: PaLM,
@@ -224,12 +220,11 @@ def generate_rollouts(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> list[Rollout]:
-    """Sample one reply per prompt with the server's engine (continuous batching, paged KV
-    cache, the server's sampler). The engine gets a copy of ``model``: building a worker
-    rewrites a model in place for serving (dtype cast, transposed weight layout, untied output
-    projection, ``requires_grad_(False)``), which must not happen to a model in training."""
-    from server.engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
-    from shared.checkpoints import Policy
+    """Sample one reply per prompt with the server's engine (:func:`server.engine.offline.
+    generate`: continuous batching, paged KV cache, the server's sampler, on a copy of
+    ``model``). Prompts that leave no room for a reply are skipped."""
+    from server.engine import FinishReason, SamplingParams
+    from server.engine.offline import generate
 
     limit = model.config.max_seq_len
     prompt_ids = [apply_chat_template(tok, p, add_generation_prompt=True) for p in prompts]
@@ -238,27 +233,10 @@ def generate_rollouts(
         return []
     prompt_ids = [prompt_ids[i] for i in keep]
     prompts = [prompts[i] for i in keep]
-    block = 16
-    blocks = sum(math.ceil(min(len(p) + max_new_tokens + 1, limit) / block) + 1 for p in prompt_ids)
-    device = model.device
-    config = EngineConfig(
-        block_size=block,
-        num_blocks=blocks + 4,
-        max_num_seqs=len(prompt_ids),
-        max_batched_tokens=max(4096, len(prompt_ids) * max(len(p) for p in prompt_ids)),
-        max_waiting=len(prompt_ids) + 1,
-        device=str(device),
-        dtype=_DTYPE_NAMES[next(model.parameters()).dtype],
-        num_threads=torch.get_num_threads() if device.type == "cpu" else None,
-        seed=seed,
-    )
-    policy = Policy(version="rollout", model=copy.deepcopy(model), tokenizer=tok, manifest={})
-    engine = LLMEngine(policy, config)
     params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens)
-    finals = engine.generate(prompt_ids, params)
-    del engine, policy
+    finals = generate(model, tok, prompt_ids, params, seed=seed)
     out = []
-    for prompt, ids, (delta,) in zip(prompts, prompt_ids, finals, strict=True):
+    for prompt, ids, delta in zip(prompts, prompt_ids, finals, strict=True):
         stopped = delta.finish_reason == FinishReason.STOP
         response = list(delta.token_ids) + ([tok.end_id] if stopped else [])
         if not response:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from demo.rater import ScriptedRater
 from demo.tasks import TaskGenerator
+from server.engine import SamplingParams
+from server.engine.offline import generate
 from shared.config import Settings
-from shared.generate import generate_replies
 from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
+from shared.tokenizer import apply_chat_template
 from trainer.config import TrainerConfig
 from trainer.loop import TrainerContext
 
@@ -69,9 +71,9 @@ def add_feedback(
     rater = ScriptedRater("courteous")
     tasks = list(TaskGenerator(seed).iter_tasks(n_prompts, split="train"))
     convs = [t.messages for t in tasks for _ in range(n_candidates)]
-    replies = generate_replies(
-        policy.model, policy.tokenizer, convs, max_new_tokens=12, temperature=1.0, seed=seed
-    )
+    prompts = [apply_chat_template(policy.tokenizer, c, add_generation_prompt=True) for c in convs]
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    replies = [d.text for d in generate(policy.model, policy.tokenizer, prompts, params, seed=seed)]
     ids = []
     for i, task in enumerate(tasks):
         cands = replies[i * n_candidates : (i + 1) * n_candidates]

@@ -9,7 +9,7 @@ import pytest
 from conftest import greedy_reference, run_with_arrivals
 
 from server.engine import EngineOverloaded, FinishReason, SamplingParams
-from shared.generate import generate_ids
+from server.engine.offline import generate
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 END = 260  # ByteTokenizer(300).end_id
@@ -26,7 +26,7 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-def test_greedy_batched_equals_unbatched_for_every_request_in_a_mixed_batch(make_engine):
+def test_greedy_batched_equals_unbatched_for_every_request_in_a_mixed_batch(make_engine, registry):
     engine = make_engine()
     model = engine.current.runner.model
     prompts = _prompts(8)
@@ -37,10 +37,10 @@ def test_greedy_batched_equals_unbatched_for_every_request_in_a_mixed_batch(make
         single = one_at_a_time.generate([prompt], GREEDY)[0][0]
         assert out.token_ids == single.token_ids
         assert out.text == single.text
-    # and equal to the simple whole-batch generator of shared/generate.py
-    assert [o[0].token_ids for o in batched] == generate_ids(
-        model, prompts, max_new_tokens=24, stop_id=END
-    )
+    # and equal to the offline helper's, which sizes an engine of its own for the batch
+    policy = registry.load("v1")
+    offline = generate(policy.model, policy.tokenizer, prompts, GREEDY)
+    assert [o[0].token_ids for o in batched] == [d.token_ids for d in offline]
 
 
 def test_requests_arriving_mid_stream_join_the_batch_and_still_match_unbatched(make_engine):
