@@ -14,14 +14,12 @@ Decisions worth knowing:
   becomes a sibling of the earlier answer, under the same prompt.
 * A ranking may list all choices of a completion or a subset of at least two (unlisted
   choices stay unranked); indices must be distinct.
-* Exports cover soft-deleted conversations too (rows stay for training) and skip incomplete
-  rated messages. They are generators that read in short, separate transactions, so they can
-  be consumed lazily from any thread.
+* Soft-deleted conversations keep their rows for training; the feedback logged here becomes
+  pairs and labels (for the trainer and the TRL export alike) in :mod:`shared.feedback_reader`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -38,7 +36,6 @@ from shared.schema import Conversation, Feedback, Message, Ranking, utcnow
 TITLE_MAX = 60
 REASON_MAX = 2000
 LIST_MAX = 500
-_PAGE = 500
 
 
 class NotFound(Exception):
@@ -423,130 +420,6 @@ def record_ranking(
             "message_ids": list(row.ranking),
             "created_at": row.created_at,
         }
-
-
-# --------------------------------------------------------------------------- exports
-
-_Node = tuple[int | None, str, str, bool]  # parent_id, role, content, incomplete
-
-
-def _threads(s: Session, message_ids: Iterable[int]) -> dict[int, _Node]:
-    """All messages of the conversations holding ``message_ids``, by id."""
-    conv_ids = select(Message.conversation_id).where(col(Message.id).in_(list(message_ids)))
-    rows = s.exec(
-        select(
-            Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
-        ).where(col(Message.conversation_id).in_(conv_ids))
-    ).all()
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
-
-
-def _prompt(nodes: dict[int, _Node], message_id: int) -> list[dict[str, str]]:
-    """The path from the root to the parent of ``message_id``, as chat messages."""
-    path: list[dict[str, str]] = []
-    parent = nodes[message_id][0]
-    while parent is not None and len(path) <= len(nodes):
-        p_parent, role, content, _ = nodes[parent]
-        path.append({"role": role, "content": content})
-        parent = p_parent
-    return path[::-1]
-
-
-def _reply(nodes: dict[int, _Node], message_id: int) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": nodes[message_id][2]}]
-
-
-def _preference_pairs(engine: Engine, since_id: int) -> list[tuple[int, int]]:
-    """(chosen, rejected) message ids from rankings, then from up/down votes per prompt."""
-    pairs: list[tuple[int, int]] = []
-    with session(engine) as s:
-        for ids in s.exec(
-            select(Ranking.ranking).where(Ranking.id > since_id).order_by(col(Ranking.id))
-        ):
-            pairs += [(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]]
-        votes = s.exec(
-            select(Feedback.id, Feedback.user_id, Feedback.rating, Message.id, Message.parent_id)
-            .join(Message, col(Message.id) == Feedback.message_id)
-            .where(Message.role == "assistant")
-            .order_by(col(Feedback.id))
-        ).all()
-    groups: dict[tuple[int | None, int], list[tuple[int, int, int]]] = {}
-    for fid, uid, rating, mid, parent in votes:
-        groups.setdefault((parent, uid), []).append((fid, rating, mid))
-    for group in groups.values():
-        for fu, ru, mu in group:
-            for fd, rd, md in group:
-                if ru > 0 > rd and max(fu, fd) > since_id:
-                    pairs.append((mu, md))
-    return pairs
-
-
-def export_preference(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
-    """TRL preference rows ``{"prompt", "chosen", "rejected"}`` (conversational form).
-
-    Every ordered pair of every ranking with id > ``since_id``, then every (thumbs-up,
-    thumbs-down) pair of one user's votes on siblings (same parent message) where either vote
-    has id > ``since_id``. Rankings and feedback have separate id sequences. Pairs already
-    yielded are not repeated; pairs touching an incomplete message are skipped.
-    """
-    seen: set[tuple[int, int]] = set()
-    pairs = [p for p in _preference_pairs(engine, since_id) if not (p in seen or seen.add(p))]
-    for start in range(0, len(pairs), _PAGE):
-        chunk = pairs[start : start + _PAGE]
-        with session(engine) as s:
-            nodes = _threads(s, {m for pair in chunk for m in pair})
-        rows = []
-        for chosen, rejected in chunk:
-            if (
-                chosen not in nodes
-                or rejected not in nodes
-                or nodes[chosen][3]
-                or nodes[rejected][3]
-            ):
-                continue
-            rows.append(
-                {
-                    "prompt": _prompt(nodes, chosen),
-                    "chosen": _reply(nodes, chosen),
-                    "rejected": _reply(nodes, rejected),
-                }
-            )
-        yield from rows
-
-
-def _rated(
-    engine: Engine, since_id: int, up_only: bool
-) -> Iterator[tuple[dict[int, _Node], int, int]]:
-    """(threads, message id, rating) per feedback row on a complete assistant message."""
-    last = since_id
-    while True:
-        query = (
-            select(Feedback.id, Feedback.message_id, Feedback.rating)
-            .join(Message, col(Message.id) == Feedback.message_id)
-            .where(Feedback.id > last, Message.role == "assistant", ~col(Message.incomplete))
-        )
-        if up_only:
-            query = query.where(Feedback.rating > 0)
-        with session(engine) as s:
-            rows = s.exec(query.order_by(col(Feedback.id)).limit(_PAGE)).all()
-            nodes = _threads(s, {r[1] for r in rows}) if rows else {}
-        if not rows:
-            return
-        for _, mid, rating in rows:
-            yield nodes, mid, rating
-        last = rows[-1][0]
-
-
-def export_kto(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
-    """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per vote."""
-    for nodes, mid, rating in _rated(engine, since_id, up_only=False):
-        yield {"prompt": _prompt(nodes, mid), "completion": _reply(nodes, mid), "label": rating > 0}
-
-
-def export_messages(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
-    """TRL conversational SFT rows ``{"messages": [...prompt, reply]}`` for thumbs-up replies."""
-    for nodes, mid, _ in _rated(engine, since_id, up_only=True):
-        yield {"messages": _prompt(nodes, mid) + _reply(nodes, mid)}
 
 
 def feedback_summary(engine: Engine) -> dict[str, dict[str, Any]]:

@@ -12,8 +12,8 @@ Two things are read separately:
   twice.
 * **What to learn from** (:func:`load_feedback`) - the current state of the newest
   ``max_items`` votes and rankings: a vote changed since the last round is used with its new
-  value, once. Rankings give every ordered pair (best before worse); thumbs give pointwise
-  labels, and an up and a down on replies to the same prompt give a pair.
+  value, once. The pairs and labels come from :func:`shared.feedback_reader.read_feedback`,
+  the reader the admin export uses too (its docstring has the rules).
 
 Incomplete (cut-short) replies are never used. A ranking edited in place keeps its id, so the
 edit does not count as new feedback (it is still used, with its new order, from then on).
@@ -22,9 +22,6 @@ edit does not count as new feedback (it is still used, with its new order, from 
 from __future__ import annotations
 
 import hashlib
-import json
-import random
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,10 +31,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared.db import session
+from shared.feedback_reader import (
+    ChatMessages,
+    Pair,
+    Thumb,
+    prompt_key,
+    prompt_of,
+    read_feedback,
+    thread_nodes,
+)
 from shared.schema import Feedback, Message, Ranking, TrainerState, utcnow
 
 WATERMARK_KEY = "feedback_watermark"
-ChatMessages = list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- watermark
@@ -156,27 +161,6 @@ def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -
 # --------------------------------------------------------------------------- dataset
 
 
-@dataclass(frozen=True)
-class Pair:
-    """``chosen`` is preferred to ``rejected`` as the reply to ``prompt``."""
-
-    prompt: ChatMessages
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    source: str = "ranking"  # ranking | thumbs (logged) | reward_model (on-policy, trainer-made)
-    # True: thumbs agree (chosen up, rejected down); False: both got the same thumb, so the
-    # order may be a tie broken arbitrarily; None: no thumbs on them
-    decisive: bool | None = None
-
-
-@dataclass(frozen=True)
-class Thumb:
-    prompt: ChatMessages
-    reply: str
-    label: int  # +1 up, -1 down
-
-
 @dataclass
 class FeedbackData:
     pairs: list[Pair] = field(default_factory=list)
@@ -211,42 +195,9 @@ class FeedbackData:
         )
 
 
-def prompt_key(prompt: ChatMessages) -> str:
-    return json.dumps([[m["role"], m["content"]] for m in prompt])
-
-
 def is_heldout(prompt: ChatMessages, percent: int) -> bool:
     digest = hashlib.sha256(prompt_key(prompt).encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < percent
-
-
-_Node = tuple[int | None, str, str, bool]  # parent_id, role, content, incomplete
-
-
-def _nodes(s: Session, message_ids: Iterable[int]) -> dict[int, _Node]:
-    """Every message of the conversations that hold ``message_ids``."""
-    ids = list(set(message_ids))
-    out: dict[int, _Node] = {}
-    for start in range(0, len(ids), 500):
-        convs = select(Message.conversation_id).where(col(Message.id).in_(ids[start : start + 500]))
-        rows = s.exec(
-            select(
-                Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
-            ).where(col(Message.conversation_id).in_(convs))
-        ).all()
-        out.update({r[0]: (r[1], r[2], r[3], bool(r[4])) for r in rows})
-    return out
-
-
-def _path(nodes: dict[int, _Node], message_id: int) -> ChatMessages:
-    """Messages from the root down to the parent of ``message_id``."""
-    path: ChatMessages = []
-    parent = nodes[message_id][0]
-    while parent is not None and parent in nodes and len(path) <= len(nodes):
-        p_parent, role, content, _ = nodes[parent]
-        path.append({"role": role, "content": content})
-        parent = p_parent
-    return path[::-1]
 
 
 def load_feedback(
@@ -258,74 +209,37 @@ def load_feedback(
     max_prompts: int = 2000,
     seed: int = 0,
 ) -> FeedbackData:
-    """Pairs, thumbs and logged prompts from the newest ``max_items`` votes and rankings."""
+    """Pairs and thumbs from the newest ``max_items`` votes and rankings (read by
+    :func:`shared.feedback_reader.read_feedback`, as the export is), and the newest logged
+    prompts."""
+    logged = read_feedback(
+        engine,
+        max_items=max_items,
+        margin=margin,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+        seed=seed,
+    )
+    return FeedbackData(logged.pairs, logged.thumbs, logged_prompts(engine, max_prompts))
+
+
+def logged_prompts(engine: Engine, max_prompts: int) -> list[ChatMessages]:
+    """Distinct prompts (ending in a user turn) of the newest replies, newest first."""
     with session(engine) as s:
-        votes = s.exec(
-            select(Feedback.message_id, Feedback.rating)
-            .join(Message, col(Message.id) == Feedback.message_id)
-            .where(Message.role == "assistant", ~col(Message.incomplete))
-            .order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
-            .limit(max_items)
-        ).all()
-        rankings = s.exec(
-            select(Ranking.ranking).order_by(col(Ranking.id).desc()).limit(max_items)
-        ).all()
         recent = s.exec(
             select(Message.id)
             .where(Message.role == "assistant", col(Message.parent_id).is_not(None))
             .order_by(col(Message.id).desc())
             .limit(max_prompts * 4)
         ).all()
-        wanted = {m for m, _ in votes} | {m for r in rankings for m in r} | set(recent)
-        nodes = _nodes(s, wanted)
-    data = FeedbackData()
-    ratings: dict[int, set[int]] = {}
-    for message_id, rating in votes:
-        ratings.setdefault(message_id, set()).add(1 if rating > 0 else -1)
-    for ranked in rankings:
-        ranked = [m for m in ranked if m in nodes and not nodes[m][3]]
-        if len(ranked) < 2:
-            continue
-        prompt = _path(nodes, ranked[0])
-        for i, better in enumerate(ranked):
-            for j in range(i + 1, len(ranked)):
-                worse = ranked[j]
-                if nodes[better][2] == nodes[worse][2]:
-                    continue
-                decisive = None
-                if better in ratings and worse in ratings:
-                    decisive = 1 in ratings[better] and -1 in ratings[worse]
-                data.pairs.append(
-                    Pair(
-                        prompt,
-                        nodes[better][2],
-                        nodes[worse][2],
-                        margin * (j - i),
-                        "ranking",
-                        decisive,
-                    )
-                )
-    groups: dict[str, tuple[ChatMessages, list[str], list[str]]] = {}
-    for message_id, rating in votes:
-        if message_id not in nodes:
-            continue
-        prompt, reply = _path(nodes, message_id), nodes[message_id][2]
-        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1))
-        group = groups.setdefault(prompt_key(prompt), (prompt, [], []))
-        group[1 if rating > 0 else 2].append(reply)
-    rng = random.Random(seed)
-    for prompt, ups, downs in groups.values():
-        candidates = [(u, d) for u in dict.fromkeys(ups) for d in dict.fromkeys(downs) if u != d]
-        if len(candidates) > max_pairs_per_prompt:
-            candidates = rng.sample(candidates, max_pairs_per_prompt)
-        data.pairs += [Pair(prompt, u, d, margin, "thumbs", True) for u, d in candidates]
+        nodes = thread_nodes(s, recent)
+    prompts: list[ChatMessages] = []
     seen: set[str] = set()
     for message_id in recent:
-        prompt = _path(nodes, message_id) if message_id in nodes else []
+        prompt = prompt_of(nodes, message_id) if message_id in nodes else []
         key = prompt_key(prompt)
         if prompt and prompt[-1]["role"] == "user" and key not in seen:
             seen.add(key)
-            data.prompts.append(prompt)
-            if len(data.prompts) >= max_prompts:
+            prompts.append(prompt)
+            if len(prompts) >= max_prompts:
                 break
-    return data
+    return prompts

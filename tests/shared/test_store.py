@@ -10,15 +10,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from shared.db import init_db, session
+from shared.feedback_reader import export_kto, export_messages, export_preference
 from shared.schema import Feedback, Message, Ranking, User
 from shared.store import (
     Invalid,
     LoggedChoice,
     NotFound,
     delete_conversation,
-    export_kto,
-    export_messages,
-    export_preference,
     feedback_summary,
     get_conversation,
     list_conversations,

@@ -3,10 +3,13 @@ trainer resume without counting anything twice."""
 
 from __future__ import annotations
 
+import json
+
 from sqlmodel import select
 
 from shared.db import init_db, session
-from shared.schema import Feedback, Message
+from shared.feedback_reader import export_kto, export_messages, export_preference
+from shared.schema import Feedback, Message, User
 from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
 from trainer.feedback import (
     Watermark,
@@ -143,3 +146,52 @@ def test_messages_of_the_log_are_walked_from_the_root(data_dir) -> None:
     _vote(data_dir, "b", 0, 1)
     (thumb,) = load_feedback(data_dir.ctx.engine).thumbs
     assert [m["content"] for m in thumb.prompt] == ["What is 2 plus 2?", "4", "And double that?"]
+
+
+def test_the_export_of_a_database_is_what_the_trainer_loads_from_it(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    with session(engine) as s:
+        bob = User(name="bob")
+        s.add(bob)
+        s.flush()
+        bob_id = bob.id
+    _completion(data_dir, "c1", ["Sure! It is 4.", "4", "4", "five"])
+    record_ranking(engine, user_id=data_dir.user_id, completion_id="c1", ranking=[0, 1, 2])
+    _vote(data_dir, "c1", 0, -1)
+    _vote(data_dir, "c1", 0, 1)  # a changed vote counts once, as it is now
+    _vote(data_dir, "c1", 3, -1)
+    _completion(data_dir, "c2", ["Four."])  # the same prompt, asked in another conversation
+    _vote(data_dir, "c2", 0, -1)
+    _completion(data_dir, "cut", ["Sure! It"], incomplete=True)
+    _vote(data_dir, "cut", 0, 1)
+    log_completion(
+        engine, user_id=bob_id, completion_id="b1", messages=PROMPT,
+        choices=[LoggedChoice(0, "It is 4.", "stop", None), LoggedChoice(1, "22", "stop", None)],
+        prompt_tokens=None, policy_version="v1", sampling_params={}, latency_ms=None,
+    )  # fmt: skip
+    record_ranking(engine, user_id=bob_id, completion_id="b1", ranking=[0, 1])
+    record_feedback(engine, user_id=bob_id, completion_id="b1", choice_index=1, rating=-1)
+
+    trained = load_feedback(engine)
+    pairs = [
+        {"prompt": p.prompt, "chosen": _said(p.chosen), "rejected": _said(p.rejected)}
+        for p in trained.pairs
+    ]
+    labels = [
+        {"prompt": t.prompt, "completion": _said(t.reply), "label": t.label > 0}
+        for t in trained.thumbs
+    ]
+    assert _sorted(export_preference(engine)) == _sorted(pairs)
+    assert _sorted(export_kto(engine)) == _sorted(labels)
+    assert [r["messages"][-1]["content"] for r in export_messages(engine)] == ["Sure! It is 4."]
+    # the rules at work: two rankings (no pair of two equal texts), and the one up paired with
+    # each down on the same prompt, across conversations and users; the cut-short reply unused
+    assert len(pairs) == 2 + 1 + 3 and len(labels) == 4
+
+
+def _said(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _sorted(rows) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)

@@ -13,14 +13,14 @@ from fastapi.responses import StreamingResponse
 from server.api import writes
 from server.api.deps import Admin, CurrentUser, State
 from server.api.protocol import FeedbackRequest, RankingRequest
-from shared import store
+from shared import feedback_reader
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
 _EXPORTS = {
-    "preference": store.export_preference,
-    "kto": store.export_kto,
-    "messages": store.export_messages,
+    "preference": feedback_reader.export_preference,
+    "kto": feedback_reader.export_kto,
+    "messages": feedback_reader.export_messages,
 }
 
 

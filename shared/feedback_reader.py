@@ -1,0 +1,214 @@
+"""Logged feedback as training data: preference pairs and pointwise labels, and TRL's formats.
+
+One reader, :func:`read_feedback`, turns the thumbs and rankings in the database into
+:class:`Pair` and :class:`Thumb` objects. The trainer learns from what it returns (with its
+budget: the newest ``max_items`` items, at most ``max_pairs_per_prompt`` thumbs pairs a
+prompt) and the admin export writes the same data, unbudgeted, as TRL rows, so an export is
+the data the trainer learns from.
+
+The rules:
+
+* A ranking gives every ordered pair of the replies it lists (best before worse), with a
+  margin of ``margin`` per rank of distance; two replies with the same text make no pair.
+* Each vote gives a pointwise label (+1 up, -1 down) with its current value: a changed vote
+  counts once, as it is now.
+* An up and a down on replies to the same prompt (the same messages from the root, so a
+  regeneration, another choice of the same request or the same question asked in another
+  conversation) give a pair; distinct texts only, each (up, down) text pair once a prompt.
+* Incomplete (cut-short) replies are never used. Soft-deleted conversations are (their rows
+  stay for training).
+
+The exports are generators that read when first consumed, so the API can run them in a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from shared.db import session
+from shared.schema import Feedback, Message, Ranking
+
+ChatMessages = list[dict[str, str]]
+_IN_LIST = 500  # ids per IN (...) query
+
+
+@dataclass(frozen=True)
+class Pair:
+    """``chosen`` is preferred to ``rejected`` as the reply to ``prompt``."""
+
+    prompt: ChatMessages
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    source: str = "ranking"  # ranking | thumbs (logged) | reward_model (on-policy, trainer-made)
+    # True: thumbs agree (chosen up, rejected down); False: both got the same thumb, so the
+    # order may be a tie broken arbitrarily; None: no thumbs on them
+    decisive: bool | None = None
+
+
+@dataclass(frozen=True)
+class Thumb:
+    prompt: ChatMessages
+    reply: str
+    label: int  # +1 up, -1 down
+
+
+@dataclass
+class LoggedFeedback:
+    """What :func:`read_feedback` returns: ranking pairs (newest ranking first), then thumbs
+    pairs; labels, newest vote first."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    thumbs: list[Thumb] = field(default_factory=list)
+
+
+def prompt_key(prompt: ChatMessages) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in prompt])
+
+
+# --------------------------------------------------------------------------- threads
+
+Node = tuple[int | None, str, str, bool]  # parent_id, role, content, incomplete
+
+
+def thread_nodes(s: Session, message_ids: Iterable[int]) -> dict[int, Node]:
+    """Every message of the conversations that hold ``message_ids``, by id."""
+    ids = list(set(message_ids))
+    out: dict[int, Node] = {}
+    for start in range(0, len(ids), _IN_LIST):
+        convs = select(Message.conversation_id).where(
+            col(Message.id).in_(ids[start : start + _IN_LIST])
+        )
+        rows = s.exec(
+            select(
+                Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
+            ).where(col(Message.conversation_id).in_(convs))
+        ).all()
+        out.update({r[0]: (r[1], r[2], r[3], bool(r[4])) for r in rows})
+    return out
+
+
+def prompt_of(nodes: dict[int, Node], message_id: int) -> ChatMessages:
+    """Messages from the root down to the parent of ``message_id``."""
+    path: ChatMessages = []
+    parent = nodes[message_id][0]
+    while parent is not None and parent in nodes and len(path) <= len(nodes):
+        p_parent, role, content, _ = nodes[parent]
+        path.append({"role": role, "content": content})
+        parent = p_parent
+    return path[::-1]
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def read_feedback(
+    engine: Engine,
+    *,
+    max_items: int | None = None,
+    since_id: int = 0,
+    margin: float = 0.0,
+    max_pairs_per_prompt: int | None = None,
+    seed: int = 0,
+) -> LoggedFeedback:
+    """Pairs and labels from the votes and rankings (see the module docstring for the rules).
+
+    ``max_items``: only the newest that many votes and the newest that many rankings (None:
+    all). ``since_id``: only votes and rankings with a larger id (separate id sequences), so a
+    thumbs pair needs both votes past it. ``max_pairs_per_prompt``: a seeded sample of at most
+    that many thumbs pairs a prompt (None: all).
+    """
+    votes_q = (
+        select(Feedback.message_id, Feedback.rating)
+        .join(Message, col(Message.id) == Feedback.message_id)
+        .where(Message.role == "assistant", ~col(Message.incomplete), col(Feedback.id) > since_id)
+        .order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
+    )
+    rankings_q = (
+        select(Ranking.ranking).where(col(Ranking.id) > since_id).order_by(col(Ranking.id).desc())
+    )
+    if max_items is not None:
+        votes_q, rankings_q = votes_q.limit(max_items), rankings_q.limit(max_items)
+    with session(engine) as s:
+        votes = s.exec(votes_q).all()
+        rankings = s.exec(rankings_q).all()
+        nodes = thread_nodes(s, {m for m, _ in votes} | {m for r in rankings for m in r})
+    data = LoggedFeedback()
+    ratings: dict[int, set[int]] = {}
+    for message_id, rating in votes:
+        ratings.setdefault(message_id, set()).add(1 if rating > 0 else -1)
+    for ranked in rankings:
+        data.pairs += _ranking_pairs(nodes, ranked, ratings, margin)
+    groups: dict[str, tuple[ChatMessages, list[str], list[str]]] = {}
+    for message_id, rating in votes:
+        if message_id not in nodes:
+            continue
+        prompt, reply = prompt_of(nodes, message_id), nodes[message_id][2]
+        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1))
+        group = groups.setdefault(prompt_key(prompt), (prompt, [], []))
+        group[1 if rating > 0 else 2].append(reply)
+    rng = random.Random(seed)
+    for prompt, ups, downs in groups.values():
+        candidates = [(u, d) for u in dict.fromkeys(ups) for d in dict.fromkeys(downs) if u != d]
+        if max_pairs_per_prompt is not None and len(candidates) > max_pairs_per_prompt:
+            candidates = rng.sample(candidates, max_pairs_per_prompt)
+        data.pairs += [Pair(prompt, u, d, margin, "thumbs", True) for u, d in candidates]
+    return data
+
+
+def _ranking_pairs(
+    nodes: dict[int, Node], ranked: list[int], ratings: dict[int, set[int]], margin: float
+) -> list[Pair]:
+    ranked = [m for m in ranked if m in nodes and not nodes[m][3]]
+    if len(ranked) < 2:
+        return []
+    prompt = prompt_of(nodes, ranked[0])
+    pairs = []
+    for i, better in enumerate(ranked):
+        for j in range(i + 1, len(ranked)):
+            worse = ranked[j]
+            if nodes[better][2] == nodes[worse][2]:
+                continue
+            decisive = None
+            if better in ratings and worse in ratings:
+                decisive = 1 in ratings[better] and -1 in ratings[worse]
+            chosen, rejected = nodes[better][2], nodes[worse][2]
+            pairs.append(Pair(prompt, chosen, rejected, margin * (j - i), "ranking", decisive))
+    return pairs
+
+
+# --------------------------------------------------------------------------- TRL exports
+
+
+def _reply(text: str) -> ChatMessages:
+    return [{"role": "assistant", "content": text}]
+
+
+def export_preference(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL preference rows ``{"prompt", "chosen", "rejected"}`` (conversational form), one per
+    pair of :func:`read_feedback`, in its order."""
+    for p in read_feedback(engine, since_id=since_id).pairs:
+        yield {"prompt": p.prompt, "chosen": _reply(p.chosen), "rejected": _reply(p.rejected)}
+
+
+def export_kto(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per vote, oldest
+    first."""
+    for t in reversed(read_feedback(engine, since_id=since_id).thumbs):
+        yield {"prompt": t.prompt, "completion": _reply(t.reply), "label": t.label > 0}
+
+
+def export_messages(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
+    """TRL conversational SFT rows ``{"messages": [...prompt, reply]}`` for thumbs-up replies,
+    oldest first."""
+    for t in reversed(read_feedback(engine, since_id=since_id).thumbs):
+        if t.label > 0:
+            yield {"messages": t.prompt + _reply(t.reply)}
