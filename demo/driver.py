@@ -37,7 +37,9 @@ from typing import Any
 import httpx
 from sqlmodel import col, select
 
-from demo.rater import PREFERENCES, ScriptedRater, is_correct, politeness
+from demo.measure import Probe, evaluate_served
+from demo.rater import PREFERENCES, ScriptedRater
+from demo.report import DemoReport, VersionEval, round_summary, write_outputs
 from demo.simulator import SimConfig, run_simulation
 from demo.tasks import TaskGenerator
 from shared.config import Settings
@@ -78,166 +80,6 @@ class DemoConfig:
             raise ValueError("minutes must be > 0")
 
 
-@dataclass
-class VersionEval:
-    version: str
-    round: int  # 0 = the seed / starting policy
-    at_seconds: float
-    thumbs_up_rate: float
-    correct_rate: float
-    mean_score: float
-    mean_chars: float
-    polite_rate: float  # replies with a polite opener or closing line
-    errors: int
-
-
-@dataclass
-class DemoReport:
-    preference: str
-    config: dict[str, Any]
-    evals: list[VersionEval] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    users: dict[str, Any] = field(default_factory=dict)  # the simulated users' own view
-    probe: dict[str, Any] = field(default_factory=dict)
-    swaps: list[dict[str, Any]] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    loop_seconds: float = 0.0
-
-    @property
-    def start_rate(self) -> float:
-        return self.evals[0].thumbs_up_rate
-
-    @property
-    def best(self) -> VersionEval:
-        return max(self.evals, key=lambda e: e.round)  # the last published = the served one
-
-    @property
-    def lift_points(self) -> float:
-        return 100.0 * (self.best.thumbs_up_rate - self.start_rate)
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["start_thumbs_up_rate"] = self.start_rate if self.evals else None
-        out["final_thumbs_up_rate"] = self.best.thumbs_up_rate if self.evals else None
-        out["lift_points"] = self.lift_points if self.evals else None
-        return out
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-async def evaluate_served(
-    client: httpx.AsyncClient,
-    prompts: list[list[dict[str, str]]],
-    rater: ScriptedRater,
-    *,
-    max_tokens: int,
-    temperature: float,
-    concurrency: int = 16,
-) -> tuple[str, dict[str, float]]:
-    """Ask the server each prompt once (seeded per prompt, so every version gets the same
-    draws of randomness) and rate the replies. Returns (version that answered, figures)."""
-    gate = asyncio.Semaphore(concurrency)
-    versions: set[str] = set()
-
-    async def one(i: int, messages: list[dict[str, str]]) -> tuple[str, int] | None:
-        body = {
-            "model": "palmchat",
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "seed": i,
-            "user": "demo-eval",
-        }
-        async with gate:
-            try:
-                r = await client.post("/v1/chat/completions", json=body)
-                r.raise_for_status()
-            except httpx.HTTPError:
-                return None
-        data = r.json()
-        versions.add(data["system_fingerprint"])
-        return data["choices"][0]["message"]["content"], i
-
-    results = await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts)))
-    replies = [(prompts[r[1]], r[0]) for r in results if r is not None]
-    n = max(len(replies), 1)
-    figures = {
-        "thumbs_up_rate": sum(rater.thumb(m, t) > 0 for m, t in replies) / n,
-        "correct_rate": sum(bool(is_correct(m, t)) for m, t in replies) / n,
-        "mean_score": sum(rater.rate(m, t) for m, t in replies) / n,
-        "mean_chars": sum(len(t) for _, t in replies) / n,
-        "polite_rate": sum(politeness(t) > 0 for _, t in replies) / n,
-        "errors": len(prompts) - len(replies),
-    }
-    version = versions.pop() if len(versions) == 1 else ",".join(sorted(versions))
-    return version, figures
-
-
-class Probe:
-    """One client streaming (SSE) without pause: every reply must arrive whole, before, during
-    and after each swap. Counts requests, failures and the versions that answered."""
-
-    def __init__(
-        self, client: httpx.AsyncClient, max_tokens: int = 24, pause: float = 0.25
-    ) -> None:
-        self.client, self.max_tokens, self.pause = client, max_tokens, pause
-        self.requests = self.failures = 0
-        self.errors: list[str] = []
-        self.versions: dict[str, int] = {}
-        self._task: asyncio.Task | None = None
-        self._stop = asyncio.Event()
-
-    async def _one(self, i: int) -> None:
-        task = TaskGenerator(10_000 + i).sample(split="train")
-        body = {
-            "model": "palmchat",
-            "messages": task.messages,
-            "max_tokens": self.max_tokens,
-            "stream": True,
-            "user": "demo-probe",
-        }
-        finish = version = None
-        async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                version = chunk.get("system_fingerprint") or version
-                for choice in chunk["choices"]:
-                    finish = choice.get("finish_reason") or finish
-        if finish not in ("stop", "length") or not version:
-            raise RuntimeError(f"stream ended without a finish reason ({finish!r}, {version!r})")
-        self.versions[version] = self.versions.get(version, 0) + 1
-
-    async def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            self.requests += 1
-            try:
-                await self._one(i)
-            except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as e:
-                self.failures += 1
-                self.errors.append(f"{type(e).__name__}: {e}")
-            i += 1
-            await asyncio.sleep(self.pause)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-        return {
-            "requests": self.requests,
-            "failures": self.failures,
-            "errors": self.errors[:10],
-            "versions": self.versions,
-        }
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -274,35 +116,6 @@ def finished_runs(engine: Any) -> list[TrainingRun]:
                 .order_by(col(TrainingRun.id))
             ).all()
         )
-
-
-def round_summary(run: TrainingRun) -> dict[str, Any]:
-    m = run.metrics or {}
-    gate = m.get("gate", {})
-    cand, act = gate.get("candidate", {}), gate.get("active", {})
-    return {
-        "run_id": run.id,
-        "status": run.status,
-        "base_version": run.base_version,
-        "candidate_version": run.candidate_version,
-        "feedback_items": run.n_feedback,
-        "pairs": m.get("feedback", {}).get("pairs"),
-        "thumbs": m.get("feedback", {}).get("thumbs"),
-        "rm_heldout_accuracy": m.get("reward_model", {}).get("heldout_accuracy"),
-        "rm_heldout_pairs": m.get("reward_model", {}).get("heldout_pairs"),
-        "kl_to_reference": cand.get("kl"),
-        "gate_correct_rate": [cand.get("correct_rate"), act.get("correct_rate")],
-        "gate_reward": [cand.get("reward"), act.get("reward")],
-        "reasons": m.get("reasons", []),
-        # 1 = the trained candidate; < 1 = it failed the gate and this share of its step passed
-        "step_fraction": m.get("step_fraction"),
-        "gate_tries": m.get("gate_tries", []),
-        "phase_seconds": m.get("seconds", {}),
-        "seconds": (
-            (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
-        ),
-        "error": m.get("error"),
-    }
 
 
 # --------------------------------------------------------------------------- the loop
@@ -519,40 +332,3 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
         self.process = None
-
-
-def write_outputs(report: DemoReport, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H%M%S")
-    body = json.dumps(report.to_json(), indent=2)
-    path = out_dir / f"demo-{report.preference}-{stamp}.json"
-    path.write_text(body)
-    (out_dir / f"demo-{report.preference}-latest.json").write_text(body)
-    with contextlib.suppress(ImportError):  # matplotlib is optional
-        plot(report, out_dir / f"demo-{report.preference}-latest.png")
-    return path
-
-
-def plot(report: DemoReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    minutes = [e.at_seconds / 60 for e in report.evals]
-    ax.plot(minutes, [100 * e.thumbs_up_rate for e in report.evals], "o-", label="thumbs-up rate")
-    ax.plot(minutes, [100 * e.correct_rate for e in report.evals], "s--", label="correct")
-    for e, m in zip(report.evals, minutes, strict=True):
-        ax.annotate(
-            e.version, (m, 100 * e.thumbs_up_rate), textcoords="offset points", xytext=(0, 6)
-        )
-    ax.set_xlabel("minutes of loop")
-    ax.set_ylabel("% of replies to fresh prompts")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"palmchat closed loop: users who prefer {report.preference} replies")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
