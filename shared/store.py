@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from shared.db import session
+from shared.messages import MessageError, normalise_message
 from shared.schema import Conversation, Feedback, Message, Ranking, utcnow
 
 TITLE_MAX = 60
@@ -66,30 +67,17 @@ def storable(engine: Engine, text: str) -> str:
     return text.replace("\x00", "\ufffd") if engine.dialect.name == "postgresql" else text
 
 
-def _content(message: dict[str, Any]) -> str:
-    """Text of an OpenAI-style message; content parts are concatenated."""
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    raise Invalid("message content must be a string or a list of parts")
+def _normalised(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    try:
+        return [normalise_message(m) for m in messages]
+    except MessageError as e:
+        raise Invalid(str(e)) from None
 
 
-def _role(message: dict[str, Any]) -> str:
-    role = message.get("role")
-    role = "system" if role == "developer" else role
-    if role not in ("system", "user", "assistant"):
-        raise Invalid(f"unsupported message role {role!r}")
-    return role
-
-
-def _title(messages: list[dict[str, Any]]) -> str:
+def _title(messages: list[dict[str, str]]) -> str:
     for m in messages:
         if m.get("role") == "user":
-            text = " ".join(_content(m).split())
+            text = " ".join(m["content"].split())
             return text if len(text) <= TITLE_MAX else text[: TITLE_MAX - 1] + "…"
     return ""
 
@@ -157,8 +145,9 @@ def log_completion(
         raise Invalid("choice indices must be distinct")
     if conversation_id is None and not messages:
         raise Invalid("a new conversation needs at least one prompt message")
+    messages = _normalised(messages)
     if engine.dialect.name == "postgresql":  # see storable()
-        messages = [{**m, "content": storable(engine, _content(m))} for m in messages]
+        messages = [{**m, "content": storable(engine, m["content"])} for m in messages]
         choices = [replace(c, text=storable(engine, c.text)) for c in choices]
     try:
         with session(engine) as s:
@@ -178,13 +167,13 @@ def log_completion(
                     (i for i, m in enumerate(messages) if m.get("role") == "assistant"),
                     default=-1,
                 )
-                reply = _content(messages[last]) if last >= 0 else None
+                reply = messages[last]["content"] if last >= 0 else None
                 anchor = _anchor(s, conv, user_id, reply)
                 parent_id, new = (anchor.id if anchor else None), messages[last + 1 :]
                 conv.updated_at = utcnow()
                 s.add(conv)
             for m in new:
-                role, content = _role(m), _content(m)
+                role, content = m["role"], m["content"]
                 row = None
                 if conversation_id is not None and parent_id is not None:
                     row = s.exec(

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.messages import normalise_message
+
 
 class ErrorBody(BaseModel):
     message: str
@@ -80,18 +82,9 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
-    def text(self) -> str:
-        """Plain text of the message; OpenAI's list-of-parts form is joined from its text parts."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+    def normalised(self) -> dict[str, str]:
+        """``{"role", "content"}`` as templated and stored (see :mod:`shared.messages`)."""
+        return normalise_message({"role": self.role, "content": self.content})
 
 
 class StreamOptions(BaseModel):

@@ -154,12 +154,11 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
     messages = []
     for i, m in enumerate(req.messages):
         try:
-            content = m.text()
-        except ValueError as e:
+            messages.append(m.normalised())
+        except ValueError as e:  # the role is checked by the schema, so this is the content
             raise APIError(
                 400, f"messages[{i}].content: {e}", param=f"messages.{i}.content"
             ) from None
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     tok, context = serving_policy(engine)
     prompt_ids = apply_chat_template(tok, messages, add_generation_prompt=True)
     if len(prompt_ids) >= context:

@@ -110,6 +110,21 @@ def test_long_first_user_message_gives_a_title_of_at_most_60_chars(
     assert len(get_conversation(engine, alice, conv_id)["title"]) <= 60
 
 
+def test_messages_are_stored_as_the_chat_template_reads_them(engine: Engine, alice: int) -> None:
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
+    conv_id = _log(engine, alice, "c1", ["Hi!"], messages=messages)
+    stored = get_conversation(engine, alice, conv_id)["messages"]
+    assert [(m["role"], m["content"]) for m in stored[:2]] == [
+        ("system", "Be brief."),
+        ("user", "Hello there"),
+    ]
+    picture = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+    for bad in ({"role": "tool", "content": "x"}, {"role": "user", "content": picture}):
+        with pytest.raises(Invalid):
+            _log(engine, alice, "c2", ["Hi!"], messages=[bad])
+
+
 def test_n_choices_are_siblings_with_indices_0_to_2(engine: Engine, alice: int) -> None:
     conv_id = _log(engine, alice, "c1", ["a", "b", "c"])
     messages = get_conversation(engine, alice, conv_id)["messages"]
