@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.reliability._databases import DATABASES
+from tests.reliability._world import World, open_world
 
 REPORT_PATH = Path(__file__).resolve().parents[2] / "ops" / "bench" / "results" / "reliability.json"
 
@@ -49,3 +53,12 @@ def reliability_report():
     report = ReliabilityReport()
     yield report
     report.write()
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def world(
+    request, tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path
+) -> Iterator[World]:
+    """The isolation tests' live server, users and bob's data, per module and database."""
+    with open_world(request.param, tmp_path_factory.mktemp("isolation"), tiny_seed_dir) as w:
+        yield w
