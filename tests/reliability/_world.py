@@ -19,11 +19,10 @@ from sqlmodel import Session
 from websockets.sync.client import connect as ws_connect
 
 from server.api.app import create_app
-from shared.config import Settings
 from shared.keys import create_key
 from shared.schema import Feedback, Message, Ranking
 from tests.conftest import LiveServer
-from tests.reliability._databases import database_url
+from tests.reliability._databases import database_url, live_settings
 
 PUBLIC, USER, OWNED, ADMIN = "public", "user", "owned", "admin"
 
@@ -129,13 +128,7 @@ def open_world(database: str, data_dir: Path, seed_dir: Path) -> Iterator[World]
     """A live server on ``database`` with alice, bob and root, and bob's data made through the
     API like any user's."""
     with database_url(database) as url:
-        settings = Settings(
-            data_dir=data_dir,
-            database_url=url,
-            kv_cache_memory_mb=16,
-            rate_limit_per_minute=0,
-        )
-        app = create_app(settings, seed_dir=seed_dir)
+        app = create_app(live_settings(data_dir, url), seed_dir=seed_dir)
         with LiveServer(app) as live:
             w = World(live=live, app=app, database=database)
             for name in ("alice", "bob"):
