@@ -144,14 +144,15 @@ def run_api_benchmark(
         settings = Settings(
             data_dir=Path(tmp) / "data", rate_limit_per_minute=0, log_level="WARNING"
         )
-        app = create_app(settings, seed_dir=seed, engine=AsyncEngine(LLMEngine(policy, config)))
+        served = AsyncEngine(LLMEngine(policy, config))
+        app = create_app(settings, seed_dir=seed, engine=served)
         try:
             with LiveServer(app) as live:
                 key = create_key(app.state.palmchat.db, "bench")
                 asyncio.run(_through_api(live.url, key, texts[:2], 4))  # warm-up
                 results["through_api"] = asyncio.run(_through_api(live.url, key, texts, new_tokens))
         finally:
-            app.state.palmchat.extras["engine"].shutdown()
+            served.shutdown()
         if backend == "triton":
             results["through_api_triton"] = _through_triton(
                 Path(tmp), seed, config, texts, new_tokens
@@ -188,11 +189,7 @@ def _through_triton(
         grpc_port=free_port(),
         http_port=free_port(),
         workdir=tmp / "triton",
-        engine={
-            "max_num_seqs": config.max_num_seqs,
-            "max_batched_tokens": config.max_batched_tokens,
-            "kv_cache_memory_mb": config.kv_cache_memory_mb,
-        },
+        engine=config,
         log_file=tmp / "tritonserver.log",
     )
     app = create_app(settings, seed_dir=seed, backend="triton", triton_url=triton.url)

@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from palmchat.common import DataDir, Host, Port, app, console, fail, settings_for, setup_logging
+from palmchat.common import (
+    DataDir,
+    Host,
+    Port,
+    app,
+    built_or_fail,
+    console,
+    fail,
+    settings_for,
+    setup_logging,
+)
 from server.engine import openmp
 
 if TYPE_CHECKING:
@@ -193,10 +203,9 @@ def triton(
     from server.engine import EngineConfig
 
     given = {"kv_cache_memory_mb": kv_cache_memory_mb, "num_threads": num_threads}
-    try:
-        engine = EngineConfig.from_settings(settings, **{k: v for k, v in given.items() if v})
-    except ValueError as e:
-        fail(str(e))
+    engine = built_or_fail(
+        EngineConfig.from_settings, settings=settings, **{k: v for k, v in given.items() if v}
+    )
     server = TritonServer(
         settings.registry_dir,
         host=host,

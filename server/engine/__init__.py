@@ -1,6 +1,6 @@
 """The serving engine: continuous batching over a paged KV cache (pure PyTorch).
 
-    engine = AsyncEngine.from_registry(PolicyRegistry(root), config=EngineConfig())
+    engine = AsyncEngine(LLMEngine.from_registry(PolicyRegistry(root), config=EngineConfig()))
     async for delta in engine.generate(prompt_ids, SamplingParams(temperature=0)):
         ...  # delta.token_ids, delta.text, delta.logprobs, delta.finish_reason, ...
     await engine.load_policy("v7")  # hot-swap; in-flight requests finish on their version
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine, RequestStream
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import EngineOverloaded, LLMEngine
-    from server.engine.outputs import Delta, RequestMetrics
+    from server.engine.outputs import Delta, DeltaStream, RequestMetrics
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import FinishReason, TokenLogprob
     from server.engine.stats import EngineStats
@@ -33,6 +33,7 @@ _EXPORTS = {
     "EngineOverloaded": "llm_engine",
     "LLMEngine": "llm_engine",
     "Delta": "outputs",
+    "DeltaStream": "outputs",
     "RequestMetrics": "outputs",
     "SamplingParams": "sampling",
     "FinishReason": "sequence",
@@ -43,6 +44,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncEngine",
     "Delta",
+    "DeltaStream",
     "EngineConfig",
     "EngineOverloaded",
     "EngineStats",

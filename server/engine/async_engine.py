@@ -20,19 +20,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
-from server.engine.outputs import Delta
+from server.engine.outputs import Delta, DeltaStream
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
-from shared.checkpoints import PolicyRegistry
+from shared.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class RequestStream:
-    """Async iterator of one request's deltas (all candidates, in step order); ends once every
-    candidate has finished. ``aclose()`` (or ``async with``) cancels what is still running."""
+class RequestStream(DeltaStream):
+    """One request's deltas from the engine thread, through an asyncio queue."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, n: int) -> None:
         self.request_id = request_id
@@ -40,9 +38,6 @@ class RequestStream:
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self._open = n
         self._closed = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
 
     async def __anext__(self) -> Delta:
         if self._open == 0:
@@ -65,19 +60,6 @@ class RequestStream:
             self._closed = True
             self._engine.abort(self.request_id)
 
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
-            self.cancel()
-
     def _put(self, item: Delta | BaseException) -> None:
         self._queue.put_nowait(item)
 
@@ -98,16 +80,6 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="palmchat-engine", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def from_registry(
-        cls,
-        registry: PolicyRegistry,
-        version: str | None = None,
-        config: EngineConfig | None = None,
-    ) -> AsyncEngine:
-        """Serve ``version`` (default: the latest) of ``registry``; the engine thread starts."""
-        return cls(LLMEngine.from_registry(registry, version, config))
-
     # -- requests ---------------------------------------------------------------------------
     def generate(
         self,
@@ -116,20 +88,19 @@ class AsyncEngine:
         request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request; iterate the returned stream for its deltas. Must be called from a
-        running event loop. Raises :class:`EngineOverloaded` when the waiting queue is full."""
+        running event loop. Raises :class:`EngineOverloaded` when the waiting queue is full
+        (counting requests submitted but not yet queued) and ``ValueError`` for a prompt the
+        engine cannot take."""
         params = params or SamplingParams()
         if self._stop:
             raise RuntimeError("the engine is shut down")
+        prompt = list(prompt_ids)
         with self._lock:
-            if self._waiting + self._pending >= self.engine.config.max_waiting:
-                raise EngineOverloaded(
-                    f"waiting queue is full ({self.engine.config.max_waiting}); retry later"
-                )
+            self.engine.check_admission(len(prompt), self._waiting + self._pending)
             self._pending += params.n
         request_id = request_id or f"areq-{next(self._ids)}"
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        prompt = list(prompt_ids)
 
         def add() -> None:
             try:
@@ -180,6 +151,16 @@ class AsyncEngine:
     @property
     def version(self) -> str:
         return self.engine.version
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer of the version that serves new requests."""
+        return self.engine.current.policy.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        """The context length of the version that serves new requests."""
+        return self.engine.current.policy.config.max_seq_len
 
     def stats(self) -> EngineStats:
         """The snapshot taken after the latest step."""
@@ -251,6 +232,9 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+
+    async def aclose(self) -> None:
+        self.shutdown()
 
     async def __aenter__(self) -> AsyncEngine:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,13 +60,15 @@ class EngineConfig:
             )
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: object) -> EngineConfig:
-        values: dict[str, object] = dict(
-            kv_cache_memory_mb=settings.kv_cache_memory_mb,
-            max_waiting=settings.max_waiting,
-            device=settings.device,
-        )
-        return cls(**{**values, **overrides})  # type: ignore[arg-type]
+    def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
+        """The engine options that ``settings`` hold (``PALMCHAT_KV_CACHE_MEMORY_MB``,
+        ``PALMCHAT_MAX_WAITING``, ``PALMCHAT_DEVICE``), ``overrides`` taking precedence."""
+        values: dict[str, Any] = {
+            "kv_cache_memory_mb": settings.kv_cache_memory_mb,
+            "max_waiting": settings.max_waiting,
+            "device": settings.device,
+        }
+        return cls(**{**values, **overrides})
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -25,8 +25,8 @@ from server.engine.cuda_graphs import GraphDecoder
 from server.engine.kv_cache import PagedKVCache, blocks_for_budget
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import Delta, TextState, metrics_of
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.sampling import SampleOutput, SamplingParams
+from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.engine.stats import EngineStats
 from shared.checkpoints import Policy, PolicyRegistry
@@ -155,11 +155,9 @@ class LLMEngine:
     def prepare_policy(self, version: str) -> PolicyWorker:
         """Load and verify a version and build its worker (raises ``CheckpointError``); safe to
         call from another thread while the loop runs."""
-        if self.registry is None:
-            raise RuntimeError("this engine has no policy registry to load versions from")
         if version in self.workers:
             raise ValueError(f"policy {version} is already loaded")
-        return build_worker(self.registry.load(version), self.config)
+        return build_worker(self.load_verified(version), self.config)
 
     def reuse_worker(self, version: str) -> bool:
         """Serve an already-loaded version again (e.g. a rollback before the old one drained)."""
@@ -186,6 +184,25 @@ class LLMEngine:
     def has_work(self) -> bool:
         return any(len(w.scheduler) for w in self.workers.values())
 
+    def check_admission(self, num_prompt_tokens: int, queued: int) -> None:
+        """Refuse a request before it queues: ``EngineOverloaded`` when ``queued`` sequences
+        already wait (the limit is ``max_waiting``), ``ValueError`` for a prompt that leaves
+        no room in the model's context or could never fit the KV pool."""
+        if queued >= self.config.max_waiting:
+            raise EngineOverloaded(
+                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
+            )
+        worker = self.current
+        limit = worker.policy.config.max_seq_len
+        if not 1 <= num_prompt_tokens < limit:
+            raise ValueError(f"prompt must have 1 to {limit - 1} tokens, got {num_prompt_tokens}")
+        blocks = worker.blocks
+        if blocks.blocks_needed(num_prompt_tokens + 1) > blocks.num_blocks:
+            raise ValueError(
+                f"prompt of {num_prompt_tokens} tokens does not fit a KV cache of "
+                f"{blocks.num_blocks} blocks x {blocks.block_size} tokens"
+            )
+
     def add_request(
         self,
         prompt_ids: Seq[int],
@@ -193,18 +210,11 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
-        if self.num_waiting >= self.config.max_waiting:
-            raise EngineOverloaded(
-                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
-            )
-        worker = self.current
-        limit = worker.policy.config.max_seq_len
-        if not 1 <= len(prompt_ids) < limit:
-            raise ValueError(f"prompt must have 1 to {limit - 1} tokens, got {len(prompt_ids)}")
+        self.check_admission(len(prompt_ids), self.num_waiting)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        now = time.perf_counter()
+        worker, now = self.current, time.perf_counter()
         seqs = [
             Sequence(request_id, i, list(prompt_ids), params, worker.version, arrival=now)
             for i in range(params.n)
@@ -223,7 +233,7 @@ class LLMEngine:
                 worker = self.workers[seq.policy_version]
                 worker.scheduler.finish(seq, FinishReason.CANCELLED)
                 self._stats.requests_cancelled += 1
-                logprobs = [] if seq.params.logprobs else None
+                logprobs: list[TokenLogprob] | None = [] if seq.params.logprobs else None
                 deltas.append(self._final(seq, FinishReason.CANCELLED, [], logprobs, False))
         self._forget_done(request_id)
         self._drop_drained_workers()
@@ -231,38 +241,47 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[Delta]:
-        """Run one batch per policy that has work; return every candidate's new output."""
+        """One batch per policy that has work: schedule, run, postprocess."""
         deltas: list[Delta] = []
         for worker in list(self.workers.values()):
             batch = worker.scheduler.schedule(time.perf_counter())
-            if batch is None:
-                continue
-            if self.threads is not None:
-                self.threads.use(batch.num_tokens, batch.is_prefill)
-            out = worker.runner.run(
-                batch.seqs, batch.is_prefill, batch.fork_rows, batch.block_copies
-            )
-            if self.threads is not None:
-                self.threads.done()
-            now = time.perf_counter()
-            self._stats.steps += 1
-            if batch.is_prefill:
-                self._stats.prefill_tokens += batch.num_tokens
-                for seq in batch.seqs:
-                    if seq.num_preemptions == 0:
-                        self._stats.prompt_tokens += seq.num_prompt_tokens
-            results = worker.scheduler.postprocess(
-                batch, out.token_ids, now, worker.policy.tokenizer.end_id
-            )
-            for row, (seq, is_output) in enumerate(results):
-                lp = None
-                if seq.params.logprobs and is_output:
-                    lp = TokenLogprob(
-                        out.token_ids[row], out.logprobs[row] or 0.0, out.top_logprobs[row] or []
-                    )
-                    seq.logprobs.append(lp)
-                deltas.append(self._process(worker, seq, is_output, lp))
+            if batch is not None:
+                out = self._run(worker, batch)
+                deltas += self._postprocess(worker, batch, out)
         self._drop_drained_workers()
+        return deltas
+
+    def _run(self, worker: PolicyWorker, batch: ScheduledBatch) -> SampleOutput:
+        """Forward and sample one batch, on the CPU threads its size runs fastest on."""
+        if self.threads is not None:
+            self.threads.use(batch.num_tokens, batch.is_prefill)
+        out = worker.runner.run(batch.seqs, batch.is_prefill, batch.fork_rows, batch.block_copies)
+        if self.threads is not None:
+            self.threads.done()
+        self._stats.steps += 1
+        if batch.is_prefill:
+            self._stats.prefill_tokens += batch.num_tokens
+            for seq in batch.seqs:
+                if seq.num_preemptions == 0:
+                    self._stats.prompt_tokens += seq.num_prompt_tokens
+        return out
+
+    def _postprocess(
+        self, worker: PolicyWorker, batch: ScheduledBatch, out: SampleOutput
+    ) -> list[Delta]:
+        """Append the sampled tokens and turn each row into its candidate's delta."""
+        results = worker.scheduler.postprocess(
+            batch, out.token_ids, time.perf_counter(), worker.policy.tokenizer.end_id
+        )
+        deltas = []
+        for row, (seq, is_output) in enumerate(results):
+            lp = None
+            if seq.params.logprobs and is_output:
+                lp = TokenLogprob(
+                    out.token_ids[row], out.logprobs[row] or 0.0, out.top_logprobs[row] or []
+                )
+                seq.logprobs.append(lp)
+            deltas.append(self._process(worker, seq, is_output, lp))
         return deltas
 
     def _process(

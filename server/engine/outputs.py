@@ -3,7 +3,10 @@ sequence (incremental detokenization and stop strings matched across token bound
 
 from __future__ import annotations
 
+import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Self
 
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from shared.tokenizer import StreamDecoder, Tokenizer
@@ -42,6 +45,34 @@ class Delta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class DeltaStream(ABC):
+    """One request's deltas as an async iterator (all candidates, in step order), ending once
+    every candidate has finished. Closing it, leaving its ``async with`` or dropping it
+    cancels what is still running, as :meth:`cancel` does."""
+
+    @abstractmethod
+    def cancel(self) -> None: ...
+
+    @abstractmethod
+    async def __anext__(self) -> Delta: ...
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
+            self.cancel()
 
 
 @dataclass

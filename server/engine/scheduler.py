@@ -51,11 +51,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        if self.blocks.blocks_needed(seq.num_tokens + 1) > self.blocks.num_blocks:
-            raise ValueError(
-                f"prompt of {seq.num_tokens} tokens does not fit a KV cache of "
-                f"{self.blocks.num_blocks} blocks x {self.blocks.block_size} tokens"
-            )
+        """Queue an admitted sequence (:meth:`LLMEngine.check_admission` refused the rest)."""
         self.waiting.append(seq)
 
     def schedule(self, now: float) -> ScheduledBatch | None:

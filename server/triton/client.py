@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from server.engine import Delta, EngineOverloaded, EngineStats, SamplingParams
+from server.engine import (
+    Delta,
+    DeltaStream,
+    EngineConfig,
+    EngineOverloaded,
+    EngineStats,
+    SamplingParams,
+)
 from server.triton.protocol import (
     INVALID_PREFIX,
     MODEL_NAME,
@@ -39,6 +46,7 @@ from server.triton.protocol import (
     text_of,
     version_number,
 )
+from server.triton.server import engine_parameters, load_request
 from shared.checkpoints import TOKENIZER_FILE, CheckpointError, PolicyRegistry
 from shared.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -72,9 +80,9 @@ def _inputs(grpcclient: Any, prompt_ids: Sequence[int] | None, params_json: str)
     return inputs
 
 
-class TritonStream:
-    """Async iterator of one request's deltas over its own gRPC stream; ends once every
-    candidate has finished. ``cancel()`` / ``aclose()`` cancel the call (and so the request)."""
+class TritonStream(DeltaStream):
+    """One request's deltas over its own gRPC stream; cancelling cancels the call (and so the
+    request)."""
 
     def __init__(
         self,
@@ -99,9 +107,6 @@ class TritonStream:
             await self._done.wait()  # keep our half open until the last response is in
 
         self._call = backend.client.stream_infer(requests())
-
-    def __aiter__(self) -> TritonStream:
-        return self
 
     async def __anext__(self) -> Delta:
         if self._open == 0 or self._closed:
@@ -139,19 +144,6 @@ class TritonStream:
             with contextlib.suppress(Exception):
                 self._call.cancel()
 
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> TritonStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.cancel()
-
 
 class TritonBackend:
     """What the gateway needs from a serving backend, backed by a Triton server at ``url``
@@ -165,17 +157,17 @@ class TritonBackend:
         *,
         model_name: str = MODEL_NAME,
         load_timeout_s: float = 600.0,
-        engine_parameters: dict[str, Any] | None = None,
+        engine: EngineConfig | None = None,
     ) -> None:
         self.url = url
         self.registry = registry
         self.model_name = model_name
         self.load_timeout_s = load_timeout_s
-        self.engine_parameters = dict(engine_parameters or {})
+        self.engine = engine or EngineConfig()  # for a Triton that has no version loaded yet
         self.client: Any = None
         self._version: str | None = None
-        self.tokenizer: Tokenizer | None = None
-        self.max_seq_len = 0
+        self._tokenizer: Tokenizer | None = None
+        self._max_seq_len = 0
         self._ids = itertools.count()
         self._stats = EngineStats()
         self._stats_task: asyncio.Task | None = None
@@ -232,6 +224,17 @@ class TritonBackend:
             raise TritonError("not connected to Triton yet")
         return self._version
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The serving version's tokenizer, read from the shared registry."""
+        if self._tokenizer is None:
+            raise TritonError("not connected to Triton yet")
+        return self._tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
     def generate(
         self,
         prompt_ids: Sequence[int],
@@ -263,8 +266,6 @@ class TritonBackend:
             tokenizer, context = await asyncio.to_thread(self._policy_files, version)
             keep = [self._version] if self._version and self._version != version else []
             parameters = await self._parameters()
-            from server.triton.server import load_request
-
             config, files = load_request([version, *keep], parameters)
             try:
                 await self.client.load_model(
@@ -272,7 +273,7 @@ class TritonBackend:
                 )
             except Exception as exc:
                 raise TritonError(f"Triton could not load {version}: {exc}") from None
-            self._version, self.tokenizer, self.max_seq_len = version, tokenizer, context
+            self._version, self._tokenizer, self._max_seq_len = version, tokenizer, context
             log.info("Triton serves %s (kept loaded: %s)", version, keep or "-")
             return version
 
@@ -300,7 +301,7 @@ class TritonBackend:
         )
 
     def _adopt(self, version: str) -> None:
-        self.tokenizer, self.max_seq_len = self._policy_files(version)
+        self._tokenizer, self._max_seq_len = self._policy_files(version)
         self._version = version
 
     def _policy_files(self, version: str) -> tuple[Tokenizer, int]:
@@ -322,7 +323,7 @@ class TritonBackend:
                 return values
         except Exception:
             pass
-        return {"registry_dir": str(self.registry.root.resolve()), **self.engine_parameters}
+        return engine_parameters(self.registry.root, self.engine)
 
     async def _poll_stats(self) -> None:
         while True:

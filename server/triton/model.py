@@ -8,13 +8,14 @@ response sender while the engine batches it with whatever else is running, so re
 any length come and go independently. A request whose client went away (gRPC stream
 cancelled) is aborted in the engine within ``CANCEL_POLL_S``.
 
-Model config parameters (strings): ``registry_dir`` (required), ``kv_cache_memory_mb``,
-``max_waiting``, ``max_num_seqs``, ``max_batched_tokens``, ``num_threads``, ``device``.
+Model config parameters: ``registry_dir`` (required) and ``engine_config`` (the engine's
+options as JSON; see :mod:`server.triton.protocol`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -27,16 +28,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import triton_python_backend_utils as pb_utils  # noqa: E402  (provided by the Triton stub)
 
-from server.engine import (  # noqa: E402
-    AsyncEngine,
-    EngineConfig,
-    EngineOverloaded,
-    LLMEngine,
-)
+from server.engine import AsyncEngine, DeltaStream, EngineOverloaded, LLMEngine  # noqa: E402
 from server.triton.protocol import (  # noqa: E402
+    ENGINE_PARAMETER,
     INVALID_PREFIX,
     OVERLOADED_PREFIX,
     bytes_tensor,
+    config_from_json,
     delta_to_arrays,
     params_from_json,
     stats_to_json,
@@ -61,26 +59,14 @@ def _response(arrays: dict[str, Any]) -> Any:
     )
 
 
-def _engine_config(params: dict[str, str]) -> EngineConfig:
-    casts = {
-        "kv_cache_memory_mb": float,
-        "max_waiting": int,
-        "max_num_seqs": int,
-        "max_batched_tokens": int,
-        "num_threads": int,
-        "device": str,
-    }
-    values = {k: cast(params[k]) for k, cast in casts.items() if params.get(k, "") != ""}
-    return EngineConfig(**values)
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.version = f"v{args['model_version']}"
         registry = PolicyRegistry(params["registry_dir"])
-        engine = LLMEngine.from_registry(registry, self.version, _engine_config(params))
+        config = config_from_json(params.get(ENGINE_PARAMETER, ""))
+        engine = LLMEngine.from_registry(registry, self.version, config)
         self.tokenizer = engine.current.policy.tokenizer
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
@@ -89,7 +75,7 @@ class TritonPythonModel:
         self.thread.start()
         self.engine = self._on_loop(self._make_engine(engine))
         self.ids = itertools.count()
-        self.active: set[asyncio.Future] = set()
+        self.active: set[concurrent.futures.Future[None]] = set()
         log.info("palmchat %s ready in Triton", self.version)
 
     @staticmethod
@@ -167,20 +153,12 @@ class TritonPythonModel:
             send(None, True, error=f"{INVALID_PREFIX}{e}")
             return
         engine_id = f"{request_id or 'triton'}-{next(self.ids)}"
-        try:
-            stream = self.engine.generate(prompt_ids, params, request_id=engine_id)
-        except EngineOverloaded as e:
-            send(None, True, error=f"{OVERLOADED_PREFIX}{e}")
-            return
-
-        async def watch_cancel() -> None:
-            while not _cancelled(sender):
-                await asyncio.sleep(CANCEL_POLL_S)
-            stream.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch_cancel())
+        stream: DeltaStream | None = None
+        watcher: asyncio.Task | None = None
         open_candidates = params.n
         try:
+            stream = self.engine.generate(prompt_ids, params, request_id=engine_id)
+            watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(sender, stream))
             async for delta in stream:
                 if delta.finished:
                     open_candidates -= 1
@@ -188,11 +166,15 @@ class TritonPythonModel:
                     stream.cancel()
                     continue
                 send(delta_to_arrays(delta), open_candidates == 0)
-        except ValueError as e:  # rejected by the engine (e.g. the prompt is too long)
+        except EngineOverloaded as e:
+            send(None, True, error=f"{OVERLOADED_PREFIX}{e}")
+        except ValueError as e:  # refused by the engine (e.g. the prompt is too long)
             send(None, True, error=f"{INVALID_PREFIX}{e}")
         finally:
-            watcher.cancel()
-            stream.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            if stream is not None:
+                stream.cancel()
 
     def finalize(self) -> None:
         """Unload: Triton calls this once the version's in-flight requests are done."""
@@ -203,6 +185,12 @@ class TritonPythonModel:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         log.info("palmchat %s unloaded", self.version)
+
+
+async def _cancel_when_gone(sender: Any, stream: DeltaStream) -> None:
+    while not _cancelled(sender):
+        await asyncio.sleep(CANCEL_POLL_S)
+    stream.cancel()
 
 
 def _cancelled(sender: Any) -> bool:

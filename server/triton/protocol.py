@@ -17,6 +17,9 @@ outputs  INDEX       INT32 [1]   candidate index (``n`` > 1)
 
 The last response of a request (every candidate finished) carries Triton's final flag.
 
+Model config parameters (strings): ``registry_dir``, and ``engine_config``, the JSON of the
+:class:`~server.engine.EngineConfig` the engine inside Triton runs with.
+
 Only numpy and the engine's dataclasses are imported here: both sides use this module.
 """
 
@@ -29,12 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.config import EngineConfig
 from server.engine.outputs import Delta, RequestMetrics
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishReason, TokenLogprob
 from server.engine.stats import EngineStats
 
 MODEL_NAME = "palmchat"
+ENGINE_PARAMETER = "engine_config"
 OVERLOADED_PREFIX = "overloaded: "
 INVALID_PREFIX = "invalid request: "
 
@@ -88,16 +93,29 @@ def params_to_json(params: SamplingParams) -> str:
 
 
 def params_from_json(text: str) -> SamplingParams:
-    data = json.loads(text) if text else {}
-    if not isinstance(data, dict):
-        raise ValueError("PARAMS must be a JSON object")
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
+    data = _fields_from_json(SamplingParams, text, "PARAMS", "sampling parameters")
     if "stop" in data and isinstance(data["stop"], list):
         data["stop"] = tuple(data["stop"])
     return SamplingParams(**data)
+
+
+def config_to_json(config: EngineConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str) -> EngineConfig:
+    return EngineConfig(**_fields_from_json(EngineConfig, text, ENGINE_PARAMETER, "engine options"))
+
+
+def _fields_from_json(cls: type, text: str, name: str, what: str) -> dict[str, Any]:
+    """The JSON object ``text`` (empty: ``{}``) as keyword arguments of dataclass ``cls``."""
+    data = json.loads(text) if text else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")
+    return data
 
 
 def bytes_tensor(text: str) -> np.ndarray:

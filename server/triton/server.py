@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.triton.protocol import MODEL_NAME, model_config, version_number
+from server.engine.config import EngineConfig
+from server.triton.protocol import (
+    ENGINE_PARAMETER,
+    MODEL_NAME,
+    config_to_json,
+    model_config,
+    version_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +93,7 @@ def stub_environment(libs_dir: Path) -> dict[str, str]:
 class TritonServer:
     """One ``tritonserver`` process serving the ``palmchat`` model over gRPC (and HTTP).
 
-    ``engine`` holds the model config parameters the engine inside Triton reads
-    (``kv_cache_memory_mb``, ``max_waiting``, ``max_num_seqs``, ``num_threads``, ...).
+    ``engine`` is what the engine inside Triton runs with (sent as a model config parameter).
     """
 
     registry_dir: Path
@@ -96,7 +102,7 @@ class TritonServer:
     http_port: int = 8000
     metrics_port: int | None = None
     workdir: Path | None = None
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     log_verbose: int = 0
     log_file: Path | None = None
     inherit_output: bool = False  # tritonserver logs to our stdout (when no log_file)
@@ -109,7 +115,7 @@ class TritonServer:
         return f"{self.host}:{self.grpc_port}"
 
     def parameters(self) -> dict[str, Any]:
-        return {"registry_dir": str(Path(self.registry_dir).resolve()), **self.engine}
+        return engine_parameters(self.registry_dir, self.engine)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         root = pytriton_dir()
@@ -228,6 +234,15 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def engine_parameters(registry_dir: Path, engine: EngineConfig) -> dict[str, str]:
+    """The model config parameters of the palmchat model: where its policies are, how its
+    engine runs."""
+    return {
+        "registry_dir": str(Path(registry_dir).resolve()),
+        ENGINE_PARAMETER: config_to_json(engine),
+    }
 
 
 def load_request(versions: list[str], parameters: dict[str, Any]) -> tuple[str, dict[str, bytes]]:

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from server.api.app import create_app
+from server.engine import EngineConfig
 from shared.config import Settings
 from shared.keys import create_key
 from tests.conftest import LiveServer
@@ -55,7 +56,7 @@ def triton_gateway(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path
         grpc_port=free_port(),
         http_port=free_port(),
         workdir=root / "work",
-        engine={"kv_cache_memory_mb": 16},
+        engine=EngineConfig.from_settings(settings),
         log_file=log_file,
     )
     app = create_app(
