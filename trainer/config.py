@@ -2,8 +2,8 @@
 
 One dataclass, :class:`TrainerConfig`, holds every knob of a round: which feedback to use, the
 reward model, the policy algorithm (PPO, DPO or KTO), the promotion gate and the loop. The
-defaults are sized for the ~4M-parameter seed policy on a 2-core CPU (a round in a minute or
-two); PPO values follow trlx's PPO config where they make sense at this scale.
+defaults are sized for the ~4M-parameter seed policy on a 2-core CPU; PPO values follow trlx's
+PPO config where they make sense at this scale.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class TrainerConfig:
     ppo_rollouts: int = 64  # rollouts per iteration (over all processes)
     ppo_epochs: int = 4
     ppo_minibatch: int = 16
-    ppo_lr: float = 1e-4  # trlx uses ~1e-5 for large models; a 4M policy barely moves there
+    # trlx uses ~1e-5 for large models; a 4M policy barely moves there (docs/decisions.md,
+    # "PPO learning rate above trlx's")
+    ppo_lr: float = 1e-4
     init_kl_coef: float = 0.2
     kl_target: float | None = 6.0  # None = fixed KL coefficient
     kl_horizon: int = 1000
@@ -81,25 +83,27 @@ class TrainerConfig:
     # the policy the DPO/KTO loss measures log-ratios against: "active" = the round's starting
     # policy (iterative DPO: every round is one bounded step from what is serving) or
     # "reference" = the KL reference above (one objective for the whole loop). The gate and
-    # PPO always use the KL reference.
+    # PPO always use the KL reference. docs/decisions.md, "Iterative DPO: each round against
+    # the serving policy"
     pref_reference: str = "active"
     beta: float = 0.1
     pref_epochs: int = 2
     pref_lr: float = 1e-4
     pref_batch_size: int = 16
     pref_max_steps: int = 48
-    # ...and at least this many (more epochs over a small round's data): with steps growing
-    # with the data, the first rounds (~120 pairs, 16 steps) moved the policy ~0.1 nats and
-    # the thumbs-up rate ~1-3 points, leaving the lift to the later rounds
+    # ...and at least this many (more epochs over a small round's data), so the first rounds,
+    # with little data, still move the policy: docs/decisions.md, "DPO: at least 32 steps a
+    # round"
     pref_min_steps: int = 32
     # + weight * per-token NLL of the chosen replies of logged pairs (RPO); never of the
     # on-policy pairs below, whose chosen reply the reward model picked and may be wrong
+    # (docs/decisions.md, "DPO: on-policy pairs, RPO only on logged pairs")
     dpo_sft_weight: float = 0.5
     # on-policy pairs (online DPO): sample dpo_rm_samples replies from the active policy for
     # each of dpo_rm_prompts prompts (logged + generated), score them with this round's reward
     # model, and add (best, worst) when their scores differ by dpo_rm_min_gap (in standard
-    # deviations); 0 prompts = logged pairs only. On the seed policy these pairs roughly
-    # doubled the first rounds' thumbs-up lift over logged pairs alone
+    # deviations); 0 prompts = logged pairs only. They lift the first rounds well beyond what
+    # logged pairs alone do
     dpo_rm_prompts: int = 96
     dpo_rm_samples: int = 4
     dpo_rm_min_gap: float = 1.0
@@ -116,9 +120,9 @@ class TrainerConfig:
     gate_max_kl: float = 12.0  # nats per reply, candidate vs the reference policy
     gate_min_reward_gain: float = 0.0  # candidate mean RM score must exceed active's by more
     # each reply's RM score is clipped to +-this many standard deviations before the mean (as
-    # trlx clips PPO rewards): a few garbled samples scored -10 to -16, far outside anything the
-    # reward model was trained on, otherwise outweigh a better policy's other 125 replies.
-    # None = no clipping
+    # trlx clips PPO rewards): a few garbled samples far outside anything the reward model was
+    # trained on otherwise outweigh a better policy's other replies. None = no clipping
+    # (docs/decisions.md, "Promotion gate: clip reward-model scores")
     gate_reward_clip: float | None = 3.0
     gate_correct_tolerance: float = 0.03  # allowed drop of held-out correct rate
     gate_max_new_tokens: int = 64
@@ -126,8 +130,8 @@ class TrainerConfig:
     # away from the active policy (weights active + f * (candidate - active)), in order; the
     # first that passes is published. A DPO round that overshoots (KL up, reward-model score
     # down) or costs a few answers usually passes at half or a quarter of the step, with most
-    # of its reward-model gain (each try re-evaluates the candidate side only: a few seconds
-    # on the seed policy). [] = one try only
+    # of its reward-model gain (each try re-evaluates the candidate side only). [] = one try
+    # only (docs/decisions.md, "Promotion gate: backtracking to a half and a quarter step")
     gate_backtrack: list[float] = field(default_factory=lambda: [0.5, 0.25])
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in the recipe

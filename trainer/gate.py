@@ -5,12 +5,9 @@ trained on). The candidate passes when all three hold:
 
 1. **reward up** - the mean reward-model score of its sampled replies beats the active policy's
    by more than ``gate_min_reward_gain`` (the reward model is this round's, trained on the
-   feedback; it decides style). Each score is clipped to ``+-gate_reward_clip`` (3) standard
-   deviations first: a DPO step can leave 2-3% of samples garbled, which the reward model
-   scores -10 to -16, and those few once outweighed the rest. A candidate whose users'
-   thumbs-up rate on the gate's prompts rose from 29% to 36% was rejected at -0.147 vs +0.170;
-   clipped, it scores +0.203 vs +0.170. A garbled reply still counts as worse than any
-   typical bad one;
+   feedback; it decides style). Each score is clipped to ``+-gate_reward_clip`` standard
+   deviations first, so a few garbled samples far outside the reward model's training cannot
+   outweigh the rest (see docs/decisions.md, "Promotion gate: clip reward-model scores");
 2. **KL bounded** - ``KL(candidate || reference)`` per reply, estimated on its own samples as
    ``mean(sum_t log pi(y_t) - log ref(y_t))``, is at most ``gate_max_kl`` nats;
 3. **capability kept** - the held-out correct rate of greedy answers
@@ -18,18 +15,19 @@ trained on). The candidate passes when all three hold:
    candidate fails when it drops by more than ``gate_correct_tolerance`` (default 0.03) *and*
    the drop is significant in a paired sign test on the same prompts (McNemar, one-sided,
    z = 1.645: ``lost - gained > 1.645 * sqrt(lost + gained)``, lost/gained = prompts only the
-   active / only the candidate answers right). With 128 prompts, a policy whose style
-   changes flips a few borderline answers (arithmetic at ~20% accuracy) either way; a
-   tolerance alone rejected such candidates by noise. Only correctness is used from that
-   report - the gate never consults a rater's taste.
+   active / only the candidate answers right): a policy whose style changes flips a few
+   borderline answers either way, and a tolerance alone rejects it by noise (see
+   docs/decisions.md, "Promotion gate: a paired sign test on correctness"). Only correctness
+   is used from that report - the gate never consults a rater's taste.
 
 **Backtracking** (:func:`gate_with_backtracking`): a candidate that fails is tried again at
 smaller steps from the active policy, its weights interpolated as ``active + f * (candidate -
 active)`` for each ``f`` in ``gate_backtrack`` (default 0.5, then 0.25), and the first that
 passes is the one published. Interpolating towards the starting weights is a cheap trust
 region: a DPO round that overshot (KL to the reference up several nats, reward-model score
-down) or flipped a few answers usually keeps most of its gain at a half or a quarter of the
-step. Only the candidate side is re-evaluated; the active policy's samples are reused.
+down) or flipped a few answers usually keeps most of its gain at a smaller step (see
+docs/decisions.md, "Promotion gate: backtracking to a half and a quarter step"). Only the
+candidate side is re-evaluated; the active policy's samples are reused.
 """
 
 from __future__ import annotations

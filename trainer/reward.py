@@ -55,16 +55,13 @@ FORMAT = "palmchat-reward/2"  # /2: + the likelihood term's weight
 Progress = Callable[[str, int, int, str], None]
 
 
-# starting weight of the likelihood term (then learned with the head). On logged closed-loop
-# feedback (30% of prompts held out, 48 steps) 0.3 lifted held-out pairwise accuracy from
-# 0.78-0.83 to 0.85-0.86: right-vs-wrong pairs gain most; 1.0 overweights it (pairs of two
-# wrong replies suffer)
+# starting weight of the likelihood term (then learned with the head): right-vs-wrong pairs
+# gain most from it, and a much larger start hurts pairs of two wrong replies
+# (docs/decisions.md, "Reward model: a learned likelihood term")
 LM_WEIGHT_INIT = 0.3
-# learning rate of that weight: an O(1) scalar that Adam moves by about this much a step. At
-# the head's rate (10x the trunk's, 1e-3) 48 steps moved it 0.30 -> 0.32, i.e. not at all; at
-# 0.02 it settles at 0.55-0.85 within a round (courteous feedback, 40% of prompts held out:
-# held-out accuracy 0.85 -> 0.91, right-vs-wrong pairs 0.74 -> 0.85) and climbs to
-# 1.1-2.2 over five closed-loop rounds
+# learning rate of that weight: an O(1) scalar that Adam moves by about this much a step; at
+# the head's rate it would barely move in a round (docs/decisions.md, "Reward model: the
+# likelihood weight's own learning rate")
 LM_WEIGHT_LR = 0.02
 
 
@@ -73,8 +70,8 @@ class RewardModel(nn.Module):
     state of the reply's last token plus a learned multiple of the reply's summed log-likelihood
     under the trunk's own language-model head. The trunk starts as the policy, whose
     likelihood separates right answers from sampled wrong ones far better than a fresh head
-    learns to from a few hundred pairs (on logged closed-loop pairs, a correct reply outscored
-    a wrong one to the same prompt in ~90% of cases); the head learns the users' style."""
+    learns to from a few hundred pairs; the head learns the users' style (docs/decisions.md,
+    "Reward model: a learned likelihood term")."""
 
     def __init__(self, trunk: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> None:
         super().__init__()

@@ -5,43 +5,36 @@ many threads a step uses.
 weight into its blocked layout on every call; for the few-row matmuls of decoding that packing
 and a generic kernel dominate. oneDNN can pack a weight once into the layout its matmul kernel
 reads (``mkldnn._reorder_linear_weight``, what PyTorch's own compiler uses for frozen CPU
-graphs) and then run any number of rows against it. Measured on the 2-core AVX-512 machine for
-the 13 matmuls of one decode step of the benchmark model (17 MB of weights), one thread: 8 rows
-2.1 -> 1.0 ms, 32 rows 4.2 -> 3.1 ms.
+graphs) and then run any number of rows against it.
 
-Whether packing pays depends on the CPU: on an AVX2 machine (AMD EPYC, 2 cores) the packed
-kernel is slower than BLAS at a few rows (one row, 256 -> 256: 53 vs 8 us) and faster only
-from ~16-32 rows. So :func:`warm_up` times both on each weight shape at a few row counts and
-sets at which row counts that shape uses its packed copy (:func:`packed_row_counts`, once per
-shape and thread count in a process); elsewhere the matmul goes to BLAS with the weight stored
-transposed (row-major (in, out), the faster layout for few rows).
+Whether packing pays depends on the CPU and the row count (on some CPUs the packed kernel
+loses to BLAS at a few rows). So :func:`warm_up` times both on each weight shape at a few row
+counts and sets at which row counts that shape uses its packed copy (:func:`packed_row_counts`,
+once per shape and thread count in a process); elsewhere the matmul goes to BLAS with the
+weight stored transposed (row-major (in, out), the faster layout for few rows). See
+docs/decisions.md, "CPU engine: prepacked oneDNN weights, timed per shape".
 
 **Threads.** The engine package defaults ``OMP_WAIT_POLICY`` to PASSIVE: workers that spin
-without bound collapse a second busy process on a small machine (two engines side by side,
-2-thread steps, spinning for as little as 5,000 rounds: 595 -> 98 tokens/s each at batch 1). A
-sleeping worker must then be woken for every parallel op, and on a virtual machine waking an
-idle vCPU costs tens of microseconds; a decode step is a hundred small ops, so there the second
-core costs more than it saves (batch 1: ~250 tokens/s on 2 threads, ~550 on 1; batch 32:
-~4,100 vs ~4,800). Prefill is a few big ops and does gain (8 prompts of 500 tokens: 0.62 ->
-0.34 s). :class:`StepThreads` gives a step every core from :data:`PARALLEL_TOKENS` tokens on,
-one thread below - except wide decode steps:
+without bound collapse a second busy process on a small machine. A sleeping worker must then
+be woken for every parallel op, and on a virtual machine waking an idle vCPU is slow; a decode
+step is a hundred small ops, so there the second core costs more than it saves. Prefill is a
+few big ops and does gain. :class:`StepThreads` gives a step every core from
+:data:`PARALLEL_TOKENS` tokens on, one thread below - except wide decode steps:
 
 **Wide decode steps.** The serving commands (``palmchat serve``, ``up``, ``demo``, ``bench
 engine``, ``bench api``) let a waiting worker spin briefly before it sleeps
 (``OMP_WAIT_POLICY=ACTIVE`` with ``GOMP_SPINCOUNT=2000``, which libgomp caps at 1,000 rounds
 once a process holds more OpenMP threads than cores, as a server does: tens of microseconds;
 the trainer keeps PASSIVE, no spin; see ``server/engine/openmp.py``): the workers then stay
-awake between the ops of one step, and a 32-row decode step on both cores of the 2-core AMD
-EPYC machine takes ~2.5 ms instead of
-~4 ms on one. Whether that pays depends on what else runs on the cores: with a second busy
-process the worker is descheduled while its master waits, and the same step takes longer
-than on one thread (two engines side by side, each 32 rows: ~3,700 tokens/s each on 2 threads
-vs ~7,600 on 1). So decode steps of :data:`TUNED_MIN_TOKENS` rows or more run on whichever of
-one thread and every core was faster when last timed (:class:`ThreadChoice`: pairs of adjacent
-steps, one on each, every :data:`PROBE_EVERY` steps of that size). In a process whose workers
+awake between the ops of one step, and a wide decode step can gain from every core. Whether
+that pays depends on what else runs on the cores: with a second busy process the worker is
+descheduled while its master waits, and the same step takes longer than on one thread. So
+decode steps of :data:`TUNED_MIN_TOKENS` rows or more run on whichever of one thread and every
+core was faster when last timed (:class:`ThreadChoice`: pairs of adjacent steps, one on each,
+every :data:`PROBE_EVERY` steps of that size). In a process whose workers
 do not spin (PASSIVE, e.g. the trainer's) every core loses and the steps stay on one thread.
 Thread count does not change the numbers: the kernels split rows and columns, never a dot
-product.
+product. See docs/decisions.md, "CPU engine: threads per step".
 """
 
 from __future__ import annotations
@@ -55,7 +48,7 @@ from torch import Tensor, nn
 
 # the row count oneDNN is told to expect when it picks a packed layout (any count runs)
 PACK_ROWS_HINT = 32
-# oneDNN builds a kernel per row count (~0.4 ms a matmul the first time it sees one): steps up to
+# oneDNN builds a kernel per row count (slow the first time it sees one): steps up to
 # this many rows - every decode batch - use the packed weights, with their kernels built at
 # load (:func:`warm_up`); wider steps (prefills of arbitrary length) go to BLAS, whose per-call
 # packing is small next to their own work
@@ -161,7 +154,7 @@ class ThreadChoice:
     :data:`PROBE_EVERY` steps it runs :data:`PROBE_PAIRS` pairs of adjacent steps, one on each
     (the order alternating, so neither always runs first), and keeps every core if the median
     of the pairs' time ratios is under :data:`PARALLEL_MARGIN`. Pairs, because one step's time
-    swings by a third with the machine; two adjacent steps see nearly the same machine and the
+    swings widely with the machine; two adjacent steps see nearly the same machine and the
     same batch."""
 
     def __init__(self, cores: int) -> None:

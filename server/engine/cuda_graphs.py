@@ -52,8 +52,9 @@ class StaticDecode:
         self.width = self.max_blocks * bs
         shape = (rows, 3 + self.max_blocks)
         self.inputs = torch.empty(shape, dtype=torch.long, device=cache.device)
-        # the host side, filled row by row through numpy (building a nested list and calling
-        # torch.tensor on it cost ~6 us a row); pinned for the copy where the device is a GPU
+        # the host side, filled row by row through numpy (cheaper than torch.tensor on nested
+        # lists: docs/decisions.md, "Decode-step inputs filled through numpy"); pinned for the
+        # copy where the device is a GPU
         pin = cache.device.type == "cuda"
         self._host = torch.empty(shape, dtype=torch.long, pin_memory=pin)
         self._rows = self._host.numpy()

@@ -1,6 +1,6 @@
 """How the engine's OpenMP workers wait between ops; set before torch is imported.
 
-Workers that spin while they wait collapse throughput (20x and more) when the cores are shared,
+Workers that spin while they wait collapse throughput when the cores are shared,
 e.g. with a trainer on the same machine, so every process that imports the engine defaults to
 ``OMP_WAIT_POLICY=PASSIVE``. A serving process calls :func:`serving_process` first: its workers
 spin a bounded number of rounds, so a wide decode step can use every core; the engine then times
