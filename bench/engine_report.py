@@ -1,4 +1,4 @@
-"""The benchmark's report: targets of issue 4, the README table, the JSON and the PNG plot."""
+"""The benchmark report: issue 4's targets, the table docs/benchmarks.md shows, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown_table(r: dict[str, Any]) -> str:
-    """The README table: generated tokens/s by concurrency for every contender."""
+    """The table of docs/benchmarks.md: generated tokens/s by concurrency for every contender."""
 
     def cell(section: str, key: str) -> str:
         value = r.get(section, {}).get(key)

@@ -4,7 +4,7 @@ process learns from the database and publishes, the server hot-swaps, and the us
 wins on fresh prompts. Two tastes that disagree (courteous: polite opener and closer;
 concise: as short as possible) must each be learned.
 
-A smaller config than the README's demo (which runs 30 minutes); the figures each run reached
+A smaller config than `palmchat demo` (which runs 30 minutes); the figures each run reached
 are printed and written under ops/bench/results/ by the demo runner.
 """
 
@@ -66,7 +66,7 @@ def test_users_taste_is_learned_through_the_live_server(preference: str, tmp_pat
     assert all(r["kl_to_reference"] <= bound for r in published)
     # the reward model learned the taste from the database alone: its held-out pairwise
     # accuracy, pooled over the rounds (~30-45 held-out pairs each), clearly above chance.
-    # (The issue's 85% is not reached every round on this seed; the README gives each
+    # (The issue's 85% is not reached every round on this seed; docs/loop.md gives each
     # round's figure.)
     accuracies = [r["rm_heldout_accuracy"] for r in report.rounds]
     assert None not in accuracies and sum(accuracies) / len(accuracies) >= 0.65, accuracies
