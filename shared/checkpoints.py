@@ -8,6 +8,9 @@ Publishing writes a hidden temp directory, fsyncs every file and the directory, 
 into place, so a reader sees a whole version or none. Loading re-hashes every file and refuses
 a missing, truncated or tampered one with a ``CheckpointError`` naming the version and file.
 No pickle: weights are safetensors, imports use ``torch.load(weights_only=True)``.
+
+The reward models' registry (``trainer/reward.py``) is a :class:`VersionDirectory` too and
+publishes and verifies its versions with the same functions.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,13 +44,18 @@ _VERSION_RE = re.compile(r"^v(\d+)$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(Exception):
-    """A policy version that cannot be used; the message names the version and the file."""
+POLICY = "policy version"
 
-    def __init__(self, version: str, reason: str, file: str | None = None) -> None:
+
+class CheckpointError(ValueError):
+    """A version that cannot be used; the message names what it is, the version and the file."""
+
+    def __init__(
+        self, version: str, reason: str, file: str | None = None, *, kind: str = POLICY
+    ) -> None:
         self.version, self.file, self.reason = version, file, reason
         where = f"{version}/{file}" if file else version
-        super().__init__(f"policy version {where}: {reason}")
+        super().__init__(f"{kind} {where}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -100,8 +110,8 @@ def commit_version_dir(root: Path, tmp: Path, manifest: dict[str, Any]) -> str:
         manifest["version"] = version
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
+            fsync_path(path)
+        fsync_path(tmp)
         try:
             # rename onto an existing non-empty directory fails: another publisher won the name
             os.rename(tmp, root / version)
@@ -109,15 +119,40 @@ def commit_version_dir(root: Path, tmp: Path, manifest: dict[str, Any]) -> str:
             if (root / version).exists():
                 continue
             raise
-        _fsync(root)
+        fsync_path(root)
         return version
 
 
-class PolicyRegistry:
+@contextmanager
+def staging_dir(root: Path) -> Iterator[Path]:
+    """A hidden temp directory under ``root`` to write a version into; removed on the way out
+    unless :func:`commit_version_dir` renamed it into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files``: sha256 and size of the weights and the tokenizer."""
+    return {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in (MODEL_FILE, TOKENIZER_FILE)
+    }
+
+
+class VersionDirectory:
+    """``<root>/vN`` directories, one per published version."""
+
+    kind = POLICY  # what a version is, for error messages
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    # -- listing -----------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Published versions, oldest first."""
         return list_versions(self.root)
@@ -128,9 +163,13 @@ class PolicyRegistry:
 
     def path(self, version: str) -> Path:
         if not _VERSION_RE.match(version):
-            raise CheckpointError(version, "not a version name (expected v<number>)")
+            raise CheckpointError(
+                version, "not a version name (expected v<number>)", kind=self.kind
+            )
         return self.root / version
 
+
+class PolicyRegistry(VersionDirectory):
     # -- publishing --------------------------------------------------------------------------
     def publish(
         self,
@@ -145,10 +184,7 @@ class PolicyRegistry:
         """Atomically add a new version and return its name."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with staging_dir(self.root) as tmp:
             params = {name for name, _ in model.named_parameters()}
             # only weights are narrowed; rotary/norm buffers stay float32 (precision matters)
             state = {
@@ -157,10 +193,6 @@ class PolicyRegistry:
             }
             save_file(state, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
             tokenizer.save(tmp / TOKENIZER_FILE)
-            files = {
-                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                for name in (MODEL_FILE, TOKENIZER_FILE)
-            }
             manifest = {
                 "format": FORMAT,
                 "parent": parent,
@@ -169,14 +201,11 @@ class PolicyRegistry:
                 "dtype": dtype,
                 "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                 "num_params": model.num_params(),
-                "files": files,
+                "files": file_entries(tmp),
                 "metrics": dict(metrics or {}),
                 "recipe": dict(recipe or {}),
             }
             return self._commit(tmp, manifest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _commit(self, tmp: Path, manifest: dict[str, Any]) -> str:
         version = commit_version_dir(self.root, tmp, manifest)
@@ -186,17 +215,12 @@ class PolicyRegistry:
     def install(self, source_dir: str | Path, *, parent: str | None = None) -> str:
         """Copy a verified version directory from elsewhere (e.g. the bundled seed) in."""
         source = Path(source_dir)
-        manifest = _verify_dir(source, source.name)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        shutil.copytree(source, tmp)
-        try:
+        manifest = verify_version_dir(source, source.name)
+        with staging_dir(self.root) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
             manifest["parent"] = parent if parent is not None else manifest.get("parent")
             manifest["installed_from"] = manifest.get("version")
             return self._commit(tmp, manifest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def export(self, version: str, dest: str | Path, *, dtype: str = "float32") -> Path:
         """Write a verified copy of ``version`` (optionally narrowed to float16/bfloat16) to
@@ -229,13 +253,13 @@ class PolicyRegistry:
         edited config passes the hashes. (It builds a model skeleton on the meta device; the
         first time in a process that costs a second or two of torch imports.)"""
         directory = self.path(version)
-        manifest = _verify_dir(directory, version)
+        manifest = verify_version_dir(directory, version)
         if deep:
             _check_structure(directory, version, manifest)
         return manifest
 
     def manifest(self, version: str) -> dict[str, Any]:
-        return _read_manifest(self.path(version), version)
+        return read_manifest(self.path(version), version)
 
     def load(
         self, version: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -243,42 +267,52 @@ class PolicyRegistry:
         return load_policy_dir(self.path(version), version, device=device, dtype=dtype)
 
 
-def _read_manifest(directory: Path, version: str) -> dict[str, Any]:
+def read_manifest(
+    directory: Path, version: str, *, manifest_format: str = FORMAT, kind: str = POLICY
+) -> dict[str, Any]:
+    """The manifest of the version in ``directory``, checked to be a ``manifest_format`` one."""
+
+    def refuse(reason: str, file: str | None = MANIFEST_FILE) -> CheckpointError:
+        return CheckpointError(version, reason, file, kind=kind)
+
     if not directory.is_dir():
-        raise CheckpointError(version, f"not found in {directory.parent}")
+        raise refuse(f"not found in {directory.parent}", None)
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise CheckpointError(version, "missing", MANIFEST_FILE)
+        raise refuse("missing")
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(version, f"not valid JSON ({e})", MANIFEST_FILE) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(version, f"not a {FORMAT} manifest", MANIFEST_FILE)
+        raise refuse(f"not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != manifest_format:
+        raise refuse(f"not a {manifest_format} manifest")
     for key in ("config", "files"):
         if not isinstance(manifest.get(key), dict):
-            raise CheckpointError(version, f"manifest lacks {key!r}", MANIFEST_FILE)
+            raise refuse(f"manifest lacks {key!r}")
     return manifest
 
 
-def _verify_dir(directory: Path, version: str) -> dict[str, Any]:
-    manifest = _read_manifest(directory, version)
+def verify_version_dir(
+    directory: Path, version: str, *, manifest_format: str = FORMAT, kind: str = POLICY
+) -> dict[str, Any]:
+    """Check the weights and the tokenizer against the manifest (size, then sha256); return
+    the manifest."""
+    manifest = read_manifest(directory, version, manifest_format=manifest_format, kind=kind)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         expected = manifest["files"].get(name)
         path = directory / name
         if not isinstance(expected, dict):
-            raise CheckpointError(version, "not listed in the manifest", name)
+            raise CheckpointError(version, "not listed in the manifest", name, kind=kind)
         if not path.is_file():
-            raise CheckpointError(version, "missing", name)
-        size = path.stat().st_size
+            raise CheckpointError(version, "missing", name, kind=kind)
+        size, matches = path.stat().st_size, sha256_file(path) == expected.get("sha256")
         if size != expected.get("bytes"):
+            reason = f"truncated or resized: {size} bytes, manifest says {expected.get('bytes')}"
             raise CheckpointError(
-                version,
-                f"truncated or resized: {size} bytes, manifest says {expected.get('bytes')}",
-                name,
+                version, reason if matches else f"{reason}; sha256 mismatch", name, kind=kind
             )
-        if sha256_file(path) != expected.get("sha256"):
-            raise CheckpointError(version, "sha256 mismatch: file was modified", name)
+        if not matches:
+            raise CheckpointError(version, "sha256 mismatch: file was modified", name, kind=kind)
     return manifest
 
 
@@ -329,7 +363,7 @@ def load_policy_dir(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Policy:
-    manifest = _verify_dir(directory, version)
+    manifest = verify_version_dir(directory, version)
     config, tokenizer = _config_and_tokenizer(directory, version, manifest)
     try:
         state = load_file(str(directory / MODEL_FILE))

@@ -7,24 +7,21 @@ and each trained model is saved as a versioned artifact next to the policy regis
 
     <data_dir>/reward_models/v3/{model.safetensors, tokenizer.json, manifest.json}
 
-written atomically (temp dir, fsync, rename) like policies; no pickle. Scores are normalised
-by the mean and spread of the training replies' raw rewards, so a score is in "standard
-deviations above a typical logged reply".
+published and verified by the policy registry's functions (temp dir, fsync, rename; sha256 on
+load, a ``CheckpointError`` for a damaged file); no pickle. Scores are normalised by the mean
+and spread of the training replies' raw rewards, so a score is in "standard deviations above a
+typical logged reply".
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +29,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from shared.checkpoints import commit_version_dir, list_versions, sha256_file
+from shared.checkpoints import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    VersionDirectory,
+    commit_version_dir,
+    file_entries,
+    staging_dir,
+    verify_version_dir,
+)
 from shared.model import PaLM, PaLMConfig
 from shared.tokenizer import Tokenizer, load_tokenizer
 from trainer.common import (
@@ -389,18 +394,11 @@ def _normalise(rm: RewardModel, seqs: list[Encoded], pad_id: int, info: DistInfo
 # --------------------------------------------------------------------------- artifacts
 
 
-class RewardRegistry:
-    """Versioned reward models: ``<root>/vN/{model.safetensors, tokenizer.json, manifest.json}``."""
+class RewardRegistry(VersionDirectory):
+    """Versioned reward models: ``<root>/vN/{model.safetensors, tokenizer.json, manifest.json}``,
+    published and verified as policy versions are (:mod:`shared.checkpoints`)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def versions(self) -> list[str]:
-        return list_versions(self.root)
-
-    def latest(self) -> str | None:
-        v = self.versions()
-        return v[-1] if v else None
+    kind = "reward model"
 
     def publish(
         self,
@@ -410,50 +408,36 @@ class RewardRegistry:
         policy_version: str | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> str:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with staging_dir(self.root) as tmp:
             state = {f"trunk.{k}": v for k, v in rm.trunk.state_dict_for_save().items()}
             state.update({f"head.{k}": v for k, v in rm.head.state_dict().items()})
             state["offset"], state["scale"] = rm.offset, rm.scale
             state["lm_weight"] = rm.lm_weight
             save_file(
                 {k: v.detach().cpu().float().contiguous() for k, v in state.items()},
-                str(tmp / "model.safetensors"),
+                str(tmp / MODEL_FILE),
                 metadata={"format": FORMAT},
             )
-            tok.save(tmp / "tokenizer.json")
-            files = {
-                n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
-                for n in ("model.safetensors", "tokenizer.json")
-            }
+            tok.save(tmp / TOKENIZER_FILE)
             manifest = {
                 "format": FORMAT,
                 "created_at": datetime.now(UTC).isoformat(),
                 "policy_version": policy_version,
                 "config": rm.trunk.config.to_dict(),
-                "files": files,
+                "files": file_entries(tmp),
                 "metrics": dict(metrics or {}),
             }
             return commit_version_dir(self.root, tmp, manifest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, version: str, device: str = "cpu") -> tuple[RewardModel, Tokenizer, dict]:
-        path = self.root / version
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"reward model {version}: not a {FORMAT} artifact")
-        for name, meta in manifest["files"].items():
-            if sha256_file(path / name) != meta["sha256"]:
-                raise ValueError(f"reward model {version}/{name}: sha256 mismatch")
-        state = load_file(str(path / "model.safetensors"))
+        """The verified version (a :class:`CheckpointError` names a damaged file)."""
+        path = self.path(version)
+        manifest = verify_version_dir(path, version, manifest_format=FORMAT, kind=self.kind)
+        state = load_file(str(path / MODEL_FILE))
         trunk = PaLM(PaLMConfig.from_dict(manifest["config"]))
         trunk.load_saved_state({k[6:]: v for k, v in state.items() if k.startswith("trunk.")})
         rm = RewardModel(trunk, float(state["lm_weight"]))
         rm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         rm.offset.copy_(state["offset"])
         rm.scale.copy_(state["scale"])
-        return rm.to(device).eval(), load_tokenizer(path / "tokenizer.json"), manifest
+        return rm.to(device).eval(), load_tokenizer(path / TOKENIZER_FILE), manifest

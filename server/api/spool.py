@@ -63,6 +63,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from shared import store
+from shared.checkpoints import fsync_path
 from shared.db import DatabaseError
 from shared.schema import utcnow
 
@@ -138,7 +139,7 @@ class _Segment:
             # locked before it gets a name that adopters look for, so none can take it
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(creating, path)
-            _fsync_dir(directory)  # the new name itself must survive a crash
+            fsync_path(directory)  # the new name itself must survive a crash
         except OSError:
             os.close(fd)
             creating.unlink(missing_ok=True)
@@ -476,14 +477,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:

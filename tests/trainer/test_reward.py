@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from demo.tasks import TaskGenerator
-from shared.checkpoints import load_policy_dir
+from shared.checkpoints import CheckpointError, load_policy_dir
 from trainer.dpo import dpo_loss, kto_loss
 from trainer.feedback import FeedbackData, Pair, Thumb
 from trainer.reward import (
@@ -124,6 +124,22 @@ def test_reward_model_artifacts_are_versioned_and_verified(tiny_seed_dir, tmp_pa
     with pytest.raises(ValueError, match="sha256"):
         registry.load("v2")
     assert not list((tmp_path / "rm").glob(".tmp-*"))
+
+
+def test_a_damaged_reward_model_is_refused_naming_the_version_and_file(
+    tiny_seed_dir, tmp_path
+) -> None:
+    policy = load_policy_dir(tiny_seed_dir, "v1")
+    registry = RewardRegistry(tmp_path / "rm")
+    version = registry.publish(RewardModel.from_policy(policy.model), policy.tokenizer)
+    tokenizer = tmp_path / "rm" / version / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"', "'", 1))
+    with pytest.raises(CheckpointError, match=f"reward model {version}/tokenizer.json: sha256"):
+        registry.load(version)
+    with pytest.raises(CheckpointError, match="v9: not found"):
+        registry.load("v9")
+    with pytest.raises(CheckpointError, match="not a version name"):
+        registry.load("../policies/v1")
 
 
 def test_the_likelihood_term_adds_its_weight_times_the_replys_log_probability(
