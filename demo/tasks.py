@@ -24,41 +24,17 @@ from demo.rater import (
     solve,
 )
 from demo.task_families import GENERATORS, render_replies
-from demo.task_tables import (
-    CAPITALS,
-    CONVERSIONS,
-    COUNT_WORDS,
-    EMAIL_FACTS,
-    NAMES,
-    PY_SPECS,
-    SORT_WORDS,
-    TEMPLATES,
-    WORDS,
-    Conversation,
-    Message,
-    PySpec,
-)
+from demo.task_tables import PY_SPECS, Conversation, Message
 
 __all__ = [
-    "CAPITALS",
-    "CONVERSIONS",
     "CORRECT_STYLES",
-    "COUNT_WORDS",
     "DEFAULT_STYLE_WEIGHTS",
-    "EMAIL_FACTS",
     "FAMILIES",
     "HELDOUT_PERCENT",
-    "NAMES",
     "PY_SPECS",
-    "SORT_WORDS",
     "SPLITS",
     "STYLES",
-    "TEMPLATES",
-    "WORDS",
-    "Conversation",
-    "Message",
     "Problem",
-    "PySpec",
     "ScriptedRater",
     "Task",
     "TaskGenerator",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,11 +27,12 @@ def database_url(kind: str) -> Iterator[str]:
         yield url
 
 
-def live_settings(data_dir: Path, database_url: str) -> Settings:
+def live_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
     """A small KV cache and no rate limit: the tests send far more than a user's burst."""
     return Settings(
         data_dir=data_dir,
         database_url=database_url,
         kv_cache_memory_mb=16,
         rate_limit_per_minute=0,
+        **overrides,
     )

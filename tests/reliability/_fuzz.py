@@ -1,5 +1,11 @@
 """What the fuzz tests share: the server's error log, the OpenAI error shape, a healthy server
-after every case, and reading a WebSocket up to a client frame's answer."""
+after every case, and reading a WebSocket up to a client frame's answer.
+
+Every fuzz test runs against SQLite and PostgreSQL (the production database). After every case
+the server must still answer a normal chat completion, and its log must hold no unhandled
+error (``log.exception`` of the app, uvicorn's "Exception in ASGI application", asyncio's "Task
+exception was never retrieved").
+"""
 
 from __future__ import annotations
 

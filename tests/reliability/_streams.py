@@ -49,6 +49,15 @@ class StreamResult:
     def version(self) -> str | None:
         return self.versions[-1] if self.versions else None
 
+    def finished(self, started: float) -> StreamResult:
+        """Close a stream read to its end (``started``: ``time.perf_counter()`` when sent)."""
+        self.latency_s = time.perf_counter() - started
+        self.finished_at = time.monotonic()
+        self.status = "ok" if self.finish_reason in ("stop", "length") else "error"
+        if self.status == "error":
+            self.detail = f"finish_reason {self.finish_reason!r}"
+        return self
+
 
 def chat_body(prompt: str, **params: Any) -> dict[str, Any]:
     return {"model": "palmchat", "messages": [{"role": "user", "content": prompt}], **params}
@@ -115,12 +124,7 @@ async def sse_chat(
     except Exception as e:  # a broken stream is a failure the test reports, not a crash
         res.detail = f"{type(e).__name__}: {e}"
         return res
-    res.latency_s = time.perf_counter() - started
-    res.finished_at = time.monotonic()
-    res.status = "ok" if res.finish_reason in ("stop", "length") else "error"
-    if res.status == "error":
-        res.detail = f"finish_reason {res.finish_reason!r}"
-    return res
+    return res.finished(started)
 
 
 def _error_code(raw: str) -> str | None:
@@ -187,12 +191,7 @@ async def ws_chat(ws, request_id: str, body: dict[str, Any], timeout: float = 60
     except Exception as e:
         res.detail = f"{type(e).__name__}: {e}"
         return res
-    res.latency_s = time.perf_counter() - started
-    res.finished_at = time.monotonic()
-    res.status = "ok" if res.finish_reason in ("stop", "length") else "error"
-    if res.status == "error":
-        res.detail = f"finish_reason {res.finish_reason!r}"
-    return res
+    return res.finished(started)
 
 
 def logged_answers(db: Engine) -> dict[str, list[Message]]:

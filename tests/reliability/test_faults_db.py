@@ -35,6 +35,7 @@ from shared.bootstrap import prepare
 from shared.config import Settings
 from shared.keys import create_key
 from tests.conftest import LiveServer, free_port
+from tests.reliability._databases import live_settings
 from tests.reliability._faults import REPO, Api, is_openai_error, wait_for
 
 PG = ("127.0.0.1", 5432)
@@ -157,13 +158,7 @@ def _count_lost(report: Any, n: int) -> None:
 
 
 def _outage_settings(tmp_path: Path, url: str) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        database_url=url,
-        kv_cache_memory_mb=16,
-        rate_limit_per_minute=0,
-        policy_poll_seconds=0.5,
-    )
+    return live_settings(tmp_path, url, policy_poll_seconds=0.5)
 
 
 class Ledger:

@@ -14,16 +14,14 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from shared.checkpoints import PolicyRegistry
-from shared.config import Settings
 from shared.db import session
 from shared.policies import active_version
-from shared.schema import Policy, TrainingRun, User
+from shared.schema import Policy, TrainingRun
 from tests.reliability._faults import REPO, wait_for
-from tests.trainer.trainer_helpers import DataDir, add_feedback
+from tests.trainer.trainer_helpers import DataDir, add_feedback, make_data_dir
 from trainer.config import TrainerConfig
 from trainer.feedback import load_watermark, pending
-from trainer.loop import OnlineTrainer, TrainerContext
+from trainer.loop import OnlineTrainer
 from trainer.reward import RewardRegistry
 
 TRAINER_KILLS = 4
@@ -88,14 +86,8 @@ def _phase(dd: DataDir, run: TrainingRun | None, temp_dirs: set[str]) -> str:
 def test_trainer_killed_at_random_points_resumes_from_its_watermark(
     tmp_path: Path, tiny_seed_dir: Path, reliability_report
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
-    PolicyRegistry(settings.registry_dir).install(tiny_seed_dir)
-    ctx = TrainerContext.from_settings(settings)
-    with session(ctx.engine) as s:
-        user = User(name="sim")
-        s.add(user)
-        s.flush()
-        dd = DataDir(settings, ctx, user.id)
+    dd = make_data_dir(tmp_path / "data", tiny_seed_dir)
+    ctx = dd.ctx
     total = 0
 
     def more_feedback(n_prompts: int, seed: int) -> None:

@@ -6,11 +6,7 @@
 * Hand-made abuse: invalid UTF-8, lone surrogates, deep nesting, 5000-digit numbers, oversized
   frames. NUL inside chat text (REST and WebSocket) is answered and logged.
 
-Everything runs against SQLite and PostgreSQL (the production database).
-
-After every case the server must still answer a normal chat completion, and its log must hold
-no unhandled error (``log.exception`` of the app, uvicorn's "Exception in ASGI application",
-asyncio's "Task exception was never retrieved").
+Each case ends with :func:`~tests.reliability._fuzz.assert_healthy`, on both databases.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ from demo.rater import ScriptedRater
 from demo.tasks import TaskGenerator
 from server.engine import SamplingParams
 from server.engine.offline import generate
+from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
+from shared.db import session
+from shared.schema import User
 from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
 from shared.tokenizer import apply_chat_template
 from trainer.config import TrainerConfig
@@ -55,6 +58,19 @@ class DataDir:
     @property
     def root(self) -> Path:
         return self.settings.data_dir
+
+
+def make_data_dir(root: Path, seed_dir: Path) -> DataDir:
+    """A data dir under ``root`` holding the policy at ``seed_dir`` and one simulated user."""
+    settings = Settings(data_dir=root)
+    PolicyRegistry(settings.registry_dir).install(seed_dir)
+    ctx = TrainerContext.from_settings(settings)
+    with session(ctx.engine) as s:
+        user = User(name="sim")
+        s.add(user)
+        s.flush()
+        user_id = user.id
+    return DataDir(settings, ctx, user_id)
 
 
 def add_feedback(
