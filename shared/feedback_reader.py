@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +88,7 @@ def thread_nodes(s: Session, message_ids: Iterable[int]) -> dict[int, Node]:
             col(Message.id).in_(ids[start : start + _IN_LIST])
         )
         rows = s.exec(
-            select(
+            select(  # type: ignore[call-overload]  # sqlmodel types select() up to 4 columns
                 Message.id, Message.parent_id, Message.role, Message.content, Message.incomplete
             ).where(col(Message.conversation_id).in_(convs))
         ).all()
@@ -153,8 +153,8 @@ def read_feedback(
             continue
         prompt, reply = prompt_of(nodes, message_id), nodes[message_id][2]
         data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1))
-        group = groups.setdefault(prompt_key(prompt), (prompt, [], []))
-        group[1 if rating > 0 else 2].append(reply)
+        _, ups, downs = groups.setdefault(prompt_key(prompt), (prompt, [], []))
+        (ups if rating > 0 else downs).append(reply)
     rng = random.Random(seed)
     for prompt, ups, downs in groups.values():
         candidates = [(u, d) for u in dict.fromkeys(ups) for d in dict.fromkeys(downs) if u != d]
@@ -165,7 +165,7 @@ def read_feedback(
 
 
 def _ranking_pairs(
-    nodes: dict[int, Node], ranked: list[int], ratings: dict[int, set[int]], margin: float
+    nodes: dict[int, Node], ranked: Sequence[int], ratings: dict[int, set[int]], margin: float
 ) -> list[Pair]:
     ranked = [m for m in ranked if m in nodes and not nodes[m][3]]
     if len(ranked) < 2:

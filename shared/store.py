@@ -305,6 +305,19 @@ def _insert(s: Session) -> Any:
     raise NotImplementedError(f"upsert not supported on {name}")
 
 
+def _own_choices(user_id: int, completion_id: str) -> Any:
+    """The choices of a completion in one of the user's live conversations."""
+    return (
+        select(Message)
+        .join(Conversation, col(Conversation.id) == Message.conversation_id)
+        .where(
+            Message.completion_id == completion_id,
+            Conversation.user_id == user_id,
+            col(Conversation.deleted_at).is_(None),
+        )
+    )
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -328,14 +341,7 @@ def record_feedback(
         raise NotFound(f"choice {choice_index} of {completion_id} not found")
     with session(engine) as s:
         message = s.exec(
-            select(Message)
-            .join(Conversation, col(Conversation.id) == Message.conversation_id)
-            .where(
-                Message.completion_id == completion_id,
-                Message.choice_index == choice_index,
-                Conversation.user_id == user_id,
-                col(Conversation.deleted_at).is_(None),
-            )
+            _own_choices(user_id, completion_id).where(Message.choice_index == choice_index)
         ).first()
         if message is None:
             raise NotFound(f"choice {choice_index} of {completion_id} not found")
@@ -371,15 +377,7 @@ def record_ranking(
     if "\x00" in completion_id:  # cannot exist; PostgreSQL refuses NUL in a text parameter
         raise NotFound(f"completion {completion_id} not found")
     with session(engine) as s:
-        choices = s.exec(
-            select(Message)
-            .join(Conversation, col(Conversation.id) == Message.conversation_id)
-            .where(
-                Message.completion_id == completion_id,
-                Conversation.user_id == user_id,
-                col(Conversation.deleted_at).is_(None),
-            )
-        ).all()
+        choices = s.exec(_own_choices(user_id, completion_id)).all()
         if not choices:
             raise NotFound(f"completion {completion_id} not found")
         by_index = {m.choice_index: m.id for m in choices}

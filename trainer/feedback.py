@@ -132,9 +132,9 @@ def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -
     if watermark.feedback_at is not None:
         votes = votes.where(
             or_(
-                Feedback.updated_at > watermark.feedback_at,
+                col(Feedback.updated_at) > watermark.feedback_at,
                 and_(
-                    Feedback.updated_at == watermark.feedback_at,
+                    col(Feedback.updated_at) == watermark.feedback_at,
                     col(Feedback.id) > watermark.feedback_id,
                 ),
             )
@@ -225,12 +225,12 @@ def load_feedback(
 def logged_prompts(engine: Engine, max_prompts: int) -> list[ChatMessages]:
     """Distinct prompts (ending in a user turn) of the newest replies, newest first."""
     with session(engine) as s:
-        recent = s.exec(
-            select(Message.id)
+        recent: list[int] = s.exec(
+            select(col(Message.id))
             .where(Message.role == "assistant", col(Message.parent_id).is_not(None))
             .order_by(col(Message.id).desc())
             .limit(max_prompts * 4)
-        ).all()
+        ).all()  # type: ignore[assignment]  # ids of stored rows are never None
         nodes = thread_nodes(s, recent)
     prompts: list[ChatMessages] = []
     seen: set[str] = set()
