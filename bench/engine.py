@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +246,8 @@ def run_engine_benchmark(
     front = AsyncEngine(_engine(policy, **overrides))
     fns: dict[str, Callable[[], int]] = {}
     for c in concurrency:
-        fns[f"engine/{c}"] = lambda c=c: engine_sync(engine, prompts[:c], new_tokens)
-        fns[f"engine_async/{c}"] = lambda c=c: engine_async(front, prompts[:c], new_tokens)
+        fns[f"engine/{c}"] = partial(engine_sync, engine, prompts[:c], new_tokens)
+        fns[f"engine_async/{c}"] = partial(engine_async, front, prompts[:c], new_tokens)
     seq = prompts[:sequential_requests]
     fns["one_at_a_time/"] = lambda: sum(engine_sync(engine, [p], new_tokens) for p in seq)
     if include_reference:
@@ -256,18 +257,18 @@ def run_engine_benchmark(
         eager = _engine(policy, **{**overrides, "cuda_graphs": False})
         engine_sync(eager, prompts[:2], 8)
         for c in (1, 32):
-            fns[f"engine_eager/{c}"] = lambda c=c: engine_sync(eager, prompts[:c], new_tokens)
+            fns[f"engine_eager/{c}"] = partial(engine_sync, eager, prompts[:c], new_tokens)
     if not cuda:  # what timing wide decode steps onto every core buys: the same, on one thread
         pinned = _engine(policy, **{**overrides, "decode_threads": 1})
         engine_sync(pinned, prompts[:2], 8)
         for c in (c for c in concurrency if c >= TUNED_MIN_TOKENS):
-            fns[f"engine_one_thread/{c}"] = lambda c=c: engine_sync(pinned, prompts[:c], new_tokens)
+            fns[f"engine_one_thread/{c}"] = partial(engine_sync, pinned, prompts[:c], new_tokens)
     if include_hf:
         llama = hf_llama(config, device, policy.model.token_emb.weight.dtype)
         hf_generate(llama, prompts[:2], 4)  # warm-up
         results["hf_llama"] = {"params": sum(p.numel() for p in llama.parameters())}
         for b in hf_batches:
-            fns[f"hf_llama/{b}"] = lambda b=b: hf_generate(llama, prompts[:b], new_tokens)
+            fns[f"hf_llama/{b}"] = partial(hf_generate, llama, prompts[:b], new_tokens)
     try:
         engine_async(front, prompts[:2], 8)  # warm-up
         timed = _timed_rounds(fns, repeats, sync)
@@ -289,7 +290,8 @@ def run_engine_benchmark(
     if cuda:
         results["roofline"] = roofline(engine, results, device)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if engine.threads is not None:  # what the timed wide decode steps settled on, by rows
+    # what the timed wide decode steps settled on, by rows (both engines share one config)
+    if engine.threads is not None and front.engine.threads is not None:
         results["decode_threads"] = {
             "engine": engine.threads.timed_choices(),
             "engine_async": front.engine.threads.timed_choices(),
@@ -377,7 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     policy = None
     if args.registry:
         registry = PolicyRegistry(args.registry)
-        policy = registry.load(args.version or registry.latest())
+        version = args.version or registry.latest()
+        if version is None:
+            parser.error(f"no policy version in {args.registry}")
+        policy = registry.load(version)
     results = run_engine_benchmark(
         new_tokens=args.new_tokens,
         concurrency=tuple(args.concurrency),

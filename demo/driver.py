@@ -236,7 +236,8 @@ async def run_loop(
                         + f"{summary['seconds'] or 0:.0f}s)"
                         + "".join(f"\n    {r}" for r in summary["reasons"])
                     )
-                    if run.status == "published":
+                    # a published round always names its version
+                    if run.status == "published" and run.candidate_version is not None:
                         took = await _wait_for_version(client, run.candidate_version, 120)
                         report.swaps.append({"version": run.candidate_version, "after_s": took})
                         await measure(round_no)

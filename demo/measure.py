@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
 from demo.rater import ScriptedRater, is_correct, politeness
 from demo.tasks import TaskGenerator
+
+
+class Figures(TypedDict):
+    """A served version's rated replies, as :class:`demo.report.VersionEval` records them."""
+
+    thumbs_up_rate: float
+    correct_rate: float
+    mean_score: float
+    mean_chars: float
+    polite_rate: float
+    errors: int
 
 
 async def evaluate_served(
@@ -21,7 +32,7 @@ async def evaluate_served(
     max_tokens: int,
     temperature: float,
     concurrency: int = 16,
-) -> tuple[str, dict[str, float]]:
+) -> tuple[str, Figures]:
     """Ask the server each prompt once (seeded per prompt, so every version gets the same
     draws of randomness) and rate the replies. Returns (version that answered, figures)."""
     gate = asyncio.Semaphore(concurrency)
@@ -49,7 +60,7 @@ async def evaluate_served(
     results = await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts)))
     replies = [(prompts[r[1]], r[0]) for r in results if r is not None]
     n = max(len(replies), 1)
-    figures = {
+    figures: Figures = {
         "thumbs_up_rate": sum(rater.thumb(m, t) > 0 for m, t in replies) / n,
         "correct_rate": sum(bool(is_correct(m, t)) for m, t in replies) / n,
         "mean_score": sum(rater.rate(m, t) for m, t in replies) / n,

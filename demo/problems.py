@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 from demo.task_tables import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
@@ -184,7 +185,7 @@ def _parsers() -> list[tuple[re.Pattern[str], _Handler]]:
     for key in TEMPLATES:
         if key.startswith("follow_"):
             op = key.removeprefix("follow_")
-            handlers[key] = lambda g, c, op=op: _p_follow(g, c, op)
+            handlers[key] = partial(_p_follow, op=op)
     return [(_compile(t), handlers[key]) for key, ts in TEMPLATES.items() for t in ts]
 
 

@@ -190,7 +190,7 @@ def trainer(
     logging.getLogger("trainer").setLevel(logging.INFO)
     if once == watch:
         fail("give exactly one of --once and --watch")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from shared.checkpoints import CheckpointError
     from trainer.common import init_distributed
@@ -215,7 +215,7 @@ def trainer(
         console=err,
         disable=not info.is_main,
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def progress(phase: str, done: int, total: int, text: str) -> None:
         if phase not in tasks:

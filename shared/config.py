@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty means a SQLite file in the data dir."
     )
-    registry_dir: Path | None = Field(
-        None, description="Policy registry root; empty means <data_dir>/policies."
+    registry_dir: Path = Field(
+        default_factory=lambda data: data["data_dir"] / "policies",
+        description="Policy registry root; empty means <data_dir>/policies.",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one).")
@@ -46,8 +47,6 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'palmchat.db').as_posix()}"
-        if self.registry_dir is None:
-            self.registry_dir = self.data_dir / "policies"
         return self
 
 

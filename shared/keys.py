@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from shared.db import session
 from shared.schema import ApiKey, User, utcnow
@@ -52,6 +52,7 @@ def create_key(engine: Engine, user_name: str, *, admin: bool = False) -> str:
     key = new_key()
     with session(engine) as s:
         user = _user_named(s, user_name)
+        assert user.id is not None  # flushed
         s.add(
             ApiKey(user_id=user.id, key_hash=ApiKey.hash_key(key), prefix=key[:8], is_admin=admin)
         )
@@ -66,7 +67,7 @@ def resolve_key(engine: Engine, key: str) -> Principal | None:
     with session(engine) as s:
         row = s.exec(
             select(ApiKey, User)
-            .join(User, User.id == ApiKey.user_id)
+            .join(User, col(User.id) == col(ApiKey.user_id))
             .where(ApiKey.key_hash == digest)
         ).first()
         if row is None:
@@ -74,6 +75,7 @@ def resolve_key(engine: Engine, key: str) -> Principal | None:
         api_key, user = row
         if not hmac.compare_digest(api_key.key_hash, digest) or api_key.revoked_at is not None:
             return None
+        assert user.id is not None and api_key.id is not None  # rows read from the table
         return Principal(
             user_id=user.id, user_name=user.name, key_id=api_key.id, is_admin=api_key.is_admin
         )
@@ -85,7 +87,7 @@ def revoke_key(engine: Engine, prefix: str) -> int:
         raise ValueError("give at least the 8-character key prefix shown by `keys list`")
     with session(engine) as s:
         rows = s.exec(
-            select(ApiKey).where(ApiKey.prefix == prefix[:8], ApiKey.revoked_at.is_(None))
+            select(ApiKey).where(ApiKey.prefix == prefix[:8], col(ApiKey.revoked_at).is_(None))
         ).all()
         for row in rows:
             row.revoked_at = utcnow()
@@ -97,7 +99,9 @@ def list_keys(engine: Engine) -> list[tuple[str, str, bool, bool]]:
     """(user, prefix, is_admin, revoked) for every key."""
     with session(engine) as s:
         rows = s.exec(
-            select(ApiKey, User).join(User, User.id == ApiKey.user_id).order_by(ApiKey.id)
+            select(ApiKey, User)
+            .join(User, col(User.id) == col(ApiKey.user_id))
+            .order_by(col(ApiKey.id))
         ).all()
         return [(u.name, k.prefix, k.is_admin, k.revoked_at is not None) for k, u in rows]
 
@@ -106,7 +110,9 @@ def has_admin_key(engine: Engine) -> bool:
     with session(engine) as s:
         return (
             s.exec(
-                select(ApiKey).where(ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None))
+                select(ApiKey).where(
+                    col(ApiKey.is_admin).is_(True), col(ApiKey.revoked_at).is_(None)
+                )
             ).first()
             is not None
         )
@@ -117,4 +123,5 @@ def local_principal(engine: Engine, name: str = "local") -> Principal:
     conversation log and feedback keep their foreign keys."""
     with session(engine) as s:
         user = _user_named(s, name)
+        assert user.id is not None  # flushed
         return Principal(user_id=user.id, user_name=name, key_id=0, is_admin=True)

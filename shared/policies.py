@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from shared.checkpoints import CheckpointError, PolicyRegistry
 from shared.db import session
@@ -21,7 +21,9 @@ from shared.store import NotFound, feedback_summary
 def active_version(engine: Engine) -> str | None:
     with session(engine) as s:
         row = s.exec(
-            select(Policy).where(Policy.status == "active").order_by(Policy.activated_at.desc())
+            select(Policy)
+            .where(Policy.status == "active")
+            .order_by(col(Policy.activated_at).desc())
         ).first()
         return row.version if row else None
 
@@ -73,6 +75,7 @@ def activate(engine: Engine, registry: PolicyRegistry, version: str) -> str | No
                 row.status, row.retired_at = "retired", utcnow()
                 s.add(row)
         target = s.get(Policy, version)
+        assert target is not None  # registered above
         if target.status != "active":
             target.status, target.activated_at, target.retired_at = "active", utcnow(), None
             s.add(target)
@@ -85,8 +88,8 @@ def rollback(engine: Engine, registry: PolicyRegistry) -> tuple[str, str]:
     with session(engine) as s:
         rows = s.exec(
             select(Policy)
-            .where(Policy.status == "retired", Policy.activated_at.is_not(None))
-            .order_by(Policy.activated_at.desc())
+            .where(Policy.status == "retired", col(Policy.activated_at).is_not(None))
+            .order_by(col(Policy.activated_at).desc())
         ).all()
     for row in rows:
         try:

@@ -261,14 +261,14 @@ def get_conversation(engine: Engine, user_id: int, conversation_id: str) -> dict
             select(Message, Feedback.rating)
             .join(
                 Feedback,
-                (Feedback.message_id == Message.id) & (Feedback.user_id == user_id),
+                (col(Feedback.message_id) == col(Message.id)) & (col(Feedback.user_id) == user_id),
                 isouter=True,
             )
             .where(Message.conversation_id == conv.id)
             .order_by(col(Message.id))
         ).all()
-        fields = ("id", "parent_id", "role", "content", "policy_version", "completion_id")
-        fields += ("choice_index", "finish_reason", "incomplete", "created_at")
+        fields: tuple[str, ...] = ("id", "parent_id", "role", "content", "policy_version")
+        fields += ("completion_id", "choice_index", "finish_reason", "incomplete", "created_at")
         return {
             "id": conv.id,
             "title": conv.title,
@@ -347,7 +347,8 @@ def record_feedback(
             raise NotFound(f"choice {choice_index} of {completion_id} not found")
         now = utcnow()
         values = {"rating": rating, "reason": reason, "updated_at": now}
-        stmt = _insert(s)(Feedback.__table__).values(
+        # SQLModel sets __table__ on table classes; its stubs do not declare it
+        stmt = _insert(s)(Feedback.__table__).values(  # type: ignore[attr-defined]
             message_id=message.id, user_id=user_id, created_at=now, **values
         )
         s.execute(stmt.on_conflict_do_update(index_elements=["message_id", "user_id"], set_=values))
@@ -386,7 +387,7 @@ def record_ranking(
         if not set(ranking) <= by_index.keys():
             raise Invalid(f"ranking must use choice indices of {completion_id}: {sorted(by_index)}")
         ids = [by_index[i] for i in ranking]
-        stmt = _insert(s)(Ranking.__table__).values(
+        stmt = _insert(s)(Ranking.__table__).values(  # type: ignore[attr-defined]
             completion_id=completion_id, user_id=user_id, ranking=ids, created_at=utcnow()
         )
         s.execute(

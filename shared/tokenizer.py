@@ -154,7 +154,11 @@ class BPETokenizer(Tokenizer):
         self._hf = hf
         n = hf.get_vocab_size(with_added_tokens=True)
         try:
-            table = [bytes(_BYTE_OF_CHAR[c] for c in hf.id_to_token(i)) for i in range(n)]
+            # an id without a token gives None, whose TypeError is the refusal below
+            table = [
+                bytes(_BYTE_OF_CHAR[c] for c in hf.id_to_token(i))  # type: ignore[union-attr]
+                for i in range(n)
+            ]
         except (KeyError, TypeError) as e:
             raise TokenizerError(f"BPE vocab is not byte-level: {e!r}") from e
         self._bytes = table

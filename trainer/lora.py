@@ -9,6 +9,7 @@ a published policy is a plain PaLM any server loads.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0) -> list[nn.Para
     for name in targets:
         if ".layers." not in f".{name}":
             continue
-        wrapped = LoRALinear(model.get_submodule(name), rank, alpha)
+        # targets holds only the names of nn.Linear modules (filtered above)
+        wrapped = LoRALinear(cast(nn.Linear, model.get_submodule(name)), rank, alpha)
         _swap(model, name, wrapped)
         params += [wrapped.lora_a, wrapped.lora_b]
     return params

@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -182,8 +182,9 @@ class ActorCritic(nn.Module):
         dim = policy.config.dim
         self.policy = policy
         self.value_head = nn.Sequential(nn.Linear(dim, dim * 2), nn.ReLU(), nn.Linear(dim * 2, 1))
-        nn.init.zeros_(self.value_head[2].weight)
-        nn.init.zeros_(self.value_head[2].bias)
+        last = cast(nn.Linear, self.value_head[2])  # the value output starts at 0
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.detach_critic = detach_critic
 
     def forward(self, tokens: Tensor, critic_only: bool = False) -> tuple[Tensor, Tensor]:
@@ -446,6 +447,7 @@ def _value_warmup(
             import torch.distributed as dist
 
             for p in ac.value_head.parameters():
+                assert p.grad is not None  # the value loss reaches every value-head weight
                 dist.all_reduce(p.grad)
                 p.grad /= info.world
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

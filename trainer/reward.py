@@ -78,6 +78,9 @@ class RewardModel(nn.Module):
     learns to from a few hundred pairs; the head learns the users' style (docs/decisions.md,
     "Reward model: a learned likelihood term")."""
 
+    offset: Tensor  # buffers (registered below): the raw-reward mean and spread
+    scale: Tensor
+
     def __init__(self, trunk: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> None:
         super().__init__()
         self.trunk = trunk
@@ -285,21 +288,17 @@ def train_reward_model(
         steps = min(steps, max_steps)
     model = wrap_ddp(rm, info)
     head = {id(p) for p in rm.head_parameters()}
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.requires_grad and id(p) not in head]},
-            # the fresh head learns faster than the pretrained trunk
-            {"params": [*rm.head.parameters()], "lr": lr * 10},
-            {
-                "params": [p for p in (rm.lm_weight,) if p.requires_grad],
-                "lr": LM_WEIGHT_LR,
-                "weight_decay": 0.0,
-            },
-        ],
-        lr=lr,
-        betas=(0.9, 0.95),
-        weight_decay=weight_decay,
-    )
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if p.requires_grad and id(p) not in head]},
+        # the fresh head learns faster than the pretrained trunk
+        {"params": [*rm.head.parameters()], "lr": lr * 10},
+        {
+            "params": [p for p in (rm.lm_weight,) if p.requires_grad],
+            "lr": LM_WEIGHT_LR,
+            "weight_decay": 0.0,
+        },
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     device = rm.device
     losses, accs = [], []
     rm.train()

@@ -288,7 +288,7 @@ class WriteSpool:
         return Written(queued=True)
 
     def _append(self, kind: str, args: Mapping[str, Any]) -> None:
-        record = {"kind": kind, "accepted_at": utcnow().isoformat(), "args": args}
+        record: dict[str, Any] = {"kind": kind, "accepted_at": utcnow().isoformat(), "args": args}
         with self._lock:
             try:
                 if self._segment is None:

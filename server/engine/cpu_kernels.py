@@ -73,6 +73,12 @@ class PrepackedLinear(nn.Module):
     ``weight`` stays (same tensor, same name) so the module's state dict is unchanged; the
     packed copy is what the forward reads."""
 
+    in_features: int
+    out_features: int
+    weight: nn.Parameter
+    packed: Tensor
+    packed_rows: frozenset[int]
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         if linear.bias is not None:
@@ -115,7 +121,7 @@ def prepack_linears(model: nn.Module) -> int:
         for parent in model.modules()
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
-        and child.bias is None
+        if child.bias is None
         and child.weight.device.type == "cpu"
         and child.weight.dtype == torch.float32
     ]
