@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +25,7 @@ from server.api.limits import BodySizeLimit, RateLimiter
 from server.api.metrics import Metrics
 from server.api.protocol import APIError
 from server.api.routes import chat, conversations, feedback, policies, web, ws
+from server.api.serving import Backend
 from server.api.spool import WriteSpool, is_unavailable
 from server.engine import AsyncEngine, EngineConfig, LLMEngine
 from shared.bootstrap import SEED_DIR, prepare
@@ -54,20 +55,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ``policies`` table says is active (an admin's activation or the trainer's publish), and
     the write spool's replay (which first takes over what a stopped server left spooled)."""
     state: AppState = app.state.palmchat
-    state.extras["started_at"] = time.time()
-    own_engine = "engine" not in state.extras
+    state.started_at = time.time()
+    state.policy_sync_lock = asyncio.Lock()  # one per event loop the app runs on
+    own_engine = state.engine is None
     if own_engine:
-        version = await run_in_threadpool(active_version, state.db)
-        if state.extras.get("backend", "engine") == "triton":  # palmchat serve --backend triton
-            from server.triton.client import TritonBackend
-
-            backend = TritonBackend(state.extras["triton_url"], state.registry)
-            state.extras["engine"] = await backend.connect(version)
-        else:
-            engine = LLMEngine.from_registry(
-                state.registry, version, EngineConfig.from_settings(state.settings)
-            )
-            state.extras["engine"] = AsyncEngine(engine)
+        state.engine = await _start_backend(state)
     if state.spool is not None:
         await run_in_threadpool(state.spool.start)
     watcher = asyncio.create_task(_watch_active_policy(state))
@@ -75,7 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async def sync_now() -> None:
         await _sync_policy(state)
 
-    state.extras["on_policy_change"] = sync_now
+    state.on_policy_change = sync_now
     try:
         yield
     finally:
@@ -85,23 +77,35 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait(set(serving.pending_writes), timeout=SHUTDOWN_WRITE_SECONDS)
         if state.spool is not None:
             await run_in_threadpool(state.spool.stop, SHUTDOWN_WRITE_SECONDS)
-        if own_engine:
-            engine = state.extras.pop("engine")
-            engine.shutdown()
-            if hasattr(engine, "aclose"):
-                await engine.aclose()
+        if own_engine and state.engine is not None:
+            engine, state.engine = state.engine, None
+            await engine.aclose()
+
+
+async def _start_backend(state: AppState) -> Backend:
+    """The backend ``state.backend`` names, serving the active policy."""
+    version = await run_in_threadpool(active_version, state.db)
+    config = EngineConfig.from_settings(state.settings)
+    if state.backend == "triton":  # palmchat serve --backend triton
+        from server.triton.client import TritonBackend
+
+        assert state.triton_url is not None  # create_app checked
+        return await TritonBackend(state.triton_url, state.registry, engine=config).connect(version)
+    return AsyncEngine(LLMEngine.from_registry(state.registry, version, config))
 
 
 async def _sync_policy(state: AppState) -> None:
     # One sync at a time: an admin route's and the watcher's would otherwise both load the
     # same version (the second failing with "already loaded") or both count one swap.
-    async with state.extras.setdefault("policy_sync_lock", asyncio.Lock()):
-        engine = state.extras["engine"]  # AsyncEngine or TritonBackend (serving.Backend)
+    async with state.policy_sync_lock:
+        engine = state.engine
+        if engine is None:
+            return
         wanted = await run_in_threadpool(active_version, state.db)
         if wanted and wanted != engine.version:
             try:
                 await engine.load_policy(wanted)
-                state.extras["metrics"].swaps.inc()
+                state.metrics.swaps.inc()
                 log.info("hot-swapped to policy %s", wanted)
             except CheckpointError as e:
                 log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
@@ -110,8 +114,7 @@ async def _sync_policy(state: AppState) -> None:
 
 
 def _serving(state: AppState) -> str | None:
-    engine = state.extras.get("engine")
-    return engine.version if engine is not None else None
+    return state.engine.version if state.engine is not None else None
 
 
 async def _watch_active_policy(state: AppState) -> None:
@@ -127,29 +130,39 @@ async def _watch_active_policy(state: AppState) -> None:
 
 
 def create_app(
-    settings: Settings, *, auth: bool = True, seed_dir: Path = SEED_DIR, **extras: Any
+    settings: Settings,
+    *,
+    auth: bool = True,
+    seed_dir: Path = SEED_DIR,
+    engine: Backend | None = None,
+    backend: Literal["engine", "triton"] = "engine",
+    triton_url: str | None = None,
 ) -> FastAPI:
     """Build the app over the data dir / database named by ``settings``.
 
+    It serves through ``engine`` when given (the caller owns it), else it starts ``backend``
+    on the active policy: the in-process engine, or the Triton server at ``triton_url``.
     Auth can be turned off only for a server bound to loopback: anyone who can reach the
     port could otherwise read every user's conversations.
     """
     if not auth and not is_loopback(settings.host):
         raise ValueError(f"refusing to disable auth on non-loopback host {settings.host!r}")
+    if backend == "triton" and not triton_url:
+        raise ValueError("the triton backend needs triton_url (HOST:PORT of its gRPC endpoint)")
     prepared = prepare(settings, seed_dir=seed_dir)
     redact.install()  # no API key (the WebSocket's ?api_key=) in uvicorn's logs
     app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan)
-    extras.setdefault(
-        "rate_limiter", RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    )
-    extras["metrics"] = Metrics(lambda: app.state.palmchat.extras.get("engine"))
     app.state.palmchat = AppState(
         settings=settings,
         db=prepared.engine,
         registry=prepared.registry,
+        metrics=Metrics(lambda: app.state.palmchat.engine),
         auth=auth,
-        extras=extras,
         local=None if auth else local_principal(prepared.engine),
+        rate_limiter=RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst),
+        engine=engine,
+        backend=backend,
+        triton_url=triton_url,
     )
     state = app.state.palmchat
     state.spool = WriteSpool(
@@ -166,7 +179,7 @@ def create_app(
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics(state: State) -> Response:
-        registry = state.extras["metrics"].registry
+        registry = state.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["ops"])
@@ -175,7 +188,7 @@ def create_app(
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(state: State) -> dict[str, str]:
-        engine = state.extras.get("engine")
+        engine = state.engine
         if engine is None:
             raise APIError(503, "no policy loaded yet", type="service_unavailable")
         try:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.requests import HTTPConnection
 from sqlalchemy.engine import Engine
 
+from server.api.limits import RateLimiter
 from server.api.protocol import APIError
 from server.api.spool import WriteSpool, is_unavailable
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_key
+
+if TYPE_CHECKING:
+    from server.api.metrics import Metrics
+    from server.api.serving import Backend
 
 
 class KeyCache:
@@ -48,19 +56,35 @@ class KeyCache:
 
 @dataclass
 class AppState:
+    """What every route shares: settings, database, registry, the serving backend, metrics."""
+
     settings: Settings
     db: Engine
     registry: PolicyRegistry
+    metrics: Metrics
     auth: bool = True
-    extras: dict[str, Any] = field(default_factory=dict)
     local: Principal | None = None  # who everyone is when auth is off (a real "local" user)
     # commit-or-spool for conversation logs and feedback (None: write to the database only)
     spool: WriteSpool | None = None
     keys: KeyCache = field(default_factory=KeyCache)
+    rate_limiter: RateLimiter | None = None
+    # the in-process engine or Triton; None until the app starts one (or is given one)
+    engine: Backend | None = None
+    backend: Literal["engine", "triton"] = "engine"  # what the app starts
+    triton_url: str | None = None  # with backend "triton": HOST:PORT of its gRPC endpoint
+    started_at: float = 0.0
+    # re-reads the active policy now (an admin route's change); set while the app runs
+    on_policy_change: Callable[[], Awaitable[None]] | None = None
+    policy_sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def check_rate(self, principal: Principal) -> None:
+        """429 when ``principal``'s key is over its rate limit."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(principal.key_id)
 
 
-def get_state(request: Request) -> AppState:
-    return request.app.state.palmchat
+def get_state(connection: HTTPConnection) -> AppState:
+    return connection.app.state.palmchat
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -109,9 +133,7 @@ async def get_principal(request: Request) -> Principal:
     state = get_state(request)
     principal = await authenticate(state, bearer_token(request.headers.get("authorization")))
     request.state.principal = principal
-    limiter = state.extras.get("rate_limiter")
-    if limiter is not None:
-        limiter.check(principal.key_id)
+    state.check_rate(principal)
     return principal
 
 

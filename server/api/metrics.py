@@ -6,24 +6,27 @@ from the engine's stats snapshot at scrape time, so they are never stale.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
 
 if TYPE_CHECKING:
-    from server.engine import AsyncEngine, RequestMetrics
+    from server.api.serving import Backend
+    from server.engine import RequestMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 class EngineCollector:
-    def __init__(self, get_engine) -> None:
+    def __init__(self, get_engine: Callable[[], Backend | None]) -> None:
         self.get_engine = get_engine
 
-    def collect(self):
-        engine: AsyncEngine | None = self.get_engine()
+    def collect(self) -> Iterator[Metric]:
+        engine = self.get_engine()
         if engine is None:
             return
         s = engine.stats()
@@ -67,39 +70,23 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, get_engine) -> None:
+    def __init__(self, get_engine: Callable[[], Backend | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+
+        def seconds(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(f"palmchat_{name}_seconds", doc, buckets=buckets, registry=r)
+
         self.requests = Counter(
             "palmchat_requests",
             "Chat requests by outcome.",
             ["status", "finish_reason"],
             registry=r,
         )
-        self.ttft = Histogram(
-            "palmchat_time_to_first_token_seconds",
-            "Time to first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "palmchat_inter_token_latency_seconds",
-            "Time between output tokens.",
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "palmchat_e2e_request_latency_seconds",
-            "Request latency, end to end.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "palmchat_request_queue_time_seconds",
-            "Time spent waiting to be scheduled.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.ttft = seconds("time_to_first_token", "Time to first token.")
+        self.itl = seconds("inter_token_latency", "Time between output tokens.", TOKEN_BUCKETS)
+        self.e2e = seconds("e2e_request_latency", "Request latency, end to end.")
+        self.queue = seconds("request_queue_time", "Time spent waiting to be scheduled.")
         self.feedback = Counter(
             "palmchat_feedback",
             "Thumbs by rating and policy version.",

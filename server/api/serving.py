@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -35,8 +35,8 @@ from server.api.protocol import (
 from server.api.protocol import (
     Choice as ResponseChoice,
 )
-from server.engine import AsyncEngine, EngineOverloaded, SamplingParams
 from server.engine import Delta as EngineDelta
+from server.engine import DeltaStream, EngineOverloaded, EngineStats, SamplingParams
 from shared.keys import Principal
 from shared.store import LoggedChoice, NotFound, check_conversation
 from shared.tokenizer import Tokenizer, apply_chat_template
@@ -86,36 +86,43 @@ class Completion:
 
 
 class Backend(Protocol):
-    """What serving needs from ``state.extras["engine"]``: the in-process
+    """What serving needs from ``state.engine``: the in-process
     :class:`~server.engine.AsyncEngine`, or :class:`server.triton.client.TritonBackend` (the
-    same calls over Triton's gRPC streaming API). ``generate`` returns an async iterator of
-    engine deltas with ``cancel()``; overload surfaces as ``EngineOverloaded``."""
+    same calls over Triton's gRPC streaming API). ``version``, ``tokenizer`` and
+    ``max_seq_len`` are those of the version that serves new requests; overload surfaces as
+    ``EngineOverloaded`` (from ``generate`` or from its stream)."""
 
     @property
     def version(self) -> str: ...
 
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> Any: ...
+    @property
+    def tokenizer(self) -> Tokenizer: ...
 
-    def stats(self) -> Any: ...
+    @property
+    def max_seq_len(self) -> int: ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> DeltaStream: ...
+
+    def stats(self) -> EngineStats: ...
 
     async def load_policy(self, version: str) -> str: ...
 
+    async def aclose(self) -> None: ...
+
 
 def _engine(state: AppState) -> Backend:
-    engine = state.extras.get("engine")
-    if engine is None:
+    if state.engine is None:
         raise APIError(503, "no policy is loaded yet", type="service_unavailable")
-    return engine
+    return state.engine
 
 
 def serving_policy(engine: Backend) -> tuple[Tokenizer, int]:
-    """Tokenizer and context length of the version that serves new requests: a remote backend
-    has them as attributes; the in-process engine, on its current worker's policy."""
-    if isinstance(engine, AsyncEngine):
-        policy = engine.engine.current.policy
-        return policy.tokenizer, policy.config.max_seq_len
+    """Tokenizer and context length of the version that serves new requests."""
     return engine.tokenizer, engine.max_seq_len
 
 
@@ -224,10 +231,10 @@ async def check_continuation(state: AppState, c: Completion) -> None:
         log.warning("could not check conversation %s", c.conversation_id, exc_info=True)
 
 
-async def run_engine(state: AppState, c: Completion) -> AsyncIterator[EngineDelta]:
+async def run_engine(state: AppState, c: Completion) -> AsyncGenerator[EngineDelta, None]:
     """Stream the engine's deltas for ``c``, updating its candidates; abort on early exit."""
     engine = _engine(state)
-    metrics = state.extras["metrics"]
+    metrics = state.metrics
     stream = None
     try:
         stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
@@ -287,6 +294,8 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
         }
     )
     params["max_tokens"] = c.params.max_tokens
+    # named up front, so a spooled entry can be answered with its conversation's id
+    new_conversation_id = None if c.conversation_id else str(uuid.uuid4())
     args = {
         "user_id": c.principal.user_id,
         "completion_id": c.id,
@@ -298,8 +307,7 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
         "latency_ms": (time.perf_counter() - c.started) * 1000,
         "incomplete": incomplete or not c.done,
         "conversation_id": c.conversation_id,
-        # named up front, so a spooled entry can be answered with its conversation's id
-        "new_conversation_id": None if c.conversation_id else str(uuid.uuid4()),
+        "new_conversation_id": new_conversation_id,
     }
     try:
         written = await writes.write(state, "completion", args)
@@ -309,7 +317,7 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
             raise
         return
     if written.queued:
-        c.conversation_id = c.conversation_id or args["new_conversation_id"]
+        c.conversation_id = c.conversation_id or new_conversation_id
     else:
         c.conversation_id = written.result
 
@@ -364,7 +372,7 @@ def _chunk(c: Completion, choices: list[ChunkChoice], usage: Usage | None = None
     ).model_dump_json(exclude_none=False)
 
 
-async def stream_chunks(state: AppState, c: Completion) -> AsyncIterator[str]:
+async def stream_chunks(state: AppState, c: Completion) -> AsyncGenerator[str, None]:
     """Streaming: OpenAI chunk JSON strings, then the usage chunk if asked; the caller adds
     ``[DONE]``. A client that disconnects cancels the request and it is logged incomplete."""
     include_usage = bool(c.request.stream_options and c.request.stream_options.include_usage)

@@ -27,9 +27,7 @@ async def write(state: AppState, kind: str, args: Mapping[str, Any]) -> Written:
 
 
 def count_feedback(state: AppState, row: Mapping[str, Any]) -> None:
-    state.extras["metrics"].feedback.labels(
-        str(row["rating"]), row["policy_version"] or "unknown"
-    ).inc()
+    state.metrics.feedback.labels(str(row["rating"]), row["policy_version"] or "unknown").inc()
 
 
 def on_applied(state: AppState):

@@ -254,7 +254,7 @@ async def test_vanished_clients_free_blocks_within_one_step_and_are_logged_incom
     waves = [vanishers[i::3] for i in range(3)]  # each wave mixes SSE and WebSocket
     steps_to_free, ms_to_free = [], []
     with LiveServer(app) as live:
-        engine = state.extras["engine"]
+        engine = state.engine
         key = create_key(state.db, "vanisher")
         base = engine.stats()
         async with httpx.AsyncClient(timeout=60) as http:
@@ -317,7 +317,7 @@ async def test_neighbours_of_vanished_clients_finish_untouched(
     cuts = [c for v in vanishers for c in v.cuts]
     keep = dict(max_tokens=64, ignore_eos=True, temperature=0)
     with LiveServer(app) as live:
-        engine = state.extras["engine"]
+        engine = state.engine
         key = create_key(state.db, "neighbours")
         base = engine.stats()
         async with httpx.AsyncClient(timeout=60) as http:

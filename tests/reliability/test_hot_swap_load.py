@@ -152,7 +152,7 @@ async def _swap_repeatedly(live, admin: httpx.AsyncClient, staged: list[Staged],
     API, a new version activated directly in the table (as the trainer does; the server's
     poller picks it up), a rollback. Returns [(time the server served it, version, how)]."""
     state = live.state
-    engine = state.extras["engine"]
+    engine = state.engine
     registry = state.registry
     swaps = []
     fresh = iter(staged)
@@ -203,7 +203,7 @@ async def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(
     state = app.state.palmchat
     with LiveServer(app) as live:
         live.state, live.answers = state, {}
-        engine = state.extras["engine"]
+        engine = state.engine
         keys = [create_key(state.db, f"swap-{i}") for i in range(CLIENTS)]
         admin_key = create_key(state.db, "root", admin=True)
         async with httpx.AsyncClient(

@@ -126,7 +126,7 @@ async def test_64_streaming_clients_no_errors_every_answer_logged_once(
         started = time.monotonic()
         results = await _run_load(live.url, keys, duration_s)
         elapsed = time.monotonic() - started
-        engine = state.extras["engine"]
+        engine = state.engine
         await _engine_idle(engine)
         stats = engine.stats()
         after = scrape(live.url)
@@ -199,8 +199,8 @@ async def test_burst_over_queue_bound_gets_429_and_the_server_recovers(
             ]
             for ws in sockets:
                 await ws.close()
-        await _engine_idle(state.extras["engine"])
-        stats = state.extras["engine"].stats()
+        await _engine_idle(state.engine)
+        stats = state.engine.stats()
         after = scrape(live.url)
 
     outcomes = [r.status for r in burst]

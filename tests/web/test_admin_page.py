@@ -96,7 +96,7 @@ def test_admin_activates_a_version_and_rolls_back(server, page_factory):
     assert page.get_by_role("button", name="Activate v1").is_enabled()
     state = policies(server)
     assert state["v2"]["status"] == "active" and state["v1"]["status"] == "retired"
-    engine = server.state.extras["engine"]
+    engine = server.state.engine
     wait_until(lambda: engine.version == "v2", what="hot swap to v2")
     page.wait_for_function(
         "() => document.getElementById('policy-badge').textContent === 'serving v2'"
@@ -113,7 +113,7 @@ def test_admin_activates_a_version_and_rolls_back(server, page_factory):
 def test_rollback_hot_swaps_back_on_an_idle_server(server) -> None:
     """A version swapped out moments ago (still loaded, nothing ran since) serves again."""
     auth = {"Authorization": f"Bearer {server.admin_key}"}
-    engine = server.state.extras["engine"]
+    engine = server.state.engine
     for version in ("v2", "v1"):
         r = httpx.post(f"{server.url}/v1/policies/{version}/activate", headers=auth)
         assert r.status_code == 200, r.text

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["chat"])
 
 @router.get("/models")
 async def list_models(state: State, _: CurrentUser) -> ModelList:
-    created = int(state.extras.get("started_at", 0))
+    created = int(state.started_at)
     return ModelList(data=[ModelCard(id=m, created=created) for m in serving.served_models(state)])
 
 

@@ -30,10 +30,7 @@ async def post_feedback(
 ) -> dict[str, Any]:
     """Store a thumb: 200 once committed; 202 with ``"queued": true`` once it is durably
     spooled while the database is away (see :mod:`server.api.writes`)."""
-    row, queued = await writes.record_feedback(state, user, body)
-    if queued:
-        response.status_code = 202
-    return {"object": "feedback", **row}
+    return _stored("feedback", *await writes.record_feedback(state, user, body), response)
 
 
 @router.post("/rankings")
@@ -41,10 +38,13 @@ async def post_ranking(
     body: RankingRequest, state: State, user: CurrentUser, response: Response
 ) -> dict[str, Any]:
     """Store a ranking: 200 once committed, 202 with ``"queued": true`` once spooled."""
-    row, queued = await writes.record_ranking(state, user, body)
+    return _stored("ranking", *await writes.record_ranking(state, user, body), response)
+
+
+def _stored(kind: str, row: dict[str, Any], queued: bool, response: Response) -> dict[str, Any]:
     if queued:
         response.status_code = 202
-    return {"object": "ranking", **row}
+    return {"object": kind, **row}
 
 
 @router.get("/feedback/export")

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from server.api.deps import Admin, CurrentUser, State
+from server.api.deps import Admin, AppState, CurrentUser, State
 from server.api.protocol import APIError
 from shared import policies
 from shared.checkpoints import CheckpointError
@@ -21,11 +21,10 @@ async def list_policies(state: State, _: CurrentUser) -> dict[str, Any]:
     return {"object": "list", "data": rows}
 
 
-async def _after_change(state) -> None:
+async def _after_change(state: AppState) -> None:
     """Let the serving side pick the change up now rather than at its next poll."""
-    hook = state.extras.get("on_policy_change")
-    if hook is not None:
-        await hook()
+    if state.on_policy_change is not None:
+        await state.on_policy_change()
 
 
 @router.post("/{version}/activate")

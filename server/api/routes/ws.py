@@ -110,9 +110,7 @@ class ChatSocket:
         body.setdefault("model", serving.MODEL_ALIAS)
         try:
             req = ChatCompletionRequest.model_validate(body)
-            limiter = self.state.extras.get("rate_limiter")
-            if limiter is not None:
-                limiter.check(self.principal.key_id)
+            self.state.check_rate(self.principal)
             completion = serving.prepare_completion(self.state, req, self.principal)
             await serving.check_continuation(self.state, completion)
         except ValidationError as e:

@@ -59,7 +59,7 @@ def test_three_candidates_ranked_and_exported_as_pairs(server) -> None:
 
 
 def test_client_gone_mid_sse_is_logged_incomplete_and_frees_the_engine(server) -> None:
-    engine = server.state.extras["engine"]
+    engine = server.state.engine
     with httpx.stream(
         "POST",
         f"{server.url}/v1/chat/completions",
@@ -137,7 +137,7 @@ def test_version_activated_elsewhere_is_picked_up_by_polling(server) -> None:
     v2 = registry.install(registry.path("v1"), parent="v1")
     activate(server.state.db, registry, v2)  # e.g. the trainer or another gateway
     deadline = time.monotonic() + 30
-    while server.state.extras["engine"].version != v2:
+    while server.state.engine.version != v2:
         assert time.monotonic() < deadline, "server did not hot-swap"
         time.sleep(0.1)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)

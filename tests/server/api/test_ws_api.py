@@ -74,7 +74,7 @@ async def test_two_chats_at_once_on_one_socket_then_thumbs_up(server) -> None:
 
 
 async def test_cancel_stops_generation_and_frees_the_engine_slot(server) -> None:
-    engine = server.state.extras["engine"]
+    engine = server.state.engine
     async with websockets.connect(
         server.ws_url, additional_headers={"Authorization": f"Bearer {server.key}"}
     ) as ws:
