@@ -5,10 +5,13 @@ shared key/value head), SwiGLU, rotary embeddings with xpos, LayerNorm without b
 and a tied input/output embedding. Parameter and buffer names match lucidrains'
 ``palm_rlhf_pytorch.PaLM`` so its ``state_dict`` loads here directly.
 
-Unlike that reference, ``forward`` takes token positions and an optional KV cache, so a ragged
-batch of prompts can be prefilled at once and then decoded one token per step::
+Unlike that reference, ``forward`` takes token positions and an optional KV cache (anything
+with the :class:`AttentionCache` method), so a ragged batch of prompts can be prefilled at once
+and then decoded one token per step; training, the reference comparison and the serving engine
+all run this one forward, with rotary tables precomputed once per dtype and device::
 
     model = PaLM(PaLMConfig.from_name("tiny", num_tokens=512))
+    logits = model(tokens)                              # training: causal, (B, T, V)
     cache = KVCache.allocate(model.config, batch=2, max_len=64)
     logits = model(tokens, positions, cache)            # prefill (B, T)
     logits = model(next_tokens, next_positions, cache)  # decode (B, 1)
@@ -73,14 +76,29 @@ class PaLMConfig:
 
 
 class AttentionCache(Protocol):
-    """What a block needs from a KV cache: store this step's k/v, return what to attend to."""
+    """A KV cache that a forward attends through: a contiguous :class:`KVCache`, or the serving
+    engine's paged pool (``server/engine/kv_cache.py``) and its fixed-shape decode step."""
 
-    def update(
-        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Store ``k, v`` (B, T, dh) at ``positions`` (B, T); return keys, values (B, S, dh) and a
-        boolean mask (B, 1, T, S) of which keys each query may see."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Store this forward's keys and values k, v (B, T, dh) of ``layer`` at ``positions``
+        (B, T); return the attention of the queries q (B, T, H, dh) over every key each one may
+        see, the new ones included, as (B, T, H * dh)."""
         ...
+
+
+def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Multi-query attention of q (B, T, H, dh) over one key/value head (B, S, dh): with a
+    boolean ``mask`` (B, 1, T, S) of the keys each query sees, else causal (S == T).
+    Returns (B, T, H * dh)."""
+    b, t, h, dh = q.shape
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (B, H, T, dh)
+        keys.unsqueeze(1).expand(-1, h, -1, -1),
+        values.unsqueeze(1).expand(-1, h, -1, -1),
+        attn_mask=mask,
+        is_causal=mask is None,
+    )
+    return out.transpose(1, 2).reshape(b, t, h * dh)
 
 
 @dataclass
@@ -106,9 +124,7 @@ class KVCache:
         zeros = torch.zeros(shape, device=device, dtype=dtype)
         return cls(zeros, zeros.clone())
 
-    def update(
-        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         index = positions.unsqueeze(-1).expand(-1, -1, k.shape[-1])
         self.k[layer].scatter_(1, index, k.to(self.k.dtype))
         self.v[layer].scatter_(1, index, v.to(self.v.dtype))
@@ -116,11 +132,13 @@ class KVCache:
         # A query at position p sees slots 0..p; slots past a row's length hold stale values
         # that a later write overwrites before any query can reach them.
         mask = slots.view(1, 1, 1, -1) <= positions.view(*positions.shape[:2], 1).unsqueeze(1)
-        return self.k[layer], self.v[layer], mask
+        return attention(q, self.k[layer], self.v[layer], mask)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm without bias; ``gamma`` is stored as an offset from 1 (as in the reference)."""
+
+    beta: Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -139,6 +157,9 @@ class RotaryEmbedding(nn.Module):
     keys scale**-e, so any offset cancels in q.k and absolute positions give the same scores.
     """
 
+    inv_freq: Tensor
+    scale: Tensor
+
     def __init__(self, dim_head: int, scale_base: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim_head, 2).float() / dim_head))
@@ -148,21 +169,30 @@ class RotaryEmbedding(nn.Module):
         )
         self.scale_base = scale_base
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        t = positions.to(self.inv_freq.dtype).unsqueeze(-1)  # (B, T, 1)
-        freqs = t * self.inv_freq  # (B, T, dh/2)
+    def tables(self, length: int, heads: int) -> tuple[Tensor, Tensor]:
+        """cos and sin (length, heads + 1, dh) of positions 0..length-1, in the buffers'
+        precision, for the queries (the first ``heads``) and the key (the last) together: the
+        xpos scale folded in (scale for the queries, 1/scale for the key) and sin signed so
+        that ``rotate_half(x) * sin == x.roll(dh / 2) * table_sin``."""
+        t = torch.arange(length, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        t = t.unsqueeze(-1)  # (S, 1)
+        freqs = t * self.inv_freq  # (S, dh/2)
         scale = self.scale ** (t / self.scale_base)
         freqs, scale = torch.cat((freqs, freqs), dim=-1), torch.cat((scale, scale), dim=-1)
-        return freqs.cos(), freqs.sin(), scale
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor) -> Tensor:
-    return (x * cos * scale) + (rotate_half(x) * sin * scale)
+        cos, sin = freqs.cos(), freqs.sin()  # (S, dh)
+        half = cos.shape[-1] // 2
+        # rotate_half(x) = cat(-x2, x1) = x.roll(dh / 2) * [-1.., +1..]
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        inv = scale.reciprocal()
+        s, dh = cos.shape
+        return (
+            torch.cat(
+                ((cos * scale).unsqueeze(1).expand(s, heads, dh), (cos * inv).unsqueeze(1)), 1
+            ),
+            torch.cat(
+                ((sin * scale).unsqueeze(1).expand(s, heads, dh), (sin * inv).unsqueeze(1)), 1
+            ),
+        )
 
 
 class SwiGLU(nn.Module):
@@ -195,102 +225,30 @@ class ParallelTransformerBlock(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, positions: Tensor, cache: AttentionCache | None, layer: int
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        cache: AttentionCache | None,
+        layer: int,
     ) -> Tensor:
-        b, n, _ = x.shape
-        x = self.norm(x)
-        q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
-        q = q.view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, H, T, dh)
-        if self.qk_rmsnorm:
-            q = F.normalize(q, dim=-1) * self.q_scale
-            k = F.normalize(k, dim=-1) * self.k_scale
-        cos, sin, scale = self.rotary_emb(positions)  # (B, T, dh)
-        q = apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1), scale.unsqueeze(1))
-        k = apply_rotary(k, cos, sin, scale.reciprocal())  # (B, T, dh)
-        return self._attend_and_project(q, k, v, ff, positions, cache, layer)
-
-    def forward_step(
-        self, x: Tensor, rotary: Rotary, positions: Tensor, cache: AttentionCache, layer: int
-    ) -> Tensor:
-        """``forward`` for the serving engine: rotary tables precomputed once for all layers and
-        applied to queries and the key in one go. A cache with an ``attend(layer, q, k, v,
-        positions)`` method (q (B, T, H, dh), k and v (B, T, dh); returns (B, T, H * dh))
-        computes the attention itself, e.g. straight from paged blocks; otherwise
-        ``update`` + SDPA as in ``forward``."""
+        """x (B, T, dim); cos and sin (B or 1, T, H + 1, dh) from :meth:`PaLM.rotary_tables`
+        at ``positions`` (B, T). Without a cache, attention is causal over these T tokens."""
         b, n, _ = x.shape
         h, dh = self.heads, self.dim_head
         qk, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(
             (h * dh + dh, dh, self.fused_dims[3]), dim=-1
         )
-        qk = qk.view(b, n, h + 1, dh)
+        qk = qk.view(b, n, h + 1, dh)  # the queries' heads, then the one key head
         if self.qk_rmsnorm:
             scales = torch.cat((self.q_scale.expand(h, dh), self.k_scale.unsqueeze(0)))
             qk = F.normalize(qk, dim=-1) * scales
-        # rotate_half(x) == x.roll(dh / 2) * [-1.., +1..]; the sign is folded into rotary.sin
-        qk = torch.addcmul(qk * rotary.cos, qk.roll(dh // 2, dims=-1), rotary.sin)
-        q, k = qk[:, :, :h], qk[:, :, h]
-        attend = getattr(cache, "attend", None)
-        if attend is None:
-            return self._attend_and_project(q.transpose(1, 2), k, v, ff, positions, cache, layer)
-        out = attend(layer, q, k, v, positions)
+        # rotary on queries and key in one go; rotate_half's sign is folded into sin
+        qk = torch.addcmul(qk * cos, qk.roll(dh // 2, dims=-1), sin)
+        q, k = qk[:, :, :h], qk[:, :, h]  # (B, T, H, dh), (B, T, dh)
+        out = attention(q, k, v) if cache is None else cache.attend(layer, q, k, v, positions)
         return self.attn_out(out) + self.ff_out(ff)
-
-    def _attend_and_project(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        ff: Tensor,
-        positions: Tensor,
-        cache: AttentionCache | None,
-        layer: int,
-    ) -> Tensor:
-        b, _, n, _ = q.shape
-        if cache is None:
-            out = F.scaled_dot_product_attention(
-                q,
-                k.unsqueeze(1).expand(-1, self.heads, -1, -1),
-                v.unsqueeze(1).expand(-1, self.heads, -1, -1),
-                is_causal=True,
-            )
-        else:
-            keys, values, mask = cache.update(layer, k, v, positions)
-            out = F.scaled_dot_product_attention(
-                q,
-                keys.unsqueeze(1).expand(-1, self.heads, -1, -1),
-                values.unsqueeze(1).expand(-1, self.heads, -1, -1),
-                attn_mask=mask,
-            )
-        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, T, H*dh)
-        return self.attn_out(out) + self.ff_out(ff)
-
-
-@dataclass(slots=True)
-class Rotary:
-    """Rotary tables for queries and the key together, (B, T, heads + 1, dh): the xpos scale
-    folded in (scale for the queries, 1/scale for the key) and ``sin`` signed so that
-    ``rotate_half(x) * sin == x.roll(dh / 2) * rotary.sin``."""
-
-    cos: Tensor
-    sin: Tensor
-
-    @classmethod
-    def at(
-        cls, rotary_emb: RotaryEmbedding, positions: Tensor, heads: int, dtype: torch.dtype
-    ) -> Rotary:
-        cos, sin, scale = rotary_emb(positions)  # (B, T, dh), in the buffers' precision
-        half = cos.shape[-1] // 2
-        sign = torch.ones_like(cos[0, 0])
-        sign[:half] = -1
-        sin = sin * sign
-        inv = scale.reciprocal()
-        b, t, dh = cos.shape
-        q_cos = (cos * scale).unsqueeze(2).expand(b, t, heads, dh)
-        q_sin = (sin * scale).unsqueeze(2).expand(b, t, heads, dh)
-        return cls(
-            torch.cat((q_cos, (cos * inv).unsqueeze(2)), dim=2).to(dtype),
-            torch.cat((q_sin, (sin * inv).unsqueeze(2)), dim=2).to(dtype),
-        )
 
 
 class Residual(nn.Module):
@@ -314,6 +272,8 @@ class PaLM(nn.Module):
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         self.to_logits.weight = self.token_emb.weight
         nn.init.normal_(self.token_emb.weight, std=0.02)
+        # (dtype, device, cos, sin): rotary tables, built on first use (rotary_tables)
+        self._rotary: tuple[torch.dtype, torch.device, Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -323,60 +283,60 @@ class PaLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden(
-        self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        last: Tensor | None = None,
     ) -> Tensor:
         """Final normed hidden states (B, T, dim): the trunk that reward and value heads share.
 
         Without a cache the batch is causal over ``tokens`` with positions 0..T-1 (right-padded
         rows are fine: padding only follows real tokens). With a cache, ``positions`` (B, T)
-        say where each token sits; the cache holds everything before it.
+        say where each token sits, each below ``config.max_seq_len``; the cache holds
+        everything before it. With ``last`` (B,) only the states at those indices along T are
+        returned, (B, dim).
         """
+        x = self.token_emb(tokens)  # (B, T, dim)
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.token_emb(tokens)
+            n = tokens.shape[1]
+            positions = torch.arange(n, device=tokens.device).expand_as(tokens)
+            cos, sin = (t[:n].unsqueeze(0) for t in self.rotary_tables(x.dtype, n))
+        else:
+            cos, sin = (t[positions] for t in self.rotary_tables(x.dtype))
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, cache, i)
+            x = layer(x, cos, sin, positions, cache, i)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
         return self.norm(x)
 
     def forward(
-        self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        last: Tensor | None = None,
     ) -> Tensor:
-        return self.to_logits(self.hidden(tokens, positions, cache))  # (B, T, V)
+        """Logits (B, T, V), or (B, V) at ``last``: see :meth:`hidden`."""
+        return self.to_logits(self.hidden(tokens, positions, cache, last))
 
-    def forward_step(
-        self, tokens: Tensor, positions: Tensor, cache: AttentionCache, last: Tensor | None = None
-    ) -> Tensor:
-        """Logits for a serving step: ``tokens`` and ``positions`` (B, T) with a cache.
-
-        Positions must be below ``config.max_seq_len`` (rotary tables are precomputed up to
-        there). With ``last`` (B,) only the logits at those indices along T are computed,
-        (B, V) - all a sampler needs after a prefill.
-        """
-        x = self.token_emb(tokens)
-        cos, sin = self._rotary_tables(x.dtype)
-        rotary = Rotary(cos[positions], sin[positions])
-        for i, layer in enumerate(self.layers):
-            x = x + layer.fn.forward_step(x, rotary, positions, cache, i)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
-        elif x.shape[1] == 1:
-            x = x[:, 0]
-        return self.to_logits(self.norm(x))
-
-    def _rotary_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``Rotary`` tables of every position below ``max_seq_len``, (S, heads + 1, dh); built
-        once per dtype and device (the rotary buffers are constants of the config)."""
-        key = (dtype, self.device)
-        cached = self.__dict__.get("_rotary_cache")
-        if cached is None or cached[0] != key:
+    def rotary_tables(self, dtype: torch.dtype, length: int = 0) -> tuple[Tensor, Tensor]:
+        """Rotary cos and sin (S, heads + 1, dh) of positions 0..S-1, S at least
+        ``max(length, config.max_seq_len)``, computed from the rotary buffers then cast to
+        ``dtype``; built once per dtype and device (gpt-fast's precomputed ``freqs_cis``). The
+        rotary buffers are constants of ``dim_head``, so loading a state dict leaves them valid."""
+        cached = self._rotary
+        if cached is None or cached[:2] != (dtype, self.device) or cached[2].shape[0] < length:
             block = self.layers[0].fn
-            positions = torch.arange(self.config.max_seq_len, device=self.device).unsqueeze(0)
-            rotary = Rotary.at(block.rotary_emb, positions, block.heads, dtype)
-            cached = (key, rotary.cos[0], rotary.sin[0])
-            self.__dict__["_rotary_cache"] = cached
-        return cached[1], cached[2]
+            assert isinstance(block, ParallelTransformerBlock)
+            size = max(length, self.config.max_seq_len)
+            # ordinary tensors even when first built under inference_mode: training reuses them
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = block.rotary_emb.tables(size, block.heads)
+            cached = self._rotary = (dtype, self.device, cos.to(dtype), sin.to(dtype))
+        return cached[2], cached[3]
 
     def state_dict_for_save(self) -> dict[str, Tensor]:
         """State dict without the tied output weight (safetensors refuses shared storage)."""

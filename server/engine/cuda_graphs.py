@@ -87,12 +87,12 @@ class StaticDecode:
         hidden = key_pos > positions  # (rows, width): slots past each row's position
         mask = torch.zeros(hidden.shape, dtype=self.cache.k.dtype, device=hidden.device)
         self._mask = mask.masked_fill_(hidden, float("-inf")).unsqueeze(1)
-        self.logits = self.model.forward_step(tokens, positions, self)
+        self.logits = self.model(tokens, positions, self)[:, 0]
         return self.logits
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """The cache protocol of ``PaLM.forward_step``: store this step's key/value in the pool,
-        attend over each row's blocks. q (B, 1, H, dh), k and v (B, 1, dh) -> (B, 1, H * dh)."""
+        """The model's ``AttentionCache``: store this step's key/value in the pool, attend over
+        each row's blocks. q (B, 1, H, dh), k and v (B, 1, dh) -> (B, 1, H * dh)."""
         assert self._slots is not None and self._table is not None and self._mask is not None
         cache = self.cache
         b, dh = q.shape[0], q.shape[-1]

@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from server.engine.decode_workspace import DecodeWorkspace
-from shared.model import PaLMConfig
+from shared.model import PaLMConfig, attention
 
 
 def blocks_for_budget(config: PaLMConfig, block_size: int, memory_mb: float, dtype: torch.dtype):
@@ -94,21 +93,6 @@ class PagedKVCache:
         self._rows = table.shape[0]
         self._slots = slots
 
-    def update(
-        self, layer: int, k: Tensor, v: Tensor, positions: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The ``AttentionCache`` protocol: store, then return the rows' keys/values and mask."""
-        assert self._slots is not None and self._mask is not None
-        dh = k.shape[-1]
-        k, v = k.reshape(-1, dh), v.reshape(-1, dh)
-        self.store(layer, k, v, self._slots)
-        if self._tables is None:  # decode: the workspace has every row's keys and values
-            keys, values = self.workspace.write_and_read(layer, k, v)
-            return keys, values, self._mask
-        keys = self.k[layer].index_select(0, self._tables).view(self._rows, -1, dh)
-        values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
-        return keys, values, self._mask
-
     def store(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
         """Write keys and values (N, dh) of ``layer`` into the pool's flat ``slots`` (N,)."""
         dh = k.shape[-1]
@@ -123,16 +107,16 @@ class PagedKVCache:
         return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """Attention of q (B, T, H, dh) over each row's cached keys, the new k/v (B, T, dh)
-        included; returns (B, T, H * dh)."""
-        keys, values, mask = self.update(layer, k, v, positions)
-        b, t, h, dh = q.shape
-        if mask.dtype != torch.bool:  # decode
-            return self.decode_attention(q, keys, values, mask)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            keys.unsqueeze(1).expand(-1, h, -1, -1),
-            values.unsqueeze(1).expand(-1, h, -1, -1),
-            attn_mask=mask,
-        )
-        return out.transpose(1, 2).reshape(b, t, h * dh)
+        """The model's ``AttentionCache``: store the new k/v (B, T, dh) in the slots
+        :meth:`prepare` (or :meth:`prepare_decode`) set up, then attend q (B, T, H, dh) over
+        each row's cached keys, the new ones included; returns (B, T, H * dh)."""
+        assert self._slots is not None and self._mask is not None
+        dh = k.shape[-1]
+        k, v = k.reshape(-1, dh), v.reshape(-1, dh)
+        self.store(layer, k, v, self._slots)
+        if self._tables is None:  # decode: the workspace has every row's keys and values
+            keys, values = self.workspace.write_and_read(layer, k, v)
+            return self.decode_attention(q, keys, values, self._mask)
+        keys = self.k[layer].index_select(0, self._tables).view(self._rows, -1, dh)
+        values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
+        return attention(q, keys, values, self._mask)

@@ -59,7 +59,7 @@ class ModelRunner:
         lengths_t = torch.tensor(lengths, device=self.device)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < lengths_t.unsqueeze(1)
         self.cache.prepare([s.block_table for s in seqs], positions, valid)
-        return self.model.forward_step(tokens, positions, self.cache, last=lengths_t - 1)
+        return self.model(tokens, positions, self.cache, last=lengths_t - 1)
 
     def decode(self, seqs: Seq[Sequence]) -> Tensor:
         """One new token per row: the last sampled token at position ``num_tokens - 1``."""
@@ -77,7 +77,7 @@ class ModelRunner:
         where = [s.num_tokens - 1 for s in seqs]
         self.cache.prepare_decode([s.block_table for s in seqs], where, [s.uid for s in seqs])
         positions = torch.tensor(where, device=self.device).unsqueeze(1)
-        return self.model.forward_step(tokens, positions, self.cache)
+        return self.model(tokens, positions, self.cache)[:, 0]
 
     def sample(self, seqs: Seq[Sequence], logits: Tensor) -> SampleOutput:
         logits = logits.float()

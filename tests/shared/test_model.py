@@ -106,3 +106,14 @@ def test_saved_state_excludes_tied_weight_and_restores_it() -> None:
     other.load_saved_state(state)
     assert other.to_logits.weight is other.token_emb.weight
     assert torch.equal(other.token_emb.weight, model.token_emb.weight)
+
+
+def test_a_model_first_run_under_inference_mode_still_trains() -> None:
+    # the rotary tables are built on first use; one built by the serving path must not be an
+    # inference tensor that a training step then cannot save for backward
+    model = PaLM(PaLMConfig.from_name("tiny", num_tokens=300))
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).logsumexp(-1).mean().backward()
+    assert model.token_emb.weight.grad is not None

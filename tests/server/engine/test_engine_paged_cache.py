@@ -19,7 +19,7 @@ def _seq(tokens: list[int], rid: str = "r") -> Sequence:
 
 
 @pytest.mark.parametrize("qk_rmsnorm", [False, True])
-def test_forward_step_with_a_contiguous_cache_equals_forward(qk_rmsnorm):
+def test_forward_with_a_contiguous_cache_equals_forward_without(qk_rmsnorm):
     torch.manual_seed(0)
     cfg = PaLMConfig(num_tokens=300, dim=64, depth=2, heads=4, dim_head=16, qk_rmsnorm=qk_rmsnorm)
     model = PaLM(cfg).eval()
@@ -27,10 +27,8 @@ def test_forward_step_with_a_contiguous_cache_equals_forward(qk_rmsnorm):
     positions = torch.arange(12).expand(2, 12)
     with torch.no_grad():
         full = model(tokens)
-        step = model.forward_step(tokens, positions, KVCache.allocate(cfg, 2, 16))
-        last = model.forward_step(
-            tokens, positions, KVCache.allocate(cfg, 2, 16), last=torch.tensor([11, 4])
-        )
+        step = model(tokens, positions, KVCache.allocate(cfg, 2, 16))
+        last = model(tokens, positions, KVCache.allocate(cfg, 2, 16), last=torch.tensor([11, 4]))
     assert (step - full).abs().max() < 1e-4
     assert (last - full[[0, 1], [11, 4]]).abs().max() < 1e-4
 
@@ -53,7 +51,7 @@ def test_paged_ragged_prefill_then_decode_equals_full_forward():
     valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
     with torch.no_grad():
         cache.prepare([s.block_table for s in seqs], positions, valid)
-        logits = model.forward_step(tokens, positions, cache, last=lengths - 1)
+        logits = model(tokens, positions, cache, last=lengths - 1)
         for i, p in enumerate(prompts):
             assert (logits[i] - model(torch.tensor([p]))[0, -1]).abs().max() < 1e-4
         for _ in range(6):  # decode, crossing block boundaries
@@ -63,7 +61,7 @@ def test_paged_ragged_prefill_then_decode_equals_full_forward():
                 blocks.append_slot(s)
             step_pos = torch.tensor([[s.num_tokens - 1] for s in seqs])
             cache.prepare([s.block_table for s in seqs], step_pos)
-            logits = model.forward_step(torch.tensor([[t] for t in nxt]), step_pos, cache)
+            logits = model(torch.tensor([[t] for t in nxt]), step_pos, cache)[:, 0]
             for i, s in enumerate(seqs):
                 ref = model(torch.tensor([s.token_ids]))[0, -1]
                 assert (logits[i] - ref).abs().max() < 1e-4
