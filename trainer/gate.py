@@ -251,5 +251,6 @@ def gate_with_backtracking(
         if report.passed:
             return policy, fraction, report, tries, active_cache
         full_step = full_step or report
-    assert full_step is not None
+    # the loop ran at least once (fraction 1.0), so both are set
+    assert full_step is not None and active_cache is not None
     return candidate, 1.0, full_step, tries, active_cache

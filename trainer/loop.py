@@ -214,7 +214,7 @@ class OnlineTrainer:
                         "reasons": ["the trainer stopped before activating it"],
                     }
                     s.add(row)
-            return [r.id for r in stale]
+            return [r.id for r in stale if r.id is not None]  # rows read back all have ids
 
     def _reference_version(self, base: str) -> str:
         choice = self.config.reference
@@ -545,6 +545,7 @@ class OnlineTrainer:
             crash_point("after_publish")
             with session(engine) as s:  # the run and the version's row know of each other
                 run = s.get(TrainingRun, run_id)
+                assert run is not None  # written when the round began
                 run.candidate_version = version
                 s.add(run)
                 add_version_row(s, registry, version, "candidate" if passed else "rejected")
@@ -560,9 +561,11 @@ class OnlineTrainer:
                         row.status, row.retired_at = "retired", now
                         s.add(row)
                 target = s.get(Policy, version)
+                assert target is not None  # its row was added with the run above
                 target.status, target.activated_at, target.retired_at = "active", now, None
                 s.add(target)
             run = s.get(TrainingRun, run_id)
+            assert run is not None  # written when the round began
             run.status = "published" if passed else "rejected"
             run.finished_at = now
             run.candidate_version = version
