@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install palmchat with its test extras into ./.venv and run lint, the layering contract and the
-# whole test suite.
+# Install palmchat with its test extras into ./.venv and run lint, the layering contract, mypy
+# and the whole test suite.
 # Usage: bash ops/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev,triton]'
 ruff check .
 ruff format --check .
-# the layering contract in pyproject.toml ([tool.importlinter])
+# the layering contract and the type checker, both configured in pyproject.toml
 lint-imports
+mypy
 python -m pytest -q --durations=15 "$@"
