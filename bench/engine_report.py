@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,7 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str = "engine") 
     path = out_dir / f"{name}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"{name}-latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    with contextlib.suppress(ImportError):  # matplotlib is optional
-        _plot(results, out_dir / f"{name}-latest.png")
+    _plot(results, out_dir / f"{name}-latest.png")
     return path
 
 

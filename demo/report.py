@@ -3,7 +3,6 @@ the JSON + PNG written at the end."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -94,8 +93,7 @@ def write_outputs(report: DemoReport, out_dir: Path) -> Path:
     path = out_dir / f"demo-{report.preference}-{stamp}.json"
     path.write_text(body)
     (out_dir / f"demo-{report.preference}-latest.json").write_text(body)
-    with contextlib.suppress(ImportError):  # matplotlib is optional
-        plot(report, out_dir / f"demo-{report.preference}-latest.png")
+    plot(report, out_dir / f"demo-{report.preference}-latest.png")
     return path
 
 
