@@ -6,7 +6,7 @@ import itertools
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -27,13 +27,19 @@ if TYPE_CHECKING:
     from shared.config import Settings
 
 
-def _serve(settings: Settings, *, auth: bool, **extras: Any) -> None:
+def _serve(
+    settings: Settings,
+    *,
+    auth: bool,
+    backend: Literal["engine", "triton"] = "engine",
+    triton_url: str | None = None,
+) -> None:
     import uvicorn
 
     from server.api.app import create_app
 
     try:
-        app = create_app(settings, auth=auth, **extras)
+        app = create_app(settings, auth=auth, backend=backend, triton_url=triton_url)
     except ValueError as e:
         fail(str(e))
 
@@ -137,8 +143,11 @@ def serve(
     host_part, sep, port_part = triton_url.rpartition(":")
     if backend == "triton" and (not sep or not host_part or not port_part.isdigit()):
         fail(f"--triton-url must be HOST:PORT, got {triton_url!r}")
-    extras = {"backend": "triton", "triton_url": triton_url} if backend == "triton" else {}
-    _serve(_with_address(settings_for(data_dir), host, port), auth=not no_auth, **extras)
+    settings = _with_address(settings_for(data_dir), host, port)
+    if backend == "triton":
+        _serve(settings, auth=not no_auth, backend="triton", triton_url=triton_url)
+    else:
+        _serve(settings, auth=not no_auth)
 
 
 @app.command()
