@@ -4,7 +4,6 @@ Prometheus scraping a real server (and the trainer's metrics) and answering quer
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tests.ops.conftest import OPS
 from tests.ops.metric_names import grafana_to_promql
 
@@ -23,12 +23,6 @@ DASHBOARD = OPS / "grafana" / "dashboards" / "palmchat.json"
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_promtool_accepts_the_config_and_the_rules(promtool: str) -> None:

@@ -16,6 +16,7 @@ from shared.db import session
 from shared.model import PaLM, PaLMConfig
 from shared.schema import Policy
 from shared.tokenizer import ByteTokenizer
+from tests.conftest import free_port
 
 
 def _seed(tmp_path: Path) -> Path:
@@ -49,20 +50,12 @@ def test_bundled_seed_policy_installs_as_a_verified_version(tmp_path: Path) -> N
     assert SEED_DIR.is_dir()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_up_on_a_fresh_data_dir_serves_the_seed_policy(tmp_path: Path) -> None:
     import time
 
     import httpx
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
