@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,14 @@ def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
     model = PaLM(PaLMConfig.from_name("tiny", num_tokens=tok.vocab_size, max_seq_len=256))
     registry = PolicyRegistry(tmp_path_factory.mktemp("tiny-seed"))
     return registry.path(registry.publish(model, tok))
+
+
+PALMCHAT = [sys.executable, "-m", "palmchat"]  # the CLI as a user runs it, in its own process
+
+
+def run_palmchat(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``palmchat`` CLI with ``args`` in a child process; its output captured as text."""
+    return subprocess.run([*PALMCHAT, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:

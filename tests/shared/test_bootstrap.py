@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from shared.db import session
 from shared.model import PaLM, PaLMConfig
 from shared.schema import Policy
 from shared.tokenizer import ByteTokenizer
-from tests.conftest import free_port
+from tests.conftest import PALMCHAT, free_port, run_palmchat
 
 
 def _seed(tmp_path: Path) -> Path:
@@ -57,16 +56,7 @@ def test_up_on_a_fresh_data_dir_serves_the_seed_policy(tmp_path: Path) -> None:
 
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "palmchat",
-            "up",
-            "--data-dir",
-            str(tmp_path / "fresh"),
-            "--port",
-            str(port),
-        ],
+        [*PALMCHAT, "up", "--data-dir", str(tmp_path / "fresh"), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -109,20 +99,8 @@ def test_up_on_a_fresh_data_dir_serves_the_seed_policy(tmp_path: Path) -> None:
 
 
 def test_chat_command_answers_from_the_terminal(tmp_path: Path) -> None:
-    chat = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palmchat",
-            "chat",
-            "--data-dir",
-            str(tmp_path),
-            "-m",
-            "What is the capital of Japan?",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    chat = run_palmchat(
+        "chat", "--data-dir", str(tmp_path), "-m", "What is the capital of Japan?", timeout=300
     )
     assert chat.returncode == 0, chat.stderr
     assert "Tokyo" in chat.stdout.split("palm>", 1)[1]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shared.checkpoints import PolicyRegistry
+from tests.conftest import run_palmchat
 from trainer.pretrain import PretrainConfig, pretrain, read_jsonl_conversations
 
 
@@ -81,18 +80,7 @@ def test_bad_jsonl_line_is_reported_with_its_line_number(tmp_path: Path) -> None
 
 
 def test_cli_pretrain_rejects_a_missing_data_file_cleanly(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palmchat",
-            "pretrain",
-            "--data",
-            str(tmp_path / "none.jsonl"),
-            "--data-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    out = run_palmchat(
+        "pretrain", "--data", str(tmp_path / "none.jsonl"), "--data-dir", str(tmp_path)
     )
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr

@@ -12,7 +12,7 @@ import websockets
 from server.api.app import create_app
 from shared.config import Settings
 from shared.keys import create_key
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, run_palmchat
 
 
 @pytest.fixture(scope="module")
@@ -147,49 +147,12 @@ async def test_bad_key_is_refused(server) -> None:
 
 
 def test_cli_chat_talks_to_the_server_over_the_websocket(server) -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palmchat",
-            "chat",
-            "--url",
-            server.url,
-            "--api-key",
-            server.key,
-            "--max-tokens",
-            "5",
-            "-m",
-            "hello",
-            "-m",
-            "and again",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    chat = ["chat", "--url", server.url]
+    say = ["-m", "hello", "-m", "and again"]
+    out = run_palmchat(*chat, "--api-key", server.key, "--max-tokens", "5", *say, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("palm>") == 2
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palmchat",
-            "chat",
-            "--url",
-            server.url,
-            "--api-key",
-            "pc-nope",
-            "-m",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_palmchat(*chat, "--api-key", "pc-nope", "-m", "x", timeout=120)
     assert (
         bad.returncode == 2 and "invalid or revoked" in bad.stderr and "Traceback" not in bad.stderr
     )
