@@ -9,10 +9,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from server.api.live import LiveServer  # noqa: F401  (tests import it from here)
+from server.api.live import LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +34,40 @@ def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
     model = PaLM(PaLMConfig.from_name("tiny", num_tokens=tok.vocab_size, max_seq_len=256))
     registry = PolicyRegistry(tmp_path_factory.mktemp("tiny-seed"))
     return registry.path(registry.publish(model, tok))
+
+
+@contextmanager
+def live_app(data_dir: Path, seed_dir: Path, **settings: Any) -> Iterator[LiveServer]:
+    """A palmchat app with these settings on a real loopback server; ``live.state`` is its
+    ``AppState``."""
+    from server.api.app import create_app
+    from shared.config import Settings
+
+    app = create_app(Settings(data_dir=data_dir, **settings), seed_dir=seed_dir)
+    with LiveServer(app) as live:
+        live.state = app.state.palmchat
+        yield live
+
+
+def chat_and_rate(url: str, key: str, rating: int) -> None:
+    """A short chat completion by ``key``'s user, then their thumbs (``rating``) on it."""
+    auth = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=auth,
+        json={
+            "model": "palmchat",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
+        timeout=60,
+    )
+    r.raise_for_status()
+    httpx.post(
+        f"{url}/v1/feedback",
+        headers=auth,
+        json={"completion_id": r.json()["id"], "rating": rating},
+    ).raise_for_status()
 
 
 PALMCHAT = [sys.executable, "-m", "palmchat"]  # the CLI as a user runs it, in its own process

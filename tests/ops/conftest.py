@@ -10,13 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 
-from server.api.app import create_app
-from shared.config import Settings
 from shared.keys import create_key
-from tests.conftest import LiveServer
+from tests.conftest import chat_and_rate, live_app
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -49,25 +46,6 @@ def prometheus_bin() -> str:
 def metrics_server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
     """A live server that has answered a chat and recorded a thumbs up, so its labelled
     counters have samples in /metrics."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("ops"), kv_cache_memory_mb=16)
-    app = create_app(settings, seed_dir=tiny_seed_dir)
-    with LiveServer(app) as live:
-        live.state = app.state.palmchat
-        auth = {"Authorization": f"Bearer {create_key(live.state.db, 'ops')}"}
-        r = httpx.post(
-            f"{live.url}/v1/chat/completions",
-            headers=auth,
-            json={
-                "model": "palmchat",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 4,
-            },
-            timeout=60,
-        )
-        r.raise_for_status()
-        httpx.post(
-            f"{live.url}/v1/feedback",
-            headers=auth,
-            json={"completion_id": r.json()["id"], "rating": 1},
-        ).raise_for_status()
+    with live_app(tmp_path_factory.mktemp("ops"), tiny_seed_dir, kv_cache_memory_mb=16) as live:
+        chat_and_rate(live.url, create_key(live.state.db, "ops"), 1)
         yield live

@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 
 from server.api import serving
-from server.api.app import create_app
-from shared.config import Settings
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, live_app
 
 CHROMIUM = os.environ.get("PALMCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -93,17 +91,10 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-def live_server(tmp_path: Path, seed_dir: Path) -> LiveServer:
-    settings = Settings(
-        data_dir=tmp_path,
-        kv_cache_memory_mb=16,
-        rate_limit_per_minute=0,
-        policy_poll_seconds=0.5,
+def live_server(tmp_path: Path, seed_dir: Path) -> contextlib.AbstractContextManager[LiveServer]:
+    return live_app(
+        tmp_path, seed_dir, kv_cache_memory_mb=16, rate_limit_per_minute=0, policy_poll_seconds=0.5
     )
-    app = create_app(settings, seed_dir=seed_dir)
-    live = LiveServer(app)
-    live.state = app.state.palmchat
-    return live
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from shared.keys import create_key
+from tests.conftest import chat_and_rate
 from tests.web.conftest import live_server, screenshot, wait_until
 
 pytestmark = pytest.mark.slow
@@ -33,27 +34,6 @@ def policies(server) -> dict[str, dict]:
     return {p["version"]: p for p in r.json()["data"]}
 
 
-def chat_and_rate(server, rating: int) -> None:
-    auth = {"Authorization": f"Bearer {server.user_key}"}
-    r = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        headers=auth,
-        json={
-            "model": "palmchat",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4,
-        },
-        timeout=60,
-    )
-    r.raise_for_status()
-    r = httpx.post(
-        f"{server.url}/v1/feedback",
-        headers=auth,
-        json={"completion_id": r.json()["id"], "rating": rating},
-    )
-    r.raise_for_status()
-
-
 def sign_in(page, server, key: str) -> None:
     page.goto(server.url + "/admin")
     page.get_by_label("API key").fill(key)
@@ -64,7 +44,7 @@ def sign_in(page, server, key: str) -> None:
 
 def test_admin_activates_a_version_and_rolls_back(server, page_factory):
     for rating in (1, 1, -1):
-        chat_and_rate(server, rating)
+        chat_and_rate(server.url, server.user_key, rating)
     page = page_factory()
     sign_in(page, server, server.admin_key)
     assert page.locator("#not-admin").is_hidden()
@@ -81,7 +61,7 @@ def test_admin_activates_a_version_and_rolls_back(server, page_factory):
 
     # live rates: traffic between two scrapes shows up as requests and tokens per second
     page.wait_for_function("() => document.getElementById('rate-tokens').textContent !== '–'")
-    chat_and_rate(server, 1)
+    chat_and_rate(server.url, server.user_key, 1)
     page.wait_for_function(
         "() => parseFloat(document.getElementById('rate-requests').textContent) > 0"
         " && parseFloat(document.getElementById('rate-tokens').textContent) > 0",

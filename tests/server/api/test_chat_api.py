@@ -13,15 +13,12 @@ import pytest
 from server.api.app import create_app
 from shared.config import Settings
 from shared.keys import create_key
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, live_app
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("chat"), kv_cache_memory_mb=16)
-    app = create_app(settings, seed_dir=tiny_seed_dir)
-    with LiveServer(app) as live:
-        live.state = app.state.palmchat
+    with live_app(tmp_path_factory.mktemp("chat"), tiny_seed_dir, kv_cache_memory_mb=16) as live:
         live.key = create_key(live.state.db, "alice")
         yield live
 
