@@ -68,17 +68,26 @@ def activate(engine: Engine, registry: PolicyRegistry, version: str) -> str | No
     registry.verify(version, deep=True)
     register_version(engine, registry, version)
     with session(engine) as s:
-        previous = None
-        for row in s.exec(select(Policy).where(Policy.status == "active")).all():
-            if row.version != version:
-                previous = row.version
-                row.status, row.retired_at = "retired", utcnow()
-                s.add(row)
-        target = s.get(Policy, version)
-        assert target is not None  # registered above
-        if target.status != "active":
-            target.status, target.activated_at, target.retired_at = "active", utcnow(), None
-            s.add(target)
+        return activate_row(s, version)
+
+
+def activate_row(s: Session, version: str) -> str | None:
+    """:func:`activate` in the caller's transaction, for a version whose row exists and whose
+    files were verified: retire the active row(s), activate ``version``; return the version it
+    replaced."""
+    now = utcnow()
+    previous = None
+    for row in s.exec(select(Policy).where(Policy.status == "active")).all():
+        if row.version != version:
+            previous = row.version
+            row.status, row.retired_at = "retired", now
+            s.add(row)
+    target = s.get(Policy, version)
+    if target is None:
+        raise NotFound(f"no policy version {version!r}")
+    if target.status != "active":
+        target.status, target.activated_at, target.retired_at = "active", now, None
+        s.add(target)
     return previous
 
 
