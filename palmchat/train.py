@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from palmchat.common import (
     settings_for,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from trainer.config import TrainerConfig
 
 
 @app.command()
@@ -109,12 +112,11 @@ def pretrain(
 
 
 def trainer_overrides(settings: list[str]) -> dict:
-    """``--set KEY=VALUE`` items as TrainerConfig fields (VALUE read as JSON when it is)."""
-    import dataclasses
-
+    """``--set KEY=VALUE`` items as TrainerConfig's flat fields (VALUE read as JSON when it
+    is)."""
     from trainer.config import TrainerConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    fields = set(TrainerConfig.flat_names())
     values: dict = {}
     for item in settings:
         key, sep, raw = item.partition("=")
@@ -136,7 +138,7 @@ def trainer_config(
     lora_rank: int,
     seed: int,
     settings: list[str],
-):
+) -> TrainerConfig:
     from trainer.config import TrainerConfig
 
     values: dict = dict(
@@ -144,10 +146,7 @@ def trainer_config(
         lora_rank=lora_rank, seed=seed,
     )  # fmt: skip
     values.update(trainer_overrides(settings))
-    try:
-        return TrainerConfig(**values)
-    except (TypeError, ValueError) as e:
-        fail(str(e))
+    return built_or_fail(TrainerConfig.from_flat, **values)
 
 
 @app.command()
@@ -194,8 +193,9 @@ def trainer(
 
     from shared.checkpoints import CheckpointError
     from trainer.common import init_distributed
-    from trainer.loop import OnlineTrainer, RoundResult
+    from trainer.loop import OnlineTrainer
     from trainer.metrics import TrainerMetrics
+    from trainer.round import RoundResult
 
     cfg = trainer_config(algo, min_new, poll, device, lora_rank, seed, set_ or [])
     settings = settings_for(data_dir)

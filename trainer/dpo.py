@@ -96,15 +96,18 @@ class PreferenceReport:
 
 
 def _steps(n: int, config: TrainerConfig, world: int) -> int:
-    per_epoch = math.ceil(n / (config.pref_batch_size * world))
-    return min(config.pref_max_steps, max(config.pref_min_steps, config.pref_epochs * per_epoch))
+    per_epoch = math.ceil(n / (config.preference.batch_size * world))
+    return min(
+        config.preference.max_steps,
+        max(config.preference.min_steps, config.preference.epochs * per_epoch),
+    )
 
 
 def _subset(items: Sequence, steps: int, config: TrainerConfig, world: int, seed: int) -> list:
     """At most what ``steps`` steps can use, sampled: a round's cost stays bounded as the
     feedback log grows (older examples come back in later rounds)."""
     items = list(items)
-    budget = steps * config.pref_batch_size * world
+    budget = steps * config.preference.batch_size * world
     if len(items) > budget:
         items = random.Random(seed).sample(items, budget)
     return items
@@ -149,13 +152,14 @@ def reward_ranked_pairs(
     seed: int = 0,
 ) -> list[Pair]:
     """On-policy pairs labelled by the reward model (online / iterative DPO): sample
-    ``config.dpo_rm_samples`` replies to each prompt from ``policy`` with the serving engine,
-    score them, and pair the best with the worst when the scores differ by at least
-    ``config.dpo_rm_min_gap``. A reply cut off at the token limit is never the chosen one.
+    ``config.preference.dpo_rm_samples`` replies to each prompt from ``policy`` with the
+    serving engine, score them, and pair the best with the worst when the scores differ by at
+    least ``config.preference.dpo_rm_min_gap``. A reply cut off at the token limit is never the
+    chosen one.
     Every pair is ``source="reward_model"``."""
     from trainer.ppo import generate_rollouts
 
-    k = config.dpo_rm_samples
+    k = config.preference.dpo_rm_samples
     asked = [p for p in prompts for _ in range(k)]
     rollouts = generate_rollouts(
         policy,
@@ -168,7 +172,7 @@ def reward_ranked_pairs(
     if not rollouts:
         return []
     scores = reward_model.score(
-        tok, [r.prompt for r in rollouts], [r.text for r in rollouts], config.rm_max_length
+        tok, [r.prompt for r in rollouts], [r.text for r in rollouts], config.reward.max_length
     ).tolist()
     groups: dict[str, list[tuple[float, Any]]] = {}
     for r, score in zip(rollouts, scores, strict=True):
@@ -181,7 +185,7 @@ def reward_ranked_pairs(
         best = max(finished, key=lambda g: g[0])
         worst = min(group, key=lambda g: g[0])
         gap = best[0] - worst[0]
-        if gap >= config.dpo_rm_min_gap and best[1].text != worst[1].text:
+        if gap >= config.preference.dpo_rm_min_gap and best[1].text != worst[1].text:
             pairs.append(Pair(best[1].prompt, best[1].text, worst[1].text, source="reward_model"))
     return pairs
 
@@ -194,7 +198,7 @@ def _trainable(
     params = list(policy.parameters())
     if config.lora_rank:
         params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-    return params, wrap_ddp(policy, info), adamw(params, config.pref_lr, config.weight_decay)
+    return params, wrap_ddp(policy, info), adamw(params, config.preference.lr, config.weight_decay)
 
 
 def _finish(
@@ -256,21 +260,21 @@ def train_dpo(
     losses, margins, accs = [], [], []
     device = policy.device
     policy.train()
-    for step, chunk in enumerate(_batches(items, steps, config.pref_batch_size, seed)):
+    for step, chunk in enumerate(_batches(items, steps, config.preference.batch_size, seed)):
         seqs = [x for (c, r, _), _, _ in chunk for x in (c, r)]
         batch = collate(seqs, tok.pad_id).to(device)
         logps = sequence_logprobs(model, batch)
         rc = torch.tensor([a for _, a, _ in chunk], device=device)
         rr = torch.tensor([b for _, _, b in chunk], device=device)
-        loss, chosen, rejected = dpo_loss(logps[0::2], logps[1::2], rc, rr, config.beta)
-        if config.dpo_sft_weight:
+        loss, chosen, rejected = dpo_loss(logps[0::2], logps[1::2], rc, rr, config.preference.beta)
+        if config.preference.dpo_sft_weight:
             # RPO-style NLL of the chosen replies, per token (https://arxiv.org/abs/2404.19733),
             # only of replies a user picked: the reward model's favourite among on-policy
             # samples may be a wrong answer in the users' style, and imitating it costs answers
             tokens = batch.mask[0::2].sum(-1).clamp(min=1)
             picked = torch.tensor([s for (_, _, s), _, _ in chunk], device=device)
             nll = (-logps[0::2] / tokens)[picked].sum() / len(chunk)
-            loss = loss + config.dpo_sft_weight * nll
+            loss = loss + config.preference.dpo_sft_weight * nll
         optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())
         margins.append(float((chosen - rejected).mean()))
@@ -312,7 +316,7 @@ def train_kto(
     losses, zs = [], []
     device = policy.device
     policy.train()
-    for step, chunk in enumerate(_batches(items, steps, config.pref_batch_size, seed)):
+    for step, chunk in enumerate(_batches(items, steps, config.preference.batch_size, seed)):
         batch = collate([e for (e, _), _ in chunk], tok.pad_id).to(device)
         logps = sequence_logprobs(model, batch)
         ref_lp = torch.tensor([r for _, r in chunk], device=device)
@@ -321,9 +325,9 @@ def train_kto(
             logps,
             ref_lp,
             labels,
-            config.beta,
-            config.kto_desirable_weight,
-            config.kto_undesirable_weight,
+            config.preference.beta,
+            config.preference.kto_desirable_weight,
+            config.preference.kto_undesirable_weight,
         )
         optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())

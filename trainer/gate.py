@@ -86,22 +86,22 @@ def sample_and_score(
     config: TrainerConfig,
     rollouts: list[Rollout] | None = None,
 ) -> tuple[list[Rollout], float, float]:
-    """(rollouts, mean RM score (each clipped to ``config.gate_reward_clip``), mean KL to
+    """(rollouts, mean RM score (each clipped to ``config.gate.reward_clip``), mean KL to
     reference) of ``policy``'s sampled replies."""
     if rollouts is None:
         rollouts = generate_rollouts(
             policy,
             tok,
             prompts,
-            max_new_tokens=config.gate_max_new_tokens,
+            max_new_tokens=config.gate.max_new_tokens,
             temperature=config.temperature,
-            seed=config.gate_seed,
+            seed=config.gate.seed,
         )
     if not rollouts:
         return rollouts, float("nan"), float("nan")
     scores = reward_model.score(tok, [r.prompt for r in rollouts], [r.text for r in rollouts])
-    if config.gate_reward_clip is not None:
-        scores = scores.clamp(-config.gate_reward_clip, config.gate_reward_clip)
+    if config.gate.reward_clip is not None:
+        scores = scores.clamp(-config.gate.reward_clip, config.gate.reward_clip)
     seqs = [r.encoded(policy.config.max_seq_len) for r in rollouts]
     kl = batched_sequence_logprobs(policy, seqs, tok.pad_id) - batched_sequence_logprobs(
         reference, seqs, tok.pad_id
@@ -120,7 +120,7 @@ def evaluate_policy(
 ) -> tuple[PolicyEval, dict[str, Any]]:
     """Evaluate one policy; ``cached`` (from an earlier call on the same policy) skips the
     generation, leaving only reward-model scoring to redo."""
-    prompts = heldout_prompts(config.gate_prompts, config.gate_seed)
+    prompts = heldout_prompts(config.gate.prompts, config.gate.seed)
     cached = dict(cached or {})
     rollouts, reward, kl = sample_and_score(
         policy, reference, reward_model, tok, prompts, config, cached.get("rollouts")
@@ -129,9 +129,9 @@ def evaluate_policy(
         report = evaluate_heldout(
             policy,
             tok,
-            n=config.gate_prompts,
-            seed=config.gate_seed,
-            max_new_tokens=config.gate_max_new_tokens,
+            n=config.gate.prompts,
+            seed=config.gate.seed,
+            max_new_tokens=config.gate.max_new_tokens,
         )
         cached["correct_rate"] = report.correct_rate
         cached["hits"] = report.hits
@@ -151,22 +151,22 @@ def decide(candidate: PolicyEval, active: PolicyEval, config: TrainerConfig) -> 
     """The reasons to reject the candidate (empty: it passes)."""
     reasons = []
     gain = candidate.reward - active.reward
-    if not gain > config.gate_min_reward_gain or math.isnan(gain):
+    if not gain > config.gate.min_reward_gain or math.isnan(gain):
         reasons.append(
             f"reward model score did not improve: {candidate.reward:+.3f} vs active "
-            f"{active.reward:+.3f} (needs > {config.gate_min_reward_gain:+.3f})"
+            f"{active.reward:+.3f} (needs > {config.gate.min_reward_gain:+.3f})"
         )
-    if not candidate.kl <= config.gate_max_kl:
+    if not candidate.kl <= config.gate.max_kl:
         reasons.append(
-            f"KL to the reference {candidate.kl:.2f} nats exceeds the bound {config.gate_max_kl}"
+            f"KL to the reference {candidate.kl:.2f} nats exceeds the bound {config.gate.max_kl}"
         )
-    floor = active.correct_rate - config.gate_correct_tolerance
+    floor = active.correct_rate - config.gate.correct_tolerance
     net = candidate.lost - candidate.gained
     significant = net > 1.645 * math.sqrt(candidate.lost + candidate.gained)
     if candidate.correct_rate < floor and significant:
         reasons.append(
             f"held-out correctness fell: {candidate.correct_rate:.3f} vs active "
-            f"{active.correct_rate:.3f} (tolerance {config.gate_correct_tolerance}; "
+            f"{active.correct_rate:.3f} (tolerance {config.gate.correct_tolerance}; "
             f"{candidate.lost} answers lost, {candidate.gained} gained)"
         )
     return reasons
@@ -193,13 +193,13 @@ def run_gate(
         cand.lost = sum(a and not c for c, a in zip(cand_hits, act_hits, strict=True))
         cand.gained = sum(c and not a for c, a in zip(cand_hits, act_hits, strict=True))
     else:  # no paired answers: treat any drop past the tolerance as significant
-        cand.lost = max(0, round((act.correct_rate - cand.correct_rate) * config.gate_prompts))
+        cand.lost = max(0, round((act.correct_rate - cand.correct_rate) * config.gate.prompts))
     reasons = decide(cand, act, config)
     examples = [
         {"prompt": r.prompt[-1]["content"], "candidate": r.text, "active": a.text}
         for r, a in zip(cand_cache["rollouts"][:3], act_cache["rollouts"][:3], strict=False)
     ]
-    report = GateReport(not reasons, reasons, cand, act, config.gate_prompts, examples)
+    report = GateReport(not reasons, reasons, cand, act, config.gate.prompts, examples)
     return report, act_cache
 
 
@@ -215,6 +215,52 @@ def interpolate(active: PaLM, candidate: PaLM, fraction: float) -> PaLM:
     return out.eval()
 
 
+@dataclass
+class GateTry:
+    """One try of :func:`gate_with_backtracking` at one step fraction (kept in the run's
+    metrics as ``gate_tries``)."""
+
+    step_fraction: float
+    passed: bool
+    reasons: list[str]
+    reward: float
+    active_reward: float
+    kl: float
+    correct_rate: float
+
+    @classmethod
+    def of(cls, fraction: float, report: GateReport) -> GateTry:
+        return cls(
+            step_fraction=fraction,
+            passed=report.passed,
+            reasons=report.reasons,
+            reward=report.candidate.reward,
+            active_reward=report.active.reward,
+            kl=report.candidate.kl,
+            correct_rate=report.candidate.correct_rate,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GateResult:
+    """What :func:`gate_with_backtracking` decided: the policy to publish, the share of its
+    step that passed (1.0 when nothing passed: the full step, rejected), its report, every
+    try, and the active policy's cache (reuse it while that policy stays active)."""
+
+    policy: PaLM
+    step_fraction: float
+    report: GateReport
+    tries: list[GateTry]
+    active_cache: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+
 def gate_with_backtracking(
     candidate: PaLM,
     active: PaLM,
@@ -224,33 +270,21 @@ def gate_with_backtracking(
     config: TrainerConfig,
     *,
     active_cache: dict[str, Any] | None = None,
-) -> tuple[PaLM, float, GateReport, list[dict[str, Any]], dict[str, Any]]:
+) -> GateResult:
     """Gate ``candidate``; if it fails, gate its interpolations towards ``active`` at each
-    fraction of ``config.gate_backtrack`` until one passes.
-
-    Returns (policy to publish, its step fraction, its report, every try's summary, the active
-    policy's cache). When nothing passes, the full-step candidate and its report come back."""
-    tries: list[dict[str, Any]] = []
+    fraction of ``config.gate.backtrack`` until one passes. When nothing passes, the full-step
+    candidate and its report come back."""
+    tries: list[GateTry] = []
     full_step: GateReport | None = None
-    for fraction in (1.0, *config.gate_backtrack):
+    for fraction in (1.0, *config.gate.backtrack):
         policy = candidate if fraction == 1.0 else interpolate(active, candidate, fraction)
         report, active_cache = run_gate(
             policy, active, reference, reward_model, tok, config, active_cache=active_cache
         )
-        tries.append(
-            {
-                "step_fraction": fraction,
-                "passed": report.passed,
-                "reasons": report.reasons,
-                "reward": report.candidate.reward,
-                "active_reward": report.active.reward,
-                "kl": report.candidate.kl,
-                "correct_rate": report.candidate.correct_rate,
-            }
-        )
+        tries.append(GateTry.of(fraction, report))
         if report.passed:
-            return policy, fraction, report, tries, active_cache
+            return GateResult(policy, fraction, report, tries, active_cache)
         full_step = full_step or report
     # the loop ran at least once (fraction 1.0), so both are set
     assert full_step is not None and active_cache is not None
-    return candidate, 1.0, full_step, tries, active_cache
+    return GateResult(candidate, 1.0, full_step, tries, active_cache)

@@ -4,21 +4,16 @@ publish and activate (the running servers hot-swap to it).
 One round (:meth:`OnlineTrainer.run_round`):
 
 1. read what is new past the watermark and the current feedback (:mod:`trainer.feedback`);
-   record a ``training_runs`` row (status ``running``);
+   record a ``training_runs`` row (status ``running``): a :class:`~trainer.round.RoundPlan`;
 2. train a reward model from the active policy's trunk and save it as a versioned artifact;
-3. improve a copy of the active policy with ``ppo``, ``dpo`` or ``kto`` against the frozen
-   reference (the active policy when this database's trainer first ran, kept in
-   ``trainer_state``);
+3. improve a copy of the active policy with one of :data:`trainer.algorithms.ALGORITHMS`
+   (``ppo``, ``dpo`` or ``kto``) against the frozen reference (the active policy when this
+   database's trainer first ran, kept in ``trainer_state``);
 4. gate the candidate against the active policy (:mod:`trainer.gate`); one that fails is
    tried again at a fraction of its step (weights interpolated towards the active policy);
-5. publish the candidate to the registry (atomic), then in **one transaction**: activate it
-   (or record it ``rejected``), finish the run row and advance the watermark.
-
-Crash safety: the registry only ever shows whole versions; the active policy changes only in
-the final transaction; the watermark moves only there too, so a trainer killed at any point
-redoes the round after a restart. A run left ``running`` by a killed trainer is marked
-``failed`` at the next start and its published-but-never-activated candidate ``rejected``.
-``PALMCHAT_TRAINER_CRASH_AT=<point>`` kills the process at a named point (tests).
+5. publish the candidate to the registry (atomic), then in **one transaction** activate it
+   (or record it ``rejected``), finish the run row and advance the watermark
+   (:mod:`trainer.runs`, which also says how a killed trainer recovers).
 
 Runs alone or under ``torchrun`` (DDP): rank 0 reads the database, gates and publishes; the
 training phases shard their data and all-reduce gradients across ranks. One trainer per
@@ -29,27 +24,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
-import random
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy.engine import Engine
-from sqlmodel import select
 
-from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
-from shared.db import session
 from shared.model import PaLM
-from shared.policies import active_version, add_version_row
-from shared.schema import Policy, TrainingRun, utcnow
+from shared.policies import active_version
+from shared.tokenizer import Tokenizer
+from trainer.algorithms import ALGORITHMS, PolicyUpdate
 from trainer.common import (
     DistInfo,
     barrier,
@@ -59,94 +46,32 @@ from trainer.common import (
     seed_everything,
 )
 from trainer.config import TrainerConfig
+from trainer.context import TrainerContext, crash_point
 from trainer.feedback import (
     FeedbackData,
     Pending,
-    Watermark,
     get_state,
     load_feedback,
     load_watermark,
     pending,
-    save_watermark,
-    set_state,
 )
+from trainer.gate import gate_with_backtracking
 from trainer.metrics import TrainerMetrics
+from trainer.reward import RewardModel, RewardReport, train_reward_model
+from trainer.round import FeedbackCounts, RoundMetrics, RoundPlan, RoundResult
+from trainer.runs import (
+    KL_COEF_KEY,
+    REFERENCE_KEY,
+    commit_round,
+    fail_run,
+    recover_stale_runs,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "PALMCHAT_TRAINER_CRASH_AT"
-CRASH_POINTS = ("after_reward_model", "after_training", "after_publish", "before_commit")
-REFERENCE_KEY, KL_COEF_KEY = "reference_version", "kl_coef"
 Progress = Callable[[str, int, int, str], None]
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats as None (PostgreSQL's JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def crash_point(name: str) -> None:
-    """Die here, without any clean-up, if ``$PALMCHAT_TRAINER_CRASH_AT`` names this point."""
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("crash point %s reached: exiting", name)
-        os._exit(86)
-
-
-@dataclass
-class TrainerContext:
-    """Where the trainer reads feedback and writes policies."""
-
-    engine: Engine
-    registry: PolicyRegistry
-    reward_root: Path
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TrainerContext:
-        from shared.bootstrap import prepare
-
-        prepared = prepare(settings)
-        return cls(prepared.engine, prepared.registry, settings.data_dir / "reward_models")
-
-
-@dataclass
-class RoundResult:
-    """What a round did. ``status``: published (the candidate is now active), rejected (the
-    gate said no; reasons given), skipped (not enough feedback) or failed."""
-
-    status: str
-    run_id: int | None = None
-    base_version: str | None = None
-    candidate_version: str | None = None
-    active_version: str | None = None
-    reward_model_version: str | None = None
-    n_feedback: int = 0  # new items this round consumed
-    n_pairs: int = 0
-    n_thumbs: int = 0
-    reasons: list[str] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def rm_accuracy(self) -> float | None:
-        return self.metrics.get("reward_model", {}).get("heldout_accuracy")
-
-    @property
-    def rm_heldout_pairs(self) -> int | None:
-        """How many held-out pairs :attr:`rm_accuracy` was measured on."""
-        return self.metrics.get("reward_model", {}).get("heldout_pairs")
-
-    @property
-    def kl(self) -> float | None:
-        return self.metrics.get("gate", {}).get("candidate", {}).get("kl")
+__all__ = ["OnlineTrainer", "RoundResult", "TrainerContext", "run_round"]
 
 
 class OnlineTrainer:
@@ -190,31 +115,8 @@ class OnlineTrainer:
         return pending(self.ctx.engine, load_watermark(self.ctx.engine), self.config.settle_seconds)
 
     def recover(self) -> list[int]:
-        """Mark runs a killed trainer left ``running`` as failed; their never-activated
-        candidates become ``rejected``. Returns the ids of those runs."""
-        now = utcnow()
-        with session(self.ctx.engine) as s:
-            stale = s.exec(select(TrainingRun).where(TrainingRun.status == "running")).all()
-            for run in stale:
-                run.status, run.finished_at = "failed", now
-                run.metrics = {**run.metrics, "error": "trainer stopped before the round ended"}
-                s.add(run)
-                version = run.candidate_version
-                if version and s.get(Policy, version) is None:
-                    # published by a trainer that died before recording it (older versions
-                    # wrote the run and the row in two transactions)
-                    add_version_row(s, self.ctx.registry, version, "candidate")
-                    s.flush()
-                row = s.get(Policy, version) if version else None
-                if row is not None and row.status == "candidate":
-                    row.status = "rejected"
-                    row.metrics = {
-                        **row.metrics,
-                        "status": "rejected",
-                        "reasons": ["the trainer stopped before activating it"],
-                    }
-                    s.add(row)
-            return [r.id for r in stale if r.id is not None]  # rows read back all have ids
+        """See :func:`trainer.runs.recover_stale_runs`."""
+        return recover_stale_runs(self.ctx)
 
     def _reference_version(self, base: str) -> str:
         choice = self.config.reference
@@ -239,19 +141,17 @@ class OnlineTrainer:
         """Train, gate and publish once. Without ``force``, a round needs at least
         ``min_new_feedback`` new items; with it, any feedback in the database will do."""
         t0 = time.monotonic()
-        plan: dict[str, Any]
         pend = None
+        raw: dict[str, Any] = {}
         if self.info.is_main:
             self.recover()
             pend = self.pending()
             self.metrics.observe_pending(pend)
-            plan = self._plan(pend, force)
-        else:
-            plan = {}
-        plan = broadcast_json(plan, self.info, self.device)  # type: ignore[assignment]
-        if not plan["go"]:
-            result = RoundResult("skipped", reasons=[plan["reason"]], n_feedback=plan["new"])
-            result.active_version = plan.get("base")
+            raw = self._plan(pend, force).to_json()
+        plan = RoundPlan.from_json(broadcast_json(raw, self.info, self.device))  # type: ignore[arg-type]
+        if not plan.go:
+            result = RoundResult("skipped", reasons=[plan.skip], n_feedback=plan.new)
+            result.active_version = plan.base
             result.seconds = time.monotonic() - t0
             self.metrics.observe_round(result)
             return result
@@ -259,105 +159,55 @@ class OnlineTrainer:
             result = self._train(plan, pend, t0)
         except Exception as e:
             if self.info.is_main:
-                self._fail_run(plan["run_id"], e)
+                fail_run(self.ctx, plan.run_id, e)
                 self.metrics.rounds.labels("failed").inc()
             raise
         self.metrics.observe_round(result)
         return result
 
-    def _plan(self, pend: Pending, force: bool) -> dict[str, Any]:
+    def _plan(self, pend: Pending, force: bool) -> RoundPlan:
         cfg = self.config
         base = active_version(self.ctx.engine)
-        skip = {"go": False, "new": pend.total, "base": base}
         if not force and pend.total < cfg.min_new_feedback:
-            return {**skip, "reason": f"{pend.total} new feedback items (< {cfg.min_new_feedback})"}
+            why = f"{pend.total} new feedback items (< {cfg.min_new_feedback})"
+            return RoundPlan(pend.total, base, skip=why)
         if base is None:
-            return {**skip, "reason": "no active policy"}
+            return RoundPlan(pend.total, base, skip="no active policy")
         data = load_feedback(
             self.ctx.engine,
             max_items=cfg.max_train_items,
-            margin=cfg.rm_margin,
-            max_pairs_per_prompt=cfg.rm_max_pairs_per_prompt,
+            margin=cfg.reward.margin,
+            max_pairs_per_prompt=cfg.reward.max_pairs_per_prompt,
             seed=cfg.seed,
         )
         if not data.pairs and not data.thumbs:
-            return {**skip, "reason": "no feedback to learn from"}
-        if cfg.algo == "dpo" and not data.pairs:
-            return {**skip, "reason": "dpo needs preference pairs; there are none yet"}
-        if cfg.algo == "kto" and not data.thumbs:
-            return {**skip, "reason": "kto needs thumbs; there are none yet"}
+            return RoundPlan(pend.total, base, skip="no feedback to learn from")
+        missing = ALGORITHMS[cfg.algo].missing(data)
+        if missing:
+            return RoundPlan(pend.total, base, skip=missing)
         reference = self._reference_version(base)
-        first_round = get_state(self.ctx.engine, REFERENCE_KEY) is None
-        with session(self.ctx.engine) as s:
-            if first_round:
-                set_state(s, REFERENCE_KEY, reference)
-            run = TrainingRun(
-                algo=cfg.algo,
-                base_version=base,
-                n_feedback=pend.total,
-                feedback_watermark=pend.watermark.feedback_id,
-                metrics={"watermark_to": pend.watermark.to_json(), "reference": reference},
-            )
-            s.add(run)
-            s.flush()
-            run_id = run.id
+        run_id = start_run(self.ctx, cfg.algo, base, reference, pend.total, pend.watermark)
         kl_coef = get_state(self.ctx.engine, KL_COEF_KEY)
-        return {
-            "go": True,
-            "new": pend.total,
-            "base": base,
-            "reference": reference,
-            "run_id": run_id,
-            "kl_coef": kl_coef,
-            "data": data.to_json(),
-        }
+        return RoundPlan(pend.total, base, "", reference, run_id, kl_coef, data)
 
     def _phase(self, name: str, done: int, total: int, info: str = "") -> None:
         if self.progress is not None and self.info.is_main:
             self.progress(name, done, total, info)
 
-    def _train(self, plan: dict[str, Any], pend: Pending | None, t0: float) -> RoundResult:
-        from trainer.dpo import reward_ranked_pairs, train_dpo, train_kto
-        from trainer.gate import gate_with_backtracking
-        from trainer.ppo import make_kl_controller, train_ppo
-        from trainer.reward import train_reward_model
-
+    def _train(self, plan: RoundPlan, pend: Pending | None, t0: float) -> RoundResult:
         cfg, info = self.config, self.info
-        run_id, base = int(plan["run_id"]), plan["base"]
-        seed = cfg.seed * 1009 + run_id
+        assert plan.base is not None and plan.data is not None  # a round that trains has both
+        base, data = plan.base, plan.data
+        seed = cfg.seed * 1009 + plan.run_id
         seed_everything(seed)
-        data = FeedbackData.from_json(plan["data"])
-        train, held = data.split(cfg.rm_heldout_percent)
         active = self.ctx.registry.load(base, device=self.device)
         tok = active.tokenizer
-        reference = self._load_reference(plan["reference"])
+        reference = self._load_reference(plan.reference)
         seconds: dict[str, float] = {}
         phase = self._phase if info.is_main else None
 
         t = time.monotonic()
-        init, init_name = self._previous_reward_model(active.model, tok)
-        rm, rm_report = train_reward_model(
-            active.model,
-            tok,
-            train,
-            held,
-            epochs=cfg.rm_epochs,
-            max_steps=cfg.rm_max_steps,
-            init=init,
-            init_name=init_name,
-            lr=cfg.rm_lr,
-            batch_size=cfg.rm_batch_size,
-            pointwise_weight=cfg.rm_pointwise_weight,
-            lm_weight=cfg.rm_lm_weight,
-            max_len=cfg.rm_max_length,
-            lora_rank=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            grad_clip=cfg.grad_clip,
-            weight_decay=cfg.weight_decay,
-            seed=seed,
-            info=info,
-            progress=phase,
-        )
+        rm, rm_report = self._reward_model(active.model, tok, data, seed, phase)
         seconds["reward_model"] = time.monotonic() - t
         if info.is_main:
             rm_report.version = self.rewards.publish(
@@ -370,66 +220,19 @@ class OnlineTrainer:
         policy = copy.deepcopy(active.model).float().train().requires_grad_(True)
         # DPO/KTO log-ratios: against this round's starting policy (its log-probs are new each
         # round) or against the loop's KL reference (memoised across rounds)
-        if cfg.pref_reference == "active":
+        if cfg.preference.reference == "active":
             pref_ref, pref_cache = active.model, {}
         else:
             pref_ref, pref_cache = reference, self._ref_logprobs
-        kl_ctl = None
-        if cfg.algo == "ppo":
-            kl_ctl = make_kl_controller(cfg, plan.get("kl_coef"))
-            prompts = self._ppo_prompts(data, seed)
-            report = train_ppo(
-                policy,
-                reference,
-                rm,
-                tok,
-                prompts,
-                cfg,
-                kl_controller=kl_ctl,
-                info=info,
-                progress=phase,
-                seed=seed,
-            ).to_dict()
-        elif cfg.algo == "dpo":
-            pairs = list(data.pairs)
-            rm_pairs = 0
-            if cfg.dpo_rm_prompts:
-                self._phase("on-policy pairs", 0, 1, f"{cfg.dpo_rm_prompts} prompts")
-                pool = self._ppo_prompts(data, seed)
-                rng = random.Random(seed)
-                asked = [pool[rng.randrange(len(pool))] for _ in range(cfg.dpo_rm_prompts)]
-                extra = reward_ranked_pairs(active.model, rm, tok, asked, cfg, seed=seed)
-                rm_pairs = len(extra)
-                pairs += extra
-                self._phase("on-policy pairs", 1, 1, f"{rm_pairs} pairs")
-            report = train_dpo(
-                policy,
-                pref_ref,
-                tok,
-                pairs,
-                cfg,
-                info=info,
-                progress=phase,
-                seed=seed,
-                ref_cache=pref_cache,
-            ).to_dict()
-            report["logged_pairs"], report["reward_model_pairs"] = len(data.pairs), rm_pairs
-        else:
-            report = train_kto(
-                policy,
-                pref_ref,
-                tok,
-                data.thumbs,
-                cfg,
-                info=info,
-                progress=phase,
-                seed=seed,
-                ref_cache=pref_cache,
-            ).to_dict()
+        update = PolicyUpdate(
+            policy, active.model, reference, pref_ref, pref_cache, rm, tok, data, cfg, info,
+            seed, kl_coef=plan.kl_coef, progress=phase,
+        )  # fmt: skip
+        outcome = ALGORITHMS[cfg.algo].train(update)
         seconds["policy"] = time.monotonic() - t
         crash_point("after_training")
 
-        result: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
         if info.is_main:
             t = time.monotonic()
             self._phase("gate", 0, 1, "sampling held-out replies")
@@ -438,50 +241,83 @@ class OnlineTrainer:
                 if self._active_cache and self._active_cache[0] == base
                 else None
             )
-            policy, fraction, gate, tries, act_cache = gate_with_backtracking(
+            gated = gate_with_backtracking(
                 policy.eval(), active.model, reference, rm, tok, cfg, active_cache=cache
             )
-            self._active_cache = (base, act_cache)
-            verdict = f"passed at step {fraction:g}" if gate.passed else "rejected"
-            self._phase("gate", 1, 1, f"{verdict} ({len(tries)} tries)")
+            self._active_cache = (base, gated.active_cache)
+            verdict = f"passed at step {gated.step_fraction:g}" if gated.passed else "rejected"
+            self._phase("gate", 1, 1, f"{verdict} ({len(gated.tries)} tries)")
             seconds["gate"] = time.monotonic() - t
-            metrics = {
-                "algo": cfg.algo,
-                "reference": plan["reference"],
-                "feedback": {
-                    "new": plan["new"],
-                    "new_votes": pend.n_feedback if pend else None,
-                    "new_rankings": pend.n_rankings if pend else None,
-                    "pairs": len(data.pairs),
-                    "thumbs": len(data.thumbs),
-                    "logged_prompts": len(data.prompts),
-                },
-                "reward_model": rm_report.to_dict(),
-                "policy": report,
-                "gate": gate.to_dict(),
-                "step_fraction": fraction,
-                "gate_tries": tries,
-                "seconds": seconds,
-            }
-            result = self._commit(
-                run_id,
-                base,
-                policy,
-                tok,
-                gate,
-                _finite(metrics),
-                pend,
-                kl_ctl.value if kl_ctl else None,
+            metrics = RoundMetrics(
+                algo=cfg.algo,
+                reference=plan.reference,
+                feedback=FeedbackCounts.of(plan, data, pend),
+                reward_model=rm_report,
+                policy=outcome.report,
+                gate=gated.report,
+                step_fraction=gated.step_fraction,
+                gate_tries=gated.tries,
+                seconds=seconds,
             )
-            result["seconds"] = time.monotonic() - t0
-            result["metrics"]["seconds"]["total"] = result["seconds"]
-        result = broadcast_json(result, info, self.device)  # type: ignore[assignment]
-        return RoundResult(**result)
+            assert pend is not None  # rank 0 read it
+            result = commit_round(
+                self.ctx,
+                cfg,
+                run_id=plan.run_id,
+                base=base,
+                policy=gated.policy,
+                tok=tok,
+                gate_reasons=gated.report.reasons,
+                metrics=metrics.to_dict(),
+                watermark=pend.watermark,
+                kl_coef=outcome.kl_coef,
+                phase=self._phase,
+            )
+            result.seconds = time.monotonic() - t0
+            result.metrics["seconds"]["total"] = result.seconds
+            raw = result.to_dict()
+        return RoundResult.from_dict(broadcast_json(raw, info, self.device))  # type: ignore[arg-type]
 
-    def _previous_reward_model(self, policy: PaLM, tok: Any) -> tuple[Any, str]:
+    def _reward_model(
+        self,
+        policy: PaLM,
+        tok: Tokenizer,
+        data: FeedbackData,
+        seed: int,
+        progress: Progress | None,
+    ) -> tuple[RewardModel, RewardReport]:
+        """This round's reward model, trained on ``data`` minus its held-out prompts."""
+        cfg = self.config
+        rc = cfg.reward
+        train, held = data.split(rc.heldout_percent)
+        init, init_name = self._previous_reward_model(policy, tok)
+        return train_reward_model(
+            policy,
+            tok,
+            train,
+            held,
+            epochs=rc.epochs,
+            max_steps=rc.max_steps,
+            init=init,
+            init_name=init_name,
+            lr=rc.lr,
+            batch_size=rc.batch_size,
+            pointwise_weight=rc.pointwise_weight,
+            lm_weight=rc.lm_weight,
+            max_len=rc.max_length,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            grad_clip=cfg.grad_clip,
+            weight_decay=cfg.weight_decay,
+            seed=seed,
+            info=self.info,
+            progress=progress,
+        )
+
+    def _previous_reward_model(self, policy: PaLM, tok: Tokenizer) -> tuple[Any, str]:
         """The last round's reward model to continue from (``rm_init="previous"``), if it
         fits this policy's architecture and tokenizer; else (None, "policy")."""
-        version = self.rewards.latest() if self.config.rm_init == "previous" else None
+        version = self.rewards.latest() if self.config.reward.init == "previous" else None
         if version is None:
             return None, "policy"
         try:
@@ -492,126 +328,6 @@ class OnlineTrainer:
         if rm.trunk.config != policy.config or rm_tok.vocab_size != tok.vocab_size:
             return None, "policy"
         return rm, version
-
-    def _ppo_prompts(self, data: FeedbackData, seed: int) -> list[list[dict[str, str]]]:
-        from demo.tasks import TaskGenerator
-
-        pool = max(256, self.config.ppo_rollouts * 4)
-        n_log = min(len(data.prompts), int(pool * self.config.log_prompt_fraction))
-        rng = random.Random(seed)
-        logged = rng.sample(data.prompts, n_log) if n_log else []
-        synthetic = [
-            t.messages for t in TaskGenerator(seed).iter_tasks(pool - n_log, split="train")
-        ]
-        return logged + synthetic
-
-    def _commit(
-        self,
-        run_id: int,
-        base: str,
-        policy: PaLM,
-        tok: Any,
-        gate: Any,
-        metrics: dict[str, Any],
-        pend: Pending | None,
-        kl_coef: float | None,
-    ) -> dict[str, Any]:
-        """Publish and record the outcome; the activation, the run row and the watermark
-        change together in one transaction."""
-        cfg, engine, registry = self.config, self.ctx.engine, self.ctx.registry
-        reasons = list(gate.reasons)
-        now_active = active_version(engine)
-        if now_active != base:
-            reasons.append(f"the active policy changed during the round ({base} -> {now_active})")
-        passed = not reasons
-        version = None
-        if passed or cfg.publish_rejected:
-            self._phase("publish", 0, 1, "writing the registry")
-            version = registry.publish(
-                policy.float().cpu(),
-                tok,
-                parent=base,
-                metrics={
-                    **metrics,
-                    "status": "active" if passed else "rejected",
-                    "reasons": reasons,
-                },
-                recipe={
-                    "trainer": cfg.to_dict(),
-                    "run_id": run_id,
-                    "reward_model": metrics["reward_model"].get("version"),
-                },
-            )
-            crash_point("after_publish")
-            with session(engine) as s:  # the run and the version's row know of each other
-                run = s.get(TrainingRun, run_id)
-                assert run is not None  # written when the round began
-                run.candidate_version = version
-                s.add(run)
-                add_version_row(s, registry, version, "candidate" if passed else "rejected")
-            if passed:
-                registry.verify(version)  # never activate files that do not check out
-            crash_point("before_commit")
-        watermark = pend.watermark if pend is not None else Watermark()
-        with session(engine) as s:
-            now = utcnow()
-            if passed:
-                for row in s.exec(select(Policy).where(Policy.status == "active")).all():
-                    if row.version != version:
-                        row.status, row.retired_at = "retired", now
-                        s.add(row)
-                target = s.get(Policy, version)
-                assert target is not None  # its row was added with the run above
-                target.status, target.activated_at, target.retired_at = "active", now, None
-                s.add(target)
-            run = s.get(TrainingRun, run_id)
-            assert run is not None  # written when the round began
-            run.status = "published" if passed else "rejected"
-            run.finished_at = now
-            run.candidate_version = version
-            run.feedback_watermark = watermark.feedback_id
-            run.metrics = {**run.metrics, **metrics, "reasons": reasons}
-            s.add(run)
-            save_watermark(s, watermark)
-            if kl_coef is not None:
-                set_state(s, KL_COEF_KEY, kl_coef)
-        self._phase(
-            "publish", 1, 1, f"{version or 'not published'} {'active' if passed else 'rejected'}"
-        )
-        if passed:
-            log.info("round %d: %s published and active (parent %s)", run_id, version, base)
-        else:
-            log.info("round %d: candidate %s rejected: %s", run_id, version, "; ".join(reasons))
-        return {
-            "status": "published" if passed else "rejected",
-            "run_id": run_id,
-            "base_version": base,
-            "candidate_version": version,
-            "active_version": version if passed else now_active,
-            "reward_model_version": metrics["reward_model"].get("version"),
-            "n_feedback": metrics["feedback"]["new"],
-            "n_pairs": metrics["feedback"]["pairs"],
-            "n_thumbs": metrics["feedback"]["thumbs"],
-            "reasons": reasons,
-            "metrics": metrics,
-        }
-
-    def _fail_run(self, run_id: int | None, error: BaseException) -> None:
-        if run_id is None:
-            return
-        try:
-            with session(self.ctx.engine) as s:
-                run = s.get(TrainingRun, run_id)
-                if run is not None and run.status == "running":
-                    run.status, run.finished_at = "failed", utcnow()
-                    run.metrics = {
-                        **run.metrics,
-                        "error": f"{type(error).__name__}: {error}",
-                        "traceback": traceback.format_exc(limit=5),
-                    }
-                    s.add(run)
-        except Exception:  # the database may be what failed
-            log.exception("could not record the failure of run %s", run_id)
 
     # -- the loop ---------------------------------------------------------------------------
     def watch(

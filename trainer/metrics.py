@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 if TYPE_CHECKING:
     from trainer.feedback import Pending
-    from trainer.loop import RoundResult
+    from trainer.round import RoundResult
 
 
 class TrainerMetrics:

@@ -110,10 +110,10 @@ class FixedKLController:
 
 
 def make_kl_controller(config: TrainerConfig, value: float | None = None):
-    init = config.init_kl_coef if value is None else value
-    if config.kl_target is None:
+    init = config.ppo.init_kl_coef if value is None else value
+    if config.ppo.kl_target is None:
         return FixedKLController(init)
-    return AdaptiveKLController(init, config.kl_target, config.kl_horizon)
+    return AdaptiveKLController(init, config.ppo.kl_target, config.ppo.kl_horizon)
 
 
 def kl_penalised_rewards(
@@ -300,30 +300,30 @@ def train_ppo(
     progress: Progress | None = None,
     seed: int = 0,
 ) -> PPOReport:
-    """Improve ``policy`` in place against ``reward_model`` with ``config.ppo_iterations`` PPO
+    """Improve ``policy`` in place against ``reward_model`` with ``config.ppo.iterations`` PPO
     iterations; ``reference`` stays frozen. Returns statistics of the run."""
     info = info or DistInfo()
     kl_ctl = kl_controller or make_kl_controller(config)
     device = policy.device
     reference.eval().requires_grad_(False)
-    ac = ActorCritic(policy, detach_critic=config.critic_detach)
+    ac = ActorCritic(policy, detach_critic=config.ppo.critic_detach)
     ac.to(device)
     params = list(ac.parameters())
     if config.lora_rank:
         params = apply_lora(ac.policy, config.lora_rank, config.lora_alpha)
         params += list(ac.value_head.parameters())
     model = wrap_ddp(ac, info)
-    opt = adamw(params, config.ppo_lr, config.weight_decay)
+    opt = adamw(params, config.ppo.lr, config.weight_decay)
     report = PPOReport()
-    per_rank = max(1, config.ppo_rollouts // info.world)
+    per_rank = max(1, config.ppo.rollouts // info.world)
     max_len = policy.config.max_seq_len
     rng = random.Random(seed)
     scores_all: list[float] = []
     total_updates = (
-        config.ppo_iterations * config.ppo_epochs * math.ceil(per_rank / config.ppo_minibatch)
+        config.ppo.iterations * config.ppo.epochs * math.ceil(per_rank / config.ppo.minibatch)
     )
     done_updates = 0
-    for it in range(config.ppo_iterations):
+    for it in range(config.ppo.iterations):
         batch_prompts = [prompts[rng.randrange(len(prompts))] for _ in range(per_rank * info.world)]
         mine = batch_prompts[info.rank * per_rank : (info.rank + 1) * per_rank]
         rollouts = generate_rollouts(
@@ -341,31 +341,31 @@ def train_ppo(
         raw = reward_model.score(tok, [r.prompt for r in rollouts], [r.text for r in rollouts])
         raw = raw.to(device)
         truncated = torch.tensor([r.truncated for r in rollouts], device=device, dtype=torch.float)
-        scores = raw - config.truncation_penalty * truncated
-        if config.whiten_rewards:
+        scores = raw - config.ppo.truncation_penalty * truncated
+        if config.ppo.whiten_rewards:
             mean, sq = all_mean([float(scores.mean()), float((scores**2).mean())], info)
             scores = (scores - mean) / math.sqrt(max(sq - mean**2, 0.0) + 1e-8)
-        scores = scores.clamp(-config.cliprange_reward, config.cliprange_reward)
+        scores = scores.clamp(-config.ppo.cliprange_reward, config.ppo.cliprange_reward)
         old_lp, ref_lp, old_v = _forward_stats(
-            ac, reference, batch.tokens, batch.mask, config.ppo_minibatch
+            ac, reference, batch.tokens, batch.mask, config.ppo.minibatch
         )
         rewards, kl_rows = kl_penalised_rewards(scores, old_lp, ref_lp, batch.mask, kl_ctl.value)
-        if it == 0 and config.value_warmup_steps:
+        if it == 0 and config.ppo.value_warmup_steps:
             # fit the fresh critic to Monte-Carlo returns first, so early advantages are not
             # pure noise; then recompute the values the advantages are built on
-            mc = gae(rewards, torch.zeros_like(old_v), batch.mask, config.gamma, 1.0)[1]
+            mc = gae(rewards, torch.zeros_like(old_v), batch.mask, config.ppo.gamma, 1.0)[1]
             _value_warmup(ac, opt, params, batch, mc, config, info)
             old_lp, ref_lp, old_v = _forward_stats(
-                ac, reference, batch.tokens, batch.mask, config.ppo_minibatch
+                ac, reference, batch.tokens, batch.mask, config.ppo.minibatch
             )
-        adv, ret = gae(rewards, old_v, batch.mask, config.gamma, config.lam)
+        adv, ret = gae(rewards, old_v, batch.mask, config.ppo.gamma, config.ppo.lam)
         adv = whiten(adv, batch.mask)
         stats: list[dict[str, float]] = []
         n = len(seqs)
-        for _epoch in range(config.ppo_epochs):
+        for _epoch in range(config.ppo.epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(rng.getrandbits(31)))
-            for start in range(0, n, config.ppo_minibatch):
-                idx = order[start : start + config.ppo_minibatch].to(device)
+            for start in range(0, n, config.ppo.minibatch):
+                idx = order[start : start + config.ppo.minibatch].to(device)
                 width = int(batch.last[idx].max()) + 1
                 tokens = batch.tokens[idx, :width]
                 m = batch.mask[idx, : width - 1]
@@ -378,11 +378,11 @@ def train_ppo(
                     adv[idx, : width - 1],
                     ret[idx, : width - 1],
                     m,
-                    cliprange=config.cliprange,
-                    cliprange_value=config.cliprange_value,
-                    vf_coef=config.vf_coef,
-                    entropy=entropy_of(logits) if config.ent_coef else None,
-                    ent_coef=config.ent_coef,
+                    cliprange=config.ppo.cliprange,
+                    cliprange_value=config.ppo.cliprange_value,
+                    vf_coef=config.ppo.vf_coef,
+                    entropy=entropy_of(logits) if config.ppo.ent_coef else None,
+                    ent_coef=config.ppo.ent_coef,
                 )
                 optimizer_step(opt, loss, params, config.grad_clip)
                 stats.append(st)
@@ -392,7 +392,7 @@ def train_ppo(
                         "ppo",
                         done_updates,
                         total_updates,
-                        f"iter {it + 1}/{config.ppo_iterations} score {float(raw.mean()):+.2f} "
+                        f"iter {it + 1}/{config.ppo.iterations} score {float(raw.mean()):+.2f} "
                         f"kl {float(kl_rows.mean()):.2f} beta {kl_ctl.value:.3f}",
                     )
         score_mean, kl_mean = all_mean([float(raw.mean()), float(kl_rows.mean())], info)
@@ -434,9 +434,9 @@ def _value_warmup(
     whose reducer expects every parameter to get a gradient; value-head gradients are
     averaged over ranks by hand."""
     n = batch.tokens.shape[0]
-    for step in range(config.value_warmup_steps):
-        start = (step * config.ppo_minibatch) % n
-        idx = torch.arange(start, min(start + config.ppo_minibatch, n), device=batch.tokens.device)
+    for step in range(config.ppo.value_warmup_steps):
+        start = (step * config.ppo.minibatch) % n
+        idx = torch.arange(start, min(start + config.ppo.minibatch, n), device=batch.tokens.device)
         width = int(batch.last[idx].max()) + 1
         _, values = ac(batch.tokens[idx, :width], critic_only=True)
         m = batch.mask[idx, : width - 1]

@@ -140,7 +140,7 @@ def test_trainer_killed_at_random_points_resumes_from_its_watermark(
         assert sum(r.status == "running" for r in _runs(dd)) <= 1
 
     # the next start (in this process, uninterrupted) cleans up and finishes the work
-    result = OnlineTrainer(ctx, TrainerConfig(**TRAINER_SETS)).run_round(force=True)
+    result = OnlineTrainer(ctx, TrainerConfig.from_flat(**TRAINER_SETS)).run_round(force=True)
     assert result.status == "published", result.reasons
     runs = _runs(dd)
     _assert_consistent(dd)

@@ -62,7 +62,7 @@ def test_users_taste_is_learned_through_the_live_server(preference: str, tmp_pat
         assert final.polite_rate > start.polite_rate
     # capability kept: fresh-prompt correctness not clearly lower than the seed's
     assert final.correct_rate >= start.correct_rate - 0.06
-    bound = TrainerConfig().gate_max_kl
+    bound = TrainerConfig().gate.max_kl
     assert all(r["kl_to_reference"] <= bound for r in published)
     # the reward model learned the taste from the database alone: its held-out pairwise
     # accuracy, pooled over the rounds (~30-45 held-out pairs each), clearly above chance.

@@ -20,9 +20,10 @@ from shared.db import session
 from shared.policies import active_version
 from shared.schema import Policy, TrainingRun
 from trainer.config import TrainerConfig
+from trainer.context import CRASH_ENV
 from trainer.feedback import load_watermark, pending
 from trainer.gate import PolicyEval, decide, evaluate_policy, gate_with_backtracking, interpolate
-from trainer.loop import CRASH_ENV, OnlineTrainer
+from trainer.loop import OnlineTrainer
 from trainer.metrics import TrainerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def test_the_gate_clips_each_reply_score_before_the_mean(data_dir) -> None:
     assert clipped.reward == pytest.approx(float(scores.clamp(-bound, bound).mean()), abs=1e-4)
     assert -bound <= clipped.reward <= bound
     assert clipped.reward != pytest.approx(unclipped.reward, abs=1e-3)
-    assert tiny_config().gate_reward_clip == 3.0  # on by default
+    assert tiny_config().gate.reward_clip == 3.0  # on by default
     with pytest.raises(ValueError, match="gate_reward_clip"):
         tiny_config(gate_reward_clip=0)
 
@@ -143,9 +144,9 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
 
     # a KL bound between the two: the full step fails, half of it passes and is returned
     cfg = loose.replace(gate_max_kl=(half_kl + full_kl) / 2)
-    policy, fraction, report, tries, _ = gate_with_backtracking(
-        candidate, start, start, rm, tok, cfg
-    )
+    gated = gate_with_backtracking(candidate, start, start, rm, tok, cfg)
+    policy, fraction, report = gated.policy, gated.step_fraction, gated.report
+    tries = [t.to_dict() for t in gated.tries]
     assert report.passed and fraction == 0.5
     assert [(t["step_fraction"], t["passed"]) for t in tries] == [(1.0, False), (0.5, True)]
     assert "KL" in tries[0]["reasons"][0]
@@ -155,11 +156,12 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
     )
     # without backtracking (or with nothing that passes) the full step comes back rejected
     for no_luck in (cfg.replace(gate_backtrack=[]), cfg.replace(gate_min_reward_gain=1e9)):
-        policy, fraction, report, tries, _ = gate_with_backtracking(
-            candidate, start, start, rm, tok, no_luck
-        )
+        gated = gate_with_backtracking(candidate, start, start, rm, tok, no_luck)
+        policy, fraction, report, tries = (
+            gated.policy, gated.step_fraction, gated.report, gated.tries
+        )  # fmt: skip
         assert not report.passed and fraction == 1.0 and policy is candidate
-        assert len(tries) == 1 + len(no_luck.gate_backtrack)
+        assert len(tries) == 1 + len(no_luck.gate.backtrack)
     for bad in ([1.5], [0], "half", [True]):
         with pytest.raises(ValueError, match="gate_backtrack must be a list"):
             tiny_config(gate_backtrack=bad)
@@ -328,6 +330,6 @@ def test_watch_trains_when_enough_feedback_arrived_and_serves_metrics(data_dir) 
 
 
 def test_preference_reference_must_be_active_or_the_kl_reference() -> None:
-    assert TrainerConfig().pref_reference == "active"
+    assert TrainerConfig().preference.reference == "active"
     with pytest.raises(ValueError, match="pref_reference"):
-        TrainerConfig(pref_reference="v1")
+        TrainerConfig.from_flat(pref_reference="v1")

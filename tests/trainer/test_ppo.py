@@ -184,7 +184,9 @@ def test_reward_ranked_pairs_pair_the_best_finished_reply_with_the_worst() -> No
     torch.manual_seed(3)
     rm = RewardModel.from_policy(model).eval()
     prompts = [[{"role": "user", "content": f"What is {i} times 3?"}] for i in range(6)]
-    cfg = TrainerConfig(dpo_rm_samples=4, dpo_rm_min_gap=0.0, max_new_tokens=24, threads=1)
+    cfg = TrainerConfig.from_flat(
+        dpo_rm_samples=4, dpo_rm_min_gap=0.0, max_new_tokens=24, threads=1
+    )
     pairs = reward_ranked_pairs(model, rm, tok, prompts, cfg, seed=5)
     assert pairs and len(pairs) <= len(prompts)
     assert len({json.dumps(p.prompt) for p in pairs}) == len(pairs)  # one pair per prompt
@@ -207,7 +209,9 @@ def test_dpo_imitates_only_replies_a_user_picked(tiny_seed_dir) -> None:
     from trainer.feedback import Pair
 
     prompt = [{"role": "user", "content": "What is 1200 centimeters in meters?"}]
-    cfg = TrainerConfig(pref_max_steps=2, pref_batch_size=2, threads=1, dpo_sft_weight=0.5)
+    cfg = TrainerConfig.from_flat(
+        pref_max_steps=2, pref_batch_size=2, threads=1, dpo_sft_weight=0.5
+    )
 
     def trained(source: str, sft: float) -> dict[str, torch.Tensor]:
         policy = load_policy_dir(tiny_seed_dir, "v1")

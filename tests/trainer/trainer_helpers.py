@@ -46,7 +46,7 @@ def tiny_config(**overrides) -> TrainerConfig:
         gate_max_new_tokens=12,
         threads=1,
     )
-    return TrainerConfig(**{**base, **overrides})
+    return TrainerConfig.from_flat(**{**base, **overrides})
 
 
 @dataclass
