@@ -9,9 +9,12 @@ with what the server logged in its database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +195,50 @@ async def ws_chat(ws, request_id: str, body: dict[str, Any], timeout: float = 60
         res.detail = f"{type(e).__name__}: {e}"
         return res
     return res.finished(started)
+
+
+ChatBody = Callable[[int, int, random.Random], dict[str, Any]]
+
+
+async def stream_until(
+    url: str, keys: list[str], until: float, body: ChatBody
+) -> list[StreamResult]:
+    """One client per key, the first half over SSE and the rest over the WebSocket, each
+    sending streaming chats back to back until ``time.monotonic()`` reaches ``until``.
+    ``body(i, n, rng)`` is client ``i``'s ``n``-th chat, ``rng`` its own ``random.Random(i)``."""
+    results: list[StreamResult] = []
+
+    async def sse_client(i: int, http: httpx.AsyncClient) -> None:
+        rng = random.Random(i)
+        for n in itertools.count():
+            if time.monotonic() >= until:
+                return
+            results.append(await sse_chat(http, url, keys[i], body(i, n, rng)))
+
+    async def ws_client(i: int) -> None:
+        rng = random.Random(i)
+        try:
+            ws = await ws_connect(url, keys[i])
+        except Exception as e:  # a socket that never opens is a failure the test reports
+            results.append(StreamResult("ws", detail=f"connect: {type(e).__name__}: {e}"))
+            return
+        async with ws:
+            for n in itertools.count():
+                if time.monotonic() >= until:
+                    return
+                res = await ws_chat(ws, f"c{i}-{n}", body(i, n, rng))
+                results.append(res)
+                if res.status != "ok":
+                    return  # the socket may be in any state; the error is recorded
+
+    half = len(keys) // 2
+    limits = httpx.Limits(max_connections=half, max_keepalive_connections=half)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(
+            *[sse_client(i, http) for i in range(half)],
+            *[ws_client(i) for i in range(half, len(keys))],
+        )
+    return results
 
 
 def logged_answers(db: Engine) -> dict[str, list[Message]]:

@@ -36,13 +36,10 @@ from shared.policies import activate
 from shared.tokenizer import Tokenizer, apply_chat_template
 from tests.conftest import LiveServer
 from tests.reliability._streams import (
-    StreamResult,
     chat_body,
     check_logged_once,
     scrape,
-    sse_chat,
-    ws_chat,
-    ws_connect,
+    stream_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -116,35 +113,9 @@ def staged_versions(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Pat
                 return accepted
 
 
-async def _load(url: str, keys: list[str], until: float) -> list[StreamResult]:
-    results: list[StreamResult] = []
-
-    def body(rng: random.Random) -> dict:
-        return chat_body(rng.choice(PROMPTS), max_tokens=MAX_TOKENS, temperature=0)
-
-    async def sse_client(i: int, http: httpx.AsyncClient) -> None:
-        rng = random.Random(i)
-        while time.monotonic() < until:
-            results.append(await sse_chat(http, url, keys[i], body(rng)))
-
-    async def ws_client(i: int) -> None:
-        rng = random.Random(i)
-        async with await ws_connect(url, keys[i]) as ws:
-            for n in itertools.count():
-                if time.monotonic() >= until:
-                    return
-                res = await ws_chat(ws, f"{i}-{n}", body(rng))
-                results.append(res)
-                if res.status != "ok":
-                    return
-
-    half = CLIENTS // 2
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=half)) as http:
-        await asyncio.gather(
-            *[sse_client(i, http) for i in range(half)],
-            *[ws_client(i) for i in range(half, CLIENTS)],
-        )
-    return results
+def _greedy_chat(i: int, n: int, rng: random.Random) -> dict:
+    """A greedy chat: its text alone tells which version wrote it."""
+    return chat_body(rng.choice(PROMPTS), max_tokens=MAX_TOKENS, temperature=0)
 
 
 async def _swap_repeatedly(live, admin: httpx.AsyncClient, staged: list[Staged], until: float):
@@ -218,7 +189,7 @@ async def test_hot_swaps_under_load_drop_nothing_and_never_mix_versions(
             started = time.monotonic()
             until = started + duration_s
             results, swaps = await asyncio.gather(
-                _load(live.url, keys, until),
+                stream_until(live.url, keys, until, _greedy_chat),
                 _swap_repeatedly(live, admin, staged_versions[1:], until),
             )
             elapsed = time.monotonic() - started

@@ -22,13 +22,13 @@ from shared.config import Settings
 from shared.keys import create_key
 from tests.conftest import LiveServer
 from tests.reliability._streams import (
-    StreamResult,
     chat_body,
     check_logged_once,
     metric_sum,
     percentile,
     scrape,
     sse_chat,
+    stream_until,
     ws_chat,
     ws_connect,
 )
@@ -55,52 +55,14 @@ async def _engine_idle(engine, limit: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _run_load(url: str, keys: list[str], duration_s: float) -> list[StreamResult]:
-    """Each client sends streaming chats back to back until ``duration_s`` is up."""
-    deadline = time.monotonic() + duration_s
-    results: list[StreamResult] = []
-
-    async def sse_client(i: int, key: str, http: httpx.AsyncClient) -> None:
-        rng, n = random.Random(i), 0
-        while time.monotonic() < deadline:
-            body = chat_body(
-                f"{rng.choice(PROMPTS)} (client {i}, turn {n})",
-                max_tokens=MAX_TOKENS,
-                temperature=0.8,
-                seed=rng.randrange(1 << 30),
-            )
-            results.append(await sse_chat(http, url, key, body))
-            n += 1
-
-    async def ws_client(i: int, key: str) -> None:
-        rng, n = random.Random(i), 0
-        try:
-            ws = await ws_connect(url, key)
-        except Exception as e:
-            results.append(StreamResult("ws", detail=f"connect: {type(e).__name__}: {e}"))
-            return
-        async with ws:
-            while time.monotonic() < deadline:
-                body = chat_body(
-                    f"{rng.choice(PROMPTS)} (client {i}, turn {n})",
-                    max_tokens=MAX_TOKENS,
-                    temperature=0.8,
-                    seed=rng.randrange(1 << 30),
-                )
-                res = await ws_chat(ws, f"c{i}-{n}", body)
-                results.append(res)
-                n += 1
-                if res.status != "ok":
-                    return  # the socket may be in any state; the error is recorded
-
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        half = CLIENTS // 2
-        await asyncio.gather(
-            *[sse_client(i, keys[i], http) for i in range(half)],
-            *[ws_client(i, keys[i]) for i in range(half, CLIENTS)],
-        )
-    return results
+def _sampled_chat(i: int, n: int, rng: random.Random) -> dict:
+    """Client ``i``'s ``n``-th chat: a sampled answer with its own seed."""
+    return chat_body(
+        f"{rng.choice(PROMPTS)} (client {i}, turn {n})",
+        max_tokens=MAX_TOKENS,
+        temperature=0.8,
+        seed=rng.randrange(1 << 30),
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +86,7 @@ async def test_64_streaming_clients_no_errors_every_answer_logged_once(
         keys = [create_key(state.db, f"load-{i}") for i in range(CLIENTS)]
         before = scrape(live.url)
         started = time.monotonic()
-        results = await _run_load(live.url, keys, duration_s)
+        results = await stream_until(live.url, keys, started + duration_s, _sampled_chat)
         elapsed = time.monotonic() - started
         engine = state.engine
         await _engine_idle(engine)
