@@ -179,14 +179,21 @@ def test_continuing_without_a_matching_reply_uses_the_ranked_best(
     assert by_content["q"]["parent_id"] == by_content["c"]["id"]
 
 
+def _assert_not_found(engine: Engine, user_id: int, conv_id: str, completion_id: str) -> None:
+    """To this user the conversation is not there: reading, deleting and rating it all fail."""
+    with pytest.raises(NotFound):
+        get_conversation(engine, user_id, conv_id)
+    with pytest.raises(NotFound):
+        delete_conversation(engine, user_id, conv_id)
+    with pytest.raises(NotFound):
+        record_feedback(
+            engine, user_id=user_id, completion_id=completion_id, choice_index=0, rating=1
+        )
+
+
 def test_other_user_gets_not_found_everywhere(engine: Engine, alice: int, bob: int) -> None:
     conv_id = _log(engine, alice, "c1", ["a", "b"])
-    with pytest.raises(NotFound):
-        get_conversation(engine, bob, conv_id)
-    with pytest.raises(NotFound):
-        delete_conversation(engine, bob, conv_id)
-    with pytest.raises(NotFound):
-        record_feedback(engine, user_id=bob, completion_id="c1", choice_index=0, rating=1)
+    _assert_not_found(engine, bob, conv_id, "c1")
     with pytest.raises(NotFound):
         record_ranking(engine, user_id=bob, completion_id="c1", ranking=[0, 1])
     with pytest.raises(NotFound):
@@ -261,12 +268,7 @@ def test_deleted_conversation_disappears_from_list_and_get(engine: Engine, alice
     gone = _log(engine, alice, "c2", ["b"])
     delete_conversation(engine, alice, gone)
     assert [c["id"] for c in list_conversations(engine, alice)] == [keep]
-    with pytest.raises(NotFound):
-        get_conversation(engine, alice, gone)
-    with pytest.raises(NotFound):
-        delete_conversation(engine, alice, gone)
-    with pytest.raises(NotFound):
-        record_feedback(engine, user_id=alice, completion_id="c2", choice_index=0, rating=1)
+    _assert_not_found(engine, alice, gone, "c2")
 
 
 def test_list_is_newest_first_and_pages_with_before(engine: Engine, alice: int) -> None:
