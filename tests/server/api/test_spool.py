@@ -68,6 +68,15 @@ def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("segment-*.jsonl"))
 
 
+def _replay_all(spool: WriteSpool) -> None:
+    """Run the spool's replayer until its backlog is empty, then stop it."""
+    spool.start()
+    try:
+        assert spool.wait_empty(10)
+    finally:
+        spool.stop()
+
+
 def test_writes_go_straight_to_a_healthy_database(tmp_path: Path, db: Engine) -> None:
     spool = WriteSpool(tmp_path / "spool", db)
     written = spool.write("feedback", _vote(1))
@@ -99,11 +108,7 @@ def test_spooled_writes_replay_in_order_in_the_next_process(tmp_path: Path, db: 
     assert _votes(db) == {}
 
     second = WriteSpool(tmp_path / "spool", db)
-    second.start()
-    try:
-        assert second.wait_empty(10)
-    finally:
-        second.stop()
+    _replay_all(second)
     assert (second.replayed, second.rejected) == (5, 0)
     with session(db) as s:
         a0 = s.exec(select(Message).where(Message.completion_id == "chatcmpl-a")).first()
@@ -136,11 +141,7 @@ def test_replay_survives_torn_tails_garbage_and_refusals(tmp_path: Path, db: Eng
     (directory / "segment-dead-1-00000000.jsonl").write_text(body)
     spool = WriteSpool(directory, db)
     assert spool.adopt() == 3  # the torn tail was never acknowledged
-    spool.start()
-    try:
-        assert spool.wait_empty(10)
-    finally:
-        spool.stop()
+    _replay_all(spool)
     assert (spool.replayed, spool.rejected) == (1, 2)
     assert list(_votes(db).values()) == [1]
     rejected = [json.loads(x) for x in (directory / REJECTED_FILE).read_text().splitlines()]
