@@ -44,6 +44,11 @@ def prompt_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def one_task_per_family(seed: int) -> list[Task]:
+    gen = TaskGenerator(seed)
+    return [gen.sample(family) for family in FAMILIES]
+
+
 @pytest.fixture(scope="module")
 def tasks() -> list[Task]:
     return list(TaskGenerator(1234).iter_tasks(900, split=None))
@@ -147,18 +152,14 @@ def test_split_is_decided_by_the_opening_question_text() -> None:
 @settings(max_examples=25, deadline=None)
 @given(seed=SEEDS)
 def test_solve_recovers_the_answer_of_every_generated_task(seed: int) -> None:
-    gen = TaskGenerator(seed)
-    for family in FAMILIES:
-        task = gen.sample(family)
+    for task in one_task_per_family(seed):
         assert solve(json.loads(json.dumps(task.messages))) == task.answer
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=SEEDS)
 def test_is_correct_accepts_correct_styles_and_rejects_wrong(seed: int) -> None:
-    gen = TaskGenerator(seed)
-    for family in FAMILIES:
-        task = gen.sample(family)
+    for task in one_task_per_family(seed):
         for style in CORRECT_STYLES:
             assert is_correct(task.messages, task.replies[style]) is True, (task, style)
         assert is_correct(task.messages, task.replies["wrong"]) is False, task
