@@ -1,7 +1,16 @@
 // The admin page: policy versions with status and feedback (table + inline SVG chart),
 // activate / roll back, and live request and token rates from two scrapes of /metrics.
 
-import { api, el, formatPercent, formatRate, isAdmin, setupSignIn, svg } from "./api.js";
+import {
+  api,
+  apiErrorHandler,
+  el,
+  formatPercent,
+  formatRate,
+  isAdmin,
+  setupSignIn,
+  svg,
+} from "./api.js";
 import { rates, snapshot } from "./metrics.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +28,8 @@ function setStatus(text, kind = "") {
   $("admin-status").className = `admin-status ${kind}`;
 }
 
+const handleApiError = apiErrorHandler({ signOut, setStatus });
+
 // ----------------------------------------------------------------------------- policies
 
 async function loadPolicies() {
@@ -27,8 +38,7 @@ async function loadPolicies() {
     policies = res.data;
     renderPolicies();
   } catch (e) {
-    if (e.status === 401) signOut("Your API key is no longer valid.");
-    else setStatus(`Could not load the policy versions: ${e.message}`, "error");
+    handleApiError(e, "Could not load the policy versions");
   }
 }
 
@@ -166,8 +176,7 @@ async function change(path, describe) {
     const res = await api(path, { method: "POST" });
     setStatus(describe(res));
   } catch (e) {
-    if (e.status === 401) signOut("Your API key is no longer valid.");
-    else setStatus(e.message, "error");
+    handleApiError(e);
   } finally {
     busy = false;
     await loadPolicies();

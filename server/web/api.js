@@ -53,6 +53,15 @@ export async function api(path, { method = "GET", body, key = getKey(), signal }
   return data;
 }
 
+/** A page's answer to a failed call (`what` failed, if given): a key the server no longer
+ * accepts signs the user out, any other error goes to the page's status line. */
+export function apiErrorHandler({ signOut, setStatus }) {
+  return (e, what) => {
+    if (e.status === 401) signOut("Your API key is no longer valid.");
+    else setStatus(what ? `${what}: ${e.message}` : e.message, "error");
+  };
+}
+
 /** Whether the stored key is an admin key.
  *
  * The API has no "who am I" route, so this asks to activate a version that cannot exist:

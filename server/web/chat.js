@@ -2,7 +2,7 @@
 // button, thumbs up/down with a reason, regenerate, and compare mode (two answers side by side,
 // the preferred one stored as a ranking).
 
-import { ApiError, api, el, getKey, setupSignIn, thumbIcon } from "./api.js";
+import { ApiError, api, apiErrorHandler, el, getKey, setupSignIn, thumbIcon } from "./api.js";
 import { buildTurns, historyOf } from "./conversation.js";
 
 const $ = (id) => document.getElementById(id);
@@ -42,6 +42,8 @@ function setStatus(text, kind = "") {
   ui.status.textContent = text;
   ui.status.className = `status ${kind}`;
 }
+
+const handleApiError = apiErrorHandler({ signOut, setStatus });
 
 // ----------------------------------------------------------------------------- WebSocket
 
@@ -199,36 +201,31 @@ function renderTurn(turn) {
   return turn.el;
 }
 
+/** The thumbs up (rating 1) or down (-1) button of one answer. */
+function thumbButton(turn, choice, rating) {
+  const name = rating === 1 ? "Good answer" : "Bad answer";
+  return el(
+    "button",
+    {
+      type: "button",
+      class: `thumb ${rating === 1 ? "up" : "down"}`,
+      "aria-label": turn.choices.length > 1 ? `${name} ${choice.index + 1}` : name,
+      "aria-pressed": "false",
+      title: name,
+      onclick: () => rate(turn, choice, rating),
+    },
+    thumbIcon(),
+  );
+}
+
 function renderChoice(turn, choice) {
   const compare = turn.choices.length > 1;
   const label = compare ? `Answer ${choice.index + 1}` : "Answer";
   choice.textEl = el("div", { class: "text" });
   choice.versionEl = el("span", { class: "badge version", title: "Policy version" });
   choice.stateEl = el("span", { class: "choice-state muted" });
-  choice.up = el(
-    "button",
-    {
-      type: "button",
-      class: "thumb up",
-      "aria-label": compare ? `Good answer ${choice.index + 1}` : "Good answer",
-      "aria-pressed": "false",
-      title: "Good answer",
-      onclick: () => rate(turn, choice, 1),
-    },
-    thumbIcon(),
-  );
-  choice.down = el(
-    "button",
-    {
-      type: "button",
-      class: "thumb down",
-      "aria-label": compare ? `Bad answer ${choice.index + 1}` : "Bad answer",
-      "aria-pressed": "false",
-      title: "Bad answer",
-      onclick: () => rate(turn, choice, -1),
-    },
-    thumbIcon(),
-  );
+  choice.up = thumbButton(turn, choice, 1);
+  choice.down = thumbButton(turn, choice, -1);
   choice.pick = compare
     ? el(
         "button",
@@ -642,14 +639,6 @@ async function pick(turn, choice) {
 }
 
 // ----------------------------------------------------------------------------- plumbing
-
-function handleApiError(e, what) {
-  if (e.status === 401) {
-    signOut("Your API key is no longer valid.");
-    return;
-  }
-  setStatus(`${what}: ${e.message}`, "error");
-}
 
 function closeSidebar() {
   ui.app.classList.remove("sidebar-open");
