@@ -34,9 +34,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared.db import session
+from shared.messages import ChatMessages
 from shared.schema import Feedback, Message, Ranking
 
-ChatMessages = list[dict[str, str]]
 _IN_LIST = 500  # ids per IN (...) query
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from shared.tokenizer import ROLES
 
+ChatMessages = list[dict[str, str]]  # OpenAI-style messages: role and content
+
 
 class MessageError(ValueError):
     """A message palmchat cannot template: an unknown role or non-text content."""

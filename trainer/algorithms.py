@@ -10,14 +10,12 @@ from typing import Any
 
 from shared.model import PaLM
 from shared.tokenizer import Tokenizer
-from trainer.common import ChatMessages, DistInfo
+from trainer.common import ChatMessages, DistInfo, Progress
 from trainer.config import ALGOS, TrainerConfig
 from trainer.dpo import reward_ranked_pairs, train_dpo, train_kto
 from trainer.feedback import FeedbackData
 from trainer.ppo import make_kl_controller, train_ppo
 from trainer.reward import RewardModel
-
-Progress = Callable[[str, int, int, str], None]
 
 
 @dataclass

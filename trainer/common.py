@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +19,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.messages import ChatMessages
 from shared.model import PaLM
 from shared.tokenizer import Tokenizer, apply_chat_template
 
-ChatMessages = list[dict[str, str]]
+# what the phases report while they run: (phase, done, total, text)
+Progress = Callable[[str, int, int, str], None]
 
 
 # --------------------------------------------------------------------------- encoding

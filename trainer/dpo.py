@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from shared.model import PaLM
 from shared.tokenizer import Tokenizer
 from trainer.common import (
     DistInfo,
+    Progress,
     adamw,
     all_mean,
     batched_sequence_logprobs,
@@ -40,8 +41,6 @@ from trainer.lora import apply_lora, merge_lora
 
 if TYPE_CHECKING:
     from trainer.reward import RewardModel
-
-Progress = Callable[[str, int, int, str], None]
 
 
 def dpo_loss(

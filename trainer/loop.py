@@ -39,6 +39,7 @@ from shared.tokenizer import Tokenizer
 from trainer.algorithms import ALGORITHMS, PolicyUpdate
 from trainer.common import (
     DistInfo,
+    Progress,
     barrier,
     broadcast_json,
     init_distributed,
@@ -70,7 +71,6 @@ from trainer.runs import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int, str], None]
 __all__ = ["OnlineTrainer", "RoundResult", "TrainerContext", "run_round"]
 
 

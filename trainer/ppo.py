@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -32,8 +32,10 @@ from torch import Tensor, nn
 from shared.model import PaLM
 from shared.tokenizer import Tokenizer, apply_chat_template
 from trainer.common import (
+    ChatMessages,
     DistInfo,
     Encoded,
+    Progress,
     adamw,
     all_mean,
     collate,
@@ -47,9 +49,6 @@ from trainer.config import TrainerConfig
 from trainer.lora import apply_lora, merge_lora
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int, str], None]
-ChatMessages = list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- the maths

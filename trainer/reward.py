@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +43,7 @@ from shared.tokenizer import Tokenizer, load_tokenizer
 from trainer.common import (
     DistInfo,
     Encoded,
+    Progress,
     all_mean,
     collate,
     encode_reply,
@@ -57,7 +58,6 @@ from trainer.lora import apply_lora, merge_lora
 log = logging.getLogger(__name__)
 
 FORMAT = "palmchat-reward/2"  # /2: + the likelihood term's weight
-Progress = Callable[[str, int, int, str], None]
 
 
 # starting weight of the likelihood term (then learned with the head): right-vs-wrong pairs

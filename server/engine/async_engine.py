@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
-from server.engine.outputs import Delta, DeltaStream
+from server.engine.outputs import AsyncClosing, Delta, DeltaStream
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
 from shared.tokenizer import Tokenizer
@@ -64,7 +64,7 @@ class RequestStream(DeltaStream):
         self._queue.put_nowait(item)
 
 
-class AsyncEngine:
+class AsyncEngine(AsyncClosing):
     def __init__(self, engine: LLMEngine, *, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -234,12 +234,6 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     async def aclose(self) -> None:
-        self.shutdown()
-
-    async def __aenter__(self) -> AsyncEngine:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
 
 

@@ -47,7 +47,20 @@ class Delta:
         return self.finish_reason is not None
 
 
-class DeltaStream(ABC):
+class AsyncClosing(ABC):
+    """``async with`` closes it: leaving the block awaits :meth:`aclose`."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class DeltaStream(AsyncClosing):
     """One request's deltas as an async iterator (all candidates, in step order), ending once
     every candidate has finished. Closing it, leaving its ``async with`` or dropping it
     cancels what is still running, as :meth:`cancel` does."""
@@ -62,12 +75,6 @@ class DeltaStream(ABC):
         return self
 
     async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
         self.cancel()
 
     def __del__(self) -> None:
