@@ -59,6 +59,9 @@ WORKDIR /app
 COPY --from=builder --chown=root:root /app/shared ./shared
 COPY --from=builder --chown=root:root /app/server ./server
 COPY --from=builder --chown=root:root /app/trainer ./trainer
+COPY --from=builder --chown=root:root /app/palmchat ./palmchat
+COPY --from=builder --chown=root:root /app/demo ./demo
+COPY --from=builder --chown=root:root /app/bench ./bench
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \

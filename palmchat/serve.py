@@ -75,7 +75,8 @@ def up(
         typer.Option(
             "--demo",
             help="Instead of serving: run the closed-loop demo (server + trainer + simulated "
-            "users) in the data dir; same as `palmchat demo` with its defaults.",
+            "users) in a fresh data dir (--data-dir, default ./palmchat-demo-courteous) on a "
+            "free loopback port; same as `palmchat demo` with its defaults.",
         ),
     ] = False,
 ) -> None:
