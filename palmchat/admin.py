@@ -110,6 +110,50 @@ def policies_import_palm(
     console.print(f"imported {path} as {version} (status candidate)")
 
 
+@policies_app.command("import-hf")
+def policies_import_hf(
+    directory: Annotated[
+        Path, typer.Argument(help="A local Hugging Face checkpoint directory (save_pretrained's).")
+    ],
+    activate_it: Annotated[
+        bool, typer.Option("--activate", help="Serve it now (running servers hot-swap to it).")
+    ] = False,
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Context to serve with (default: the model's, at most 4096)."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Import a Llama, Mistral or Qwen2 checkpoint (safetensors) with its chat template.
+
+    Reads config.json, the safetensors weights (sharded or not), tokenizer.json,
+    tokenizer_config.json (or chat_template.jinja) and generation_config.json. Pickled .bin
+    weights are refused, never loaded; nothing is downloaded.
+    """
+    from shared.checkpoints import CheckpointError, PolicyRegistry
+    from shared.db import init_db
+    from shared.hf_import import ImportRefused, import_hf_checkpoint
+    from shared.policies import activate, register_version
+
+    settings = settings_for(data_dir)
+    registry = PolicyRegistry(settings.registry_dir)
+    try:
+        version = import_hf_checkpoint(registry, directory, max_seq_len=max_seq_len)
+    except ImportRefused as e:
+        fail(str(e))
+    engine = init_db(settings.database_url)
+    register_version(engine, registry, version, status="candidate")
+    manifest = registry.manifest(version)
+    what = f"{manifest['recipe']['architecture']}, {manifest['num_params']:,} parameters"
+    if activate_it:
+        try:
+            activate(engine, registry, version)
+        except CheckpointError as e:
+            fail(str(e))
+    status = "active" if activate_it else "candidate"
+    console.print(f"imported {directory} ({what}) as {version} (status {status})")
+
+
 @policies_app.command("export")
 def policies_export(
     version: Annotated[str, typer.Argument(help="Version to export, e.g. v3.")],

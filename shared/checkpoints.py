@@ -2,7 +2,8 @@
 
     <root>/v3/model.safetensors   weights (tied output weight omitted)
     <root>/v3/tokenizer.json      the tokenizer the weights were trained with
-    <root>/v3/manifest.json       config, parent version, sha256 + size of each file, metrics
+    <root>/v3/manifest.json       family, config, chat template, parent version, sha256 + size
+                                  of each file, metrics
 
 Publishing writes a hidden temp directory, fsyncs every file and the directory, then renames it
 into place, so a reader sees a whole version or none. Loading re-hashes every file and refuses
@@ -33,6 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from shared.families import ModelConfig, PolicyModel, build_model, config_from_dict, family_of
 from shared.model import PaLM, PaLMConfig
 from shared.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -63,12 +65,12 @@ class Policy:
     """A verified, loaded policy version."""
 
     version: str
-    model: PaLM
+    model: PolicyModel
     tokenizer: Tokenizer
     manifest: dict[str, Any]
 
     @property
-    def config(self) -> PaLMConfig:
+    def config(self) -> ModelConfig:
         return self.model.config
 
 
@@ -173,7 +175,7 @@ class PolicyRegistry(VersionDirectory):
     # -- publishing --------------------------------------------------------------------------
     def publish(
         self,
-        model: PaLM,
+        model: PolicyModel,
         tokenizer: Tokenizer,
         *,
         parent: str | None = None,
@@ -197,7 +199,9 @@ class PolicyRegistry(VersionDirectory):
                 "format": FORMAT,
                 "parent": parent,
                 "created_at": datetime.now(UTC).isoformat(),
+                "family": model.family,
                 "config": model.config.to_dict(),
+                "chat_template": tokenizer.chat_template_kind,
                 "dtype": dtype,
                 "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
                 "num_params": model.num_params(),
@@ -318,9 +322,9 @@ def verify_version_dir(
 
 def _config_and_tokenizer(
     directory: Path, version: str, manifest: dict[str, Any]
-) -> tuple[PaLMConfig, Tokenizer]:
+) -> tuple[ModelConfig, Tokenizer]:
     try:
-        config = PaLMConfig.from_dict(manifest["config"])
+        config = config_from_dict(family_of(manifest), manifest["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(version, f"bad config: {e}", MANIFEST_FILE) from None
     try:
@@ -346,7 +350,7 @@ def _check_structure(directory: Path, version: str, manifest: dict[str, Any]) ->
     except (SafetensorError, OSError) as e:
         raise CheckpointError(version, f"unreadable safetensors: {e}", MODEL_FILE) from None
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in PaLM(config).state_dict_for_save().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict_for_save().items()}
     if saved != expected:
         wrong = sorted(k for k in saved.keys() | expected.keys() if saved.get(k) != expected.get(k))
         raise CheckpointError(
@@ -369,7 +373,7 @@ def load_policy_dir(
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(version, f"unreadable safetensors: {e}", MODEL_FILE) from None
-    model = PaLM(config)
+    model = build_model(config)
     try:
         model.load_saved_state({k: v.float() for k, v in state.items()})
     except (RuntimeError, KeyError) as e:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,29 +74,52 @@ class PaLMConfig:
     def ff_inner_dim(self) -> int:
         return self.dim * self.ff_mult
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer: multi-query attention shares one."""
+        return 1
+
+
+class CacheShape(Protocol):
+    """What a KV cache needs to know of a model family's config."""
+
+    @property
+    def depth(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def dim_head(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int: ...
+
 
 class AttentionCache(Protocol):
     """A KV cache that a forward attends through: a contiguous :class:`KVCache`, or the serving
     engine's paged pool (``server/engine/kv_cache.py``) and its fixed-shape decode step."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """Store this forward's keys and values k, v (B, T, dh) of ``layer`` at ``positions``
-        (B, T); return the attention of the queries q (B, T, H, dh) over every key each one may
-        see, the new ones included, as (B, T, H * dh)."""
+        """Store this forward's keys and values k, v (B, T, Hkv, dh) of ``layer`` at
+        ``positions`` (B, T); return the attention of the queries q (B, T, H, dh) over every key
+        each one may see, the new ones included, as (B, T, H * dh). Query head i reads key/value
+        head i // (H / Hkv) (grouped-query attention; PaLM's multi-query attention is Hkv = 1)."""
         ...
 
 
 def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Multi-query attention of q (B, T, H, dh) over one key/value head (B, S, dh): with a
-    boolean ``mask`` (B, 1, T, S) of the keys each query sees, else causal (S == T).
-    Returns (B, T, H * dh)."""
+    """Grouped-query attention of q (B, T, H, dh) over Hkv key/value heads (B, S, Hkv, dh), H a
+    multiple of Hkv: with a boolean ``mask`` (B, 1, T, S) of the keys each query sees, else
+    causal (S == T). Returns (B, T, H * dh)."""
     b, t, h, dh = q.shape
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, S, dh)
+    if keys.shape[1] == 1:  # one shared head: a broadcast view, no copy per query head
+        keys, values = keys.expand(-1, h, -1, -1), values.expand(-1, h, -1, -1)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (B, H, T, dh)
-        keys.unsqueeze(1).expand(-1, h, -1, -1),
-        values.unsqueeze(1).expand(-1, h, -1, -1),
+        keys,
+        values,
         attn_mask=mask,
         is_causal=mask is None,
+        enable_gqa=keys.shape[1] != h,
     )
     return out.transpose(1, 2).reshape(b, t, h * dh)
 
@@ -105,27 +128,28 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = Non
 class KVCache:
     """Contiguous per-sequence cache: slot ``p`` of row ``b`` holds the key/value at position p.
 
-    Multi-query attention keeps one k/v head, so a layer's cache is only (B, S, dim_head).
+    A layer's cache holds the config's ``kv_heads`` heads: (B, S, Hkv, dh); PaLM's multi-query
+    attention keeps only one.
     """
 
-    k: Tensor  # (L, B, S, dh)
-    v: Tensor  # (L, B, S, dh)
+    k: Tensor  # (L, B, S, Hkv, dh)
+    v: Tensor  # (L, B, S, Hkv, dh)
 
     @classmethod
     def allocate(
         cls,
-        config: PaLMConfig,
+        config: CacheShape,
         batch: int,
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
-        shape = (config.depth, batch, max_len, config.dim_head)
+        shape = (config.depth, batch, max_len, config.kv_heads, config.dim_head)
         zeros = torch.zeros(shape, device=device, dtype=dtype)
         return cls(zeros, zeros.clone())
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        index = positions.unsqueeze(-1).expand(-1, -1, k.shape[-1])
+        index = positions.view(*positions.shape, 1, 1).expand_as(k)
         self.k[layer].scatter_(1, index, k.to(self.k.dtype))
         self.v[layer].scatter_(1, index, v.to(self.v.dtype))
         slots = torch.arange(self.k.shape[2], device=k.device)
@@ -246,7 +270,8 @@ class ParallelTransformerBlock(nn.Module):
             qk = F.normalize(qk, dim=-1) * scales
         # rotary on queries and key in one go; rotate_half's sign is folded into sin
         qk = torch.addcmul(qk * cos, qk.roll(dh // 2, dims=-1), sin)
-        q, k = qk[:, :, :h], qk[:, :, h]  # (B, T, H, dh), (B, T, dh)
+        q, k = qk[:, :, :h], qk[:, :, h:]  # (B, T, H, dh), (B, T, 1, dh)
+        v = v.unsqueeze(2)
         out = attention(q, k, v) if cache is None else cache.attend(layer, q, k, v, positions)
         return self.attn_out(out) + self.ff_out(ff)
 
@@ -261,6 +286,8 @@ class Residual(nn.Module):
 
 
 class PaLM(nn.Module):
+    family: ClassVar[str] = "palm"  # the manifest's name for this model family
+
     def __init__(self, config: PaLMConfig) -> None:
         super().__init__()
         self.config = config
@@ -282,21 +309,35 @@ class PaLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """Final normed hidden states (B, T, dim) of a causal batch over ``tokens`` (positions
+        0..T-1): the trunk that reward and value heads share."""
+        return self.norm(self._blocks(tokens))
+
+    def forward(
         self,
         tokens: Tensor,
         positions: Tensor | None = None,
         cache: AttentionCache | None = None,
         last: Tensor | None = None,
     ) -> Tensor:
-        """Final normed hidden states (B, T, dim): the trunk that reward and value heads share.
+        """Logits (B, T, V).
 
         Without a cache the batch is causal over ``tokens`` with positions 0..T-1 (right-padded
         rows are fine: padding only follows real tokens). With a cache, ``positions`` (B, T)
         say where each token sits, each below ``config.max_seq_len``; the cache holds
-        everything before it. With ``last`` (B,) only the states at those indices along T are
-        returned, (B, dim).
+        everything before it. With ``last`` (B,) only the logits at those indices along T are
+        returned, (B, V).
         """
+        x = self._blocks(tokens, positions, cache)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.to_logits(self.norm(x))
+
+    def _blocks(
+        self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None
+    ) -> Tensor:
+        """The embedding and every block, before the final norm (B, T, dim)."""
         x = self.token_emb(tokens)  # (B, T, dim)
         if positions is None:
             if cache is not None:
@@ -308,19 +349,7 @@ class PaLM(nn.Module):
             cos, sin = (t[positions] for t in self.rotary_tables(x.dtype))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions, cache, i)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.norm(x)
-
-    def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor | None = None,
-        cache: AttentionCache | None = None,
-        last: Tensor | None = None,
-    ) -> Tensor:
-        """Logits (B, T, V), or (B, V) at ``last``: see :meth:`hidden`."""
-        return self.to_logits(self.hidden(tokens, positions, cache, last))
+        return x
 
     def rotary_tables(self, dtype: torch.dtype, length: int = 0) -> tuple[Tensor, Tensor]:
         """Rotary cos and sin (S, heads + 1, dh) of positions 0..S-1, S at least
