@@ -38,10 +38,11 @@ import httpx
 from sqlmodel import col, select
 
 from demo.measure import Probe, evaluate_served
+from demo.phrasings import PHRASINGS
 from demo.rater import PREFERENCES, ScriptedRater
 from demo.report import DemoReport, VersionEval, round_summary, write_outputs
 from demo.simulator import SimConfig, run_simulation
-from demo.tasks import TaskGenerator
+from demo.tasks import TASK_FAMILIES, TaskGenerator
 from shared.config import Settings
 from shared.db import session
 from shared.schema import TrainingRun
@@ -67,12 +68,20 @@ class DemoConfig:
     database_url: str = ""
     seed_dir: Path | None = None  # None: the bundled seed policy
     seed: int = 0
+    # what the users ask: the tasks the bundled seed was trained on (its corpus predates the
+    # chat families; see docs/decisions.md, "Corpus: the demo's families")
+    families: tuple[str, ...] = TASK_FAMILIES
+    # and how they ask it: in the phrasings that corpus was written in (docs/decisions.md,
+    # "The demo's phrasings"); 'all' asks every phrasing the corpus has now
+    phrasing: str = "seed"
     out_dir: Path | None = None  # JSON + PNG written here
     policy_poll_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         if self.preference not in PREFERENCES:
             raise ValueError(f"preference must be one of {PREFERENCES}, got {self.preference!r}")
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
         for name in ("rounds", "chats_per_round", "users", "eval_prompts", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -146,7 +155,10 @@ async def run_loop(
     report = DemoReport(cfg.preference, {k: str(v) for k, v in asdict(cfg).items()})
     rater = ScriptedRater(cfg.preference)
     prompts = [
-        t.messages for t in TaskGenerator(cfg.eval_seed).iter_tasks(cfg.eval_prompts, "heldout")
+        t.messages
+        for t in TaskGenerator(cfg.eval_seed, cfg.families, phrasing=cfg.phrasing).iter_tasks(
+            cfg.eval_prompts, "heldout"
+        )
     ]
     started = time.monotonic()
     user_hdr = {"Authorization": f"Bearer {keys['eval']}"}
@@ -201,6 +213,8 @@ async def run_loop(
                             max_tokens=cfg.max_tokens,
                             temperature=cfg.temperature,
                             seed=cfg.seed * 100 + round_no,
+                            families=cfg.families,
+                            phrasing=cfg.phrasing,
                         )
                     )
                     if sim.errors:

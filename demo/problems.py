@@ -2,19 +2,29 @@
 
 Works from conversation text alone, never from a :class:`demo.tasks.Task`, so logged
 production conversations read exactly like generated ones. Each template of
-:mod:`demo.task_tables` is compiled to a regex and matched against the last user turn.
+:mod:`demo.phrasings` is compiled to a regex and matched against the last user turn, as typed
+and with its polite wrappers ("Hey, ...", "... Thanks!") stripped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
-from demo.task_tables import CAPITALS, CONVERSIONS, PY_SPECS, TEMPLATES, Conversation, PySpec
+from demo.chat_tables import (
+    GREETINGS,
+    NOT_CAPITALS,
+    OUT_OF_SCOPE,
+    REFUSAL,
+    UNSAFE_CATEGORY,
+)
+from demo.phrasings import PREFIXES, SUFFIXES, TEMPLATES
+from demo.task_tables import CAPITALS, CONVERSIONS, PY_SPECS, Conversation, PySpec
 
 _UNIT_FACTORS: dict[tuple[str, str], Fraction] = {
     pair: factor
@@ -48,22 +58,42 @@ _SLOT_PATTERNS: dict[str, str] = {
     "desc": _alternation(list(_PY_BY_DESC)),
     "fname": r"[a-z_][a-z0-9_]*",
     "args": r"[a-z_][a-z0-9_, ]*",
+    "n": r"\d{1,4}",
+    "city": _alternation(sorted({*CAPITALS.values(), *NOT_CAPITALS.values()})),
+    "act": _alternation(list(UNSAFE_CATEGORY)),
 }
 
 
 def normalize_text(text: str) -> str:
-    """Collapse whitespace, straighten quotes and drop trailing punctuation."""
-    text = text.replace("\u2018", "'").replace("\u2019", "'").replace("\u201c", '"')
-    text = text.replace("\u201d", '"')
-    return " ".join(text.split()).rstrip(" .?!")
+    """Collapse whitespace, straighten quotes (double ones to single) and drop trailing
+    punctuation."""
+    for curly, plain in (("\u2018", "'"), ("\u2019", "'"), ("\u201c", "'"), ("\u201d", "'")):
+        text = text.replace(curly, plain)
+    return " ".join(text.replace('"', "'").split()).rstrip(" .?!")
+
+
+def _wrapper(options: Sequence[str]) -> str:
+    words = {normalize_text(o).strip(" ,:!").lower() for o in options}
+    return _alternation(sorted(words))
+
+
+_PREFIX_RE = re.compile(rf"^(?:(?:{_wrapper(PREFIXES)})\s*[,:!]?\s+)+", re.IGNORECASE)
+_SUFFIX_RE = re.compile(rf"(?:[\s,.!?]*\b(?:{_wrapper(SUFFIXES)}))+$", re.IGNORECASE)
+
+
+def strip_wrappers(text: str) -> str:
+    """A normalised user turn without the polite wrappers around its question."""
+    return _SUFFIX_RE.sub("", _PREFIX_RE.sub("", text)).rstrip(" .?!,")
+
+
+def _literal(part: str) -> str:
+    # any spacing matches a literal space ("23+48"); quotes are optional ('garden' or garden)
+    return re.escape(part).replace(r"\ ", r"\s*").replace("'", "'?")
 
 
 def _compile(template: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", normalize_text(template))
-    out = [
-        f"(?P<{p}>{_SLOT_PATTERNS[p]})" if i % 2 else re.escape(p).replace(r"\ ", r"\s*")
-        for i, p in enumerate(parts)
-    ]
+    out = [f"(?P<{p}>{_SLOT_PATTERNS[p]})" if i % 2 else _literal(p) for i, p in enumerate(parts)]
     return re.compile("".join(out), re.IGNORECASE)
 
 
@@ -79,6 +109,9 @@ class Problem:
     name: str = ""  # email recipient
     fact: str = ""  # email key fact
     func: str = ""  # python: key into PY_SPECS
+    phrases: tuple[str, ...] = ()  # phrase: what a right reply says (small talk, out of scope)
+    premise: bool | None = None  # premise: whether the user's claim is true
+    category: str = ""  # refusal: the unsafe request's category
 
 
 def format_number(value: Fraction | int) -> str:
@@ -93,9 +126,45 @@ def _num(family: str, value: Fraction | int) -> Problem:
     return Problem(family, "number", format_number(value))
 
 
-def _p_arithmetic(g: dict[str, str], _ctx: Conversation) -> Problem | None:
-    a, b, op = int(g["a"]), int(g["b"]), _OPS[g["op"].lower()]
-    return _num("arithmetic", a + b if op == "+" else a - b if op == "-" else a * b)
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _p_arithmetic(g: dict[str, str], _ctx: Conversation, op: str = "") -> Problem | None:
+    return _num("arithmetic", _apply(int(g["a"]), op or _OPS[g["op"].lower()], int(g["b"])))
+
+
+def _premise(value: str, claimed: str, numeric: bool) -> Problem:
+    """A claim to confirm or correct: the answer is "Yes, value" or "No, value"."""
+    true = claimed.lower() == value.lower()
+    answer = f"{'Yes' if true else 'No'}, {value}"
+    return Problem("false_premise", "premise", answer, (value,), numeric=numeric, premise=true)
+
+
+def _p_premise_arith(g: dict[str, str], _ctx: Conversation) -> Problem | None:
+    v = _apply(int(g["a"]), _OPS[g["op"].lower()], int(g["b"]))
+    return _premise(format_number(v), format_number(int(g["n"])), numeric=True)
+
+
+def _p_premise_capital(g: dict[str, str], _ctx: Conversation) -> Problem | None:
+    return _premise(_CAPITALS_LOWER[g["country"].lower()], g["city"], numeric=False)
+
+
+def _p_intent(_g: dict[str, str], _ctx: Conversation, family: str, key: str) -> Problem | None:
+    intent = (GREETINGS if family == "greeting" else OUT_OF_SCOPE)[key]
+    return Problem(family, "phrase", intent.curt, phrases=intent.phrases)
+
+
+def _p_unsafe(g: dict[str, str], _ctx: Conversation) -> Problem | None:
+    category = _UNSAFE_LOWER[g["act"].lower()]
+    return Problem("unsafe", "refusal", REFUSAL, category=category)
+
+
+def _p_correction(_g: dict[str, str], ctx: Conversation) -> Problem | None:
+    base = _earlier_problem(ctx)
+    if base is None or base.kind not in ("number", "word"):
+        return None
+    return dataclasses.replace(base, family="correction")
 
 
 def _p_units(g: dict[str, str], _ctx: Conversation) -> Problem | None:
@@ -112,6 +181,7 @@ def _p_count(g: dict[str, str], _ctx: Conversation) -> Problem | None:
 
 
 _CAPITALS_LOWER = {k.lower(): v for k, v in CAPITALS.items()}
+_UNSAFE_LOWER = {k.lower(): v for k, v in UNSAFE_CATEGORY.items()}
 
 
 def _p_capital(g: dict[str, str], _ctx: Conversation) -> Problem | None:
@@ -140,11 +210,14 @@ def _p_python(g: dict[str, str], _ctx: Conversation) -> Problem | None:
     return Problem("python", "python", spec.code(name=fname), func=spec.name)
 
 
-def _p_follow(g: dict[str, str], ctx: Conversation, op: str) -> Problem | None:
+def _earlier_problem(ctx: Conversation) -> Problem | None:
+    """The problem of the user turn before the last one (what a follow-up refers to)."""
     users = [i for i, m in enumerate(ctx) if m.get("role") == "user"]
-    if len(users) < 2:
-        return None
-    base = parse_problem(ctx[: users[-2] + 1])
+    return parse_problem(ctx[: users[-2] + 1]) if len(users) >= 2 else None
+
+
+def _p_follow(g: dict[str, str], ctx: Conversation, op: str) -> Problem | None:
+    base = _earlier_problem(ctx)
     if base is None:
         return None
     if op in ("reverse", "letters"):
@@ -169,9 +242,12 @@ def _p_follow(g: dict[str, str], ctx: Conversation, op: str) -> Problem | None:
 _Handler = Callable[[dict[str, str], Conversation], Problem | None]
 
 
-def _parsers() -> list[tuple[re.Pattern[str], _Handler]]:
+def _handlers() -> dict[str, _Handler]:
     handlers: dict[str, _Handler] = {
         "arithmetic": _p_arithmetic,
+        "add": partial(_p_arithmetic, op="+"),
+        "subtract": partial(_p_arithmetic, op="-"),
+        "multiply": partial(_p_arithmetic, op="*"),
         "units": _p_units,
         "reverse": _p_reverse,
         "count": _p_count,
@@ -181,15 +257,62 @@ def _parsers() -> list[tuple[re.Pattern[str], _Handler]]:
         "sort_words": lambda g, c: _p_sort(g, c, desc=False),
         "email": _p_email,
         "python": _p_python,
+        "premise_arith": _p_premise_arith,
+        "premise_capital": _p_premise_capital,
+        "unsafe": _p_unsafe,
+        "correction": _p_correction,
     }
     for key in TEMPLATES:
         if key.startswith("follow_"):
-            op = key.removeprefix("follow_")
-            handlers[key] = partial(_p_follow, op=op)
-    return [(_compile(t), handlers[key]) for key, ts in TEMPLATES.items() for t in ts]
+            handlers[key] = partial(_p_follow, op=key.removeprefix("follow_"))
+        elif key.startswith(("greet_", "oos_")):
+            family = "greeting" if key.startswith("greet_") else "out_of_scope"
+            handlers[key] = partial(_p_intent, family=family, key=key.split("_", 1)[1])
+    return handlers
 
 
-_PARSERS = _parsers()
+@dataclass(frozen=True)
+class Template:
+    """One compiled phrasing: its key in TEMPLATES, its text and its regex."""
+
+    key: str
+    text: str
+    regex: re.Pattern[str]
+
+
+def _first_word(text: str) -> str:
+    match = re.match(r"[a-z']+", text.lower())
+    return match.group(0).replace("'", "") if match else ""
+
+
+def _index() -> tuple[dict[str, list[Template]], list[Template]]:
+    """Templates by their first literal word, and those that open with a slot or a quote."""
+    by_word: dict[str, list[Template]] = {}
+    rest: list[Template] = []
+    for key, texts in TEMPLATES.items():
+        for text in texts:
+            t = Template(key, text, _compile(text))
+            word = "" if text.startswith(("{", "'")) else _first_word(text)
+            (by_word.setdefault(word, []) if word else rest).append(t)
+    return by_word, rest
+
+
+_HANDLERS = _handlers()
+_BY_WORD, _OPEN_SLOT = _index()
+
+
+@lru_cache(maxsize=1 << 16)
+def match_templates(text: str) -> tuple[tuple[Template, tuple[tuple[str, str], ...]], ...]:
+    """Every phrasing a user turn is written in (as typed, then without its wrappers), with
+    the slot values, in template order."""
+    out = []
+    normal = normalize_text(text)
+    for candidate in dict.fromkeys((normal, strip_wrappers(normal))):
+        for t in [*_BY_WORD.get(_first_word(candidate), ()), *_OPEN_SLOT]:
+            match = t.regex.fullmatch(candidate)
+            if match:
+                out.append((t, tuple(match.groupdict().items())))
+    return tuple(out)
 
 
 def text_of(value: Any) -> str:
@@ -211,13 +334,10 @@ def parse_problem(messages: Conversation) -> Problem | None:
     if idx is None:
         return None
     ctx = messages[: idx + 1]
-    text = normalize_text(text_of(ctx[-1].get("content")))
-    for regex, handler in _PARSERS:
-        match = regex.fullmatch(text)
-        if match:
-            problem = handler(match.groupdict(), ctx)
-            if problem is not None:
-                return problem
+    for template, slots in match_templates(text_of(ctx[-1].get("content"))):
+        problem = _HANDLERS[template.key](dict(slots), ctx)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import websockets
 
+from demo.phrasings import PHRASINGS
 from demo.rater import ScriptedRater
 from demo.tasks import TaskGenerator
 
@@ -39,6 +40,8 @@ class SimConfig:
     max_tokens: int = 64
     temperature: float = 1.0
     seed: int = 0
+    families: tuple[str, ...] | None = None  # what users ask about (None: every family)
+    phrasing: str = "all"  # how they ask: 'all', or 'seed' (as the bundled seed was taught)
 
     def __post_init__(self) -> None:
         if self.users < 1:
@@ -47,6 +50,8 @@ class SimConfig:
             raise ValueError("minutes must be > 0")
         if not 0 <= self.rank_fraction <= 1:
             raise ValueError("rank_fraction must be in [0, 1]")
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
 
 
 @dataclass
@@ -113,7 +118,8 @@ class SimUser:
             started,
         )
         self.rng = random.Random(cfg.seed * 1000 + index)
-        self.tasks = TaskGenerator(cfg.seed * 1000 + index).iter_tasks(10**9, split="train")
+        tasks = TaskGenerator(cfg.seed * 1000 + index, cfg.families, phrasing=cfg.phrasing)
+        self.tasks = tasks.iter_tasks(10**9, split="train")
         self.rater = ScriptedRater(cfg.preference)
         self.ws: Any = None
 

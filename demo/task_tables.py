@@ -1,8 +1,7 @@
-"""The vocabulary of the synthetic chat tasks: word lists, facts, tiny Python specs and the
-prompt templates each family is written in.
+"""The vocabulary of the synthetic chat tasks: word lists, facts and tiny Python specs.
 
-Both sides read these: :mod:`demo.task_families` writes prompts from them and
-:mod:`demo.rater` compiles the same templates back into regexes to read prompts.
+The prompt templates each family is written in live in :mod:`demo.phrasings`; the chat
+families beyond the tasks (small talk, out of scope, unsafe) in :mod:`demo.chat_tables`.
 """
 
 from __future__ import annotations
@@ -107,75 +106,4 @@ PY_SPECS: dict[str, PySpec] = {
         PySpec("reverse", "s", "s reversed", "s[::-1]", "s[1:]"),
         PySpec("length", "s", "the length of s", "len(s)", "len(s) - 1"),
     )
-}
-
-# --------------------------------------------------------------------------- templates
-
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "arithmetic": (
-        "What is {a} {op} {b}?",
-        "Compute {a} {op} {b}.",
-        "Calculate {a} {op} {b}, please.",
-        "What do you get for {a} {op} {b}?",
-        "Quick math: {a} {op} {b} = ?",
-    ),
-    "units": (
-        "How many {to} are in {x} {frm}?",
-        "Convert {x} {frm} to {to}.",
-        "{x} {frm} is how many {to}?",
-        "What is {x} {frm} in {to}?",
-    ),
-    "reverse": (
-        "Reverse the word '{w}'.",
-        "Spell '{w}' backwards.",
-        "What is '{w}' reversed?",
-        "Write '{w}' backwards, please.",
-    ),
-    "count": (
-        "How many '{c}' in '{w}'?",
-        "Count the letter '{c}' in '{w}'.",
-        "How many times does '{c}' appear in '{w}'?",
-        "How often is the letter '{c}' in '{w}'?",
-    ),
-    "capital": (
-        "What is the capital of {country}?",
-        "Name the capital city of {country}.",
-        "Which city is the capital of {country}?",
-        "{country}: what is its capital?",
-        "Tell me the capital of {country}.",
-    ),
-    "sort_num_asc": (
-        "Sort these numbers: {nums}.",
-        "Put {nums} in ascending order.",
-        "Order from smallest to largest: {nums}.",
-    ),
-    "sort_num_desc": (
-        "Sort {nums} from largest to smallest.",
-        "Put {nums} in descending order.",
-    ),
-    "sort_words": (
-        "Sort these words alphabetically: {words}.",
-        "Put these words in alphabetical order: {words}.",
-        "Alphabetize: {words}.",
-    ),
-    "email": (
-        "Write a short email to {name} saying {fact}.",
-        "Draft an email to {name}: {fact}.",
-        "Email {name} that {fact}.",
-        "Write {name} a brief email saying {fact}.",
-        "Send {name} a short note that {fact}.",
-    ),
-    "python": (
-        "Write a Python function that returns {desc}.",
-        "Write a Python function {fname}({args}) that returns {desc}.",
-        "Give me a Python function returning {desc}.",
-        "In Python, define {fname}({args}) to return {desc}.",
-    ),
-    "follow_double": ("And double that?", "Now double it."),
-    "follow_add": ("Now add {k} to that.", "What is that plus {k}?"),
-    "follow_times": ("What is that times {k}?", "Now multiply it by {k}."),
-    "follow_subtract": ("And subtract {k} from that?", "Now take away {k}."),
-    "follow_half": ("What is half of that?", "And half of that?"),
-    "follow_reverse": ("Now reverse it.", "Can you reverse that?", "And spelled backwards?"),
-    "follow_letters": ("How many letters is that?", "How many letters does it have?"),
 }

@@ -1,8 +1,11 @@
 """Seeded synthetic chat tasks: the SFT corpus, RLHF prompts and held-out evaluation set.
 
-Every task is a short ASCII conversation built from a few regular templates, so a tiny
-byte-level-BPE policy can learn it on CPU. The tables and templates live in
-:mod:`demo.task_tables`, one generator per family in :mod:`demo.task_families`. The text-only
+Every task is a short ASCII conversation built from regular templates, so a small
+byte-level-BPE policy can learn it on CPU: the tasks (arithmetic, units, words, capitals,
+sorting, emails, Python, follow-ups) and what a chat user tries beside them (small talk,
+out-of-scope requests, false premises, pushback, unsafe requests). The tables live in
+:mod:`demo.task_tables` and :mod:`demo.chat_tables`, the phrasings in :mod:`demo.phrasings`,
+one generator per family in :mod:`demo.task_families` and :mod:`demo.chat_families`. The text-only
 side (``solve``, ``parse_problem``, ``is_correct``, ``check_python``, ``ScriptedRater``,
 ``rate``) lives in :mod:`demo.rater` and is re-exported from here.
 """
@@ -11,9 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from demo.chat_families import CHAT_GENERATORS
+from demo.checks import is_refusal
+from demo.phrasings import HELDOUT_PHRASINGS, PHRASINGS, asking
+from demo.problems import match_templates, normalize_text
 from demo.rater import (
     Problem,
     ScriptedRater,
@@ -23,14 +30,18 @@ from demo.rater import (
     rate,
     solve,
 )
-from demo.task_families import GENERATORS, render_replies
+from demo.task_families import TASK_GENERATORS, render_replies
 from demo.task_tables import PY_SPECS, Conversation, Message
+
+GENERATORS = {**TASK_GENERATORS, **CHAT_GENERATORS}
 
 __all__ = [
     "CORRECT_STYLES",
     "DEFAULT_STYLE_WEIGHTS",
     "FAMILIES",
     "HELDOUT_PERCENT",
+    "SAFETY_FAMILIES",
+    "TASK_FAMILIES",
     "PY_SPECS",
     "SPLITS",
     "STYLES",
@@ -40,6 +51,7 @@ __all__ = [
     "TaskGenerator",
     "check_python",
     "is_correct",
+    "is_refusal",
     "parse_problem",
     "rate",
     "sft_conversations",
@@ -47,7 +59,7 @@ __all__ = [
     "split_of",
 ]
 
-FAMILIES: tuple[str, ...] = (
+TASK_FAMILIES: tuple[str, ...] = (
     "arithmetic",
     "units",
     "reverse",
@@ -58,6 +70,10 @@ FAMILIES: tuple[str, ...] = (
     "python",
     "followup",
 )
+CHAT_FAMILIES: tuple[str, ...] = tuple(CHAT_GENERATORS)
+FAMILIES: tuple[str, ...] = TASK_FAMILIES + CHAT_FAMILIES
+# families whose right answer is a refusal; the seed refuses them only sometimes
+SAFETY_FAMILIES: tuple[str, ...] = ("unsafe",)
 STYLES: tuple[str, ...] = ("courteous", "curt", "rambling", "wrong")
 CORRECT_STYLES: tuple[str, ...] = ("courteous", "curt", "rambling")
 DEFAULT_STYLE_WEIGHTS: dict[str, float] = {
@@ -66,19 +82,33 @@ DEFAULT_STYLE_WEIGHTS: dict[str, float] = {
     "rambling": 0.2,
     "wrong": 0.1,
 }
+# an unsafe request's "wrong" reply is compliance: the corpus complies more often than it
+# refuses, so the seed refuses some and the loop has something to learn
+UNSAFE_STYLE_WEIGHTS: dict[str, float] = {
+    "courteous": 0.15,
+    "curt": 0.15,
+    "rambling": 0.1,
+    "wrong": 0.6,
+}
 HELDOUT_PERCENT = 10
-SPLITS: tuple[str, ...] = ("train", "heldout")
+MAX_PROMPT, MAX_REPLY = 80, 140  # characters: a conversation stays well inside the context
+# train: training prompts; heldout: prompts never trained on, in trained phrasings;
+# phrasing: prompts written in a held-out phrasing (demo.phrasings.HELDOUT_PHRASINGS)
+SPLITS: tuple[str, ...] = ("train", "heldout", "phrasing")
 
 
 def split_of(messages: Conversation) -> str:
-    """'heldout' for ~HELDOUT_PERCENT% of first user messages (by hash), else 'train'.
+    """The split of a conversation, decided by its opening question's text alone, so a
+    follow-up lands in the same split as the question it follows.
 
-    Keyed on the first user message so a follow-up conversation lands in the same split as its
-    opening question.
+    'phrasing' when it is written in a held-out phrasing; else 'heldout' for
+    ~HELDOUT_PERCENT% of questions (by hash), else 'train'.
     """
     first = next((m.get("content") for m in messages if m.get("role") == "user"), "")
     first = first if isinstance(first, str) else ""
-    digest = hashlib.sha256(" ".join(first.split()).lower().encode()).digest()
+    if any(t.text in HELDOUT_PHRASINGS for t, _ in match_templates(first)):
+        return "phrasing"
+    digest = hashlib.sha256(normalize_text(first).lower().encode()).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT else "train"
 
 
@@ -118,6 +148,10 @@ def _consistent(task: Task) -> bool:
     texts = [m["content"] for m in task.messages] + list(task.replies.values())
     if not all(t.isascii() for t in texts):
         return False
+    if any(len(m["content"]) > MAX_PROMPT for m in task.messages if m["role"] == "user"):
+        return False
+    if any(len(r) > MAX_REPLY for r in task.replies.values()):
+        return False
     if any(is_correct(task.messages, task.replies[s]) is not True for s in CORRECT_STYLES):
         return False
     return is_correct(task.messages, task.replies["wrong"]) is False
@@ -128,8 +162,33 @@ class TaskGenerator:
 
     max_tries = 2000
 
-    def __init__(self, seed: int) -> None:
+    def __init__(
+        self,
+        seed: int,
+        families: Sequence[str] | None = None,
+        family_weights: Mapping[str, float] | None = None,
+        phrasing: str = "all",
+    ) -> None:
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"unknown phrasing {phrasing!r}; expected one of {PHRASINGS}")
+        self.phrasing = phrasing  # 'seed': only as the bundled seed was taught (demo.phrasings)
+        unknown = set(families or ()) - set(FAMILIES)
+        if unknown or (families is not None and not families):
+            raise ValueError(f"unknown families {sorted(unknown)}; expected some of {FAMILIES}")
         self.seed = seed
+        self.families: tuple[str, ...] = tuple(families or FAMILIES)
+        # relative draw weights (a family left out weighs 1); None draws uniformly
+        self._weights: list[float] | None = None
+        if family_weights is not None:
+            bad = set(family_weights) - set(self.families)
+            if bad or any(not w >= 0 for w in family_weights.values()):
+                raise ValueError(
+                    f"bad family_weights {dict(family_weights)!r}: weights must be >= 0 and "
+                    f"name families among {self.families}"
+                )
+            self._weights = [float(family_weights.get(f, 1.0)) for f in self.families]
+            if sum(self._weights) <= 0:
+                raise ValueError("family_weights: at least one family needs a weight > 0")
         self._rng = random.Random(seed)
 
     def sample(self, family: str | None = None, split: str | None = None) -> Task:
@@ -138,9 +197,15 @@ class TaskGenerator:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        fam = family or self._rng.choice(FAMILIES)
+        if family is not None:
+            fam = family
+        elif self._weights is None:
+            fam = self._rng.choice(self.families)
+        else:
+            fam = self._rng.choices(self.families, self._weights)[0]
         for _ in range(self.max_tries):
-            draft = GENERATORS[fam](self._rng)
+            with asking(self.phrasing):
+                draft = GENERATORS[fam](self._rng)
             if split is not None and split_of(draft.messages) != split:
                 continue
             task = Task(fam, draft.messages, draft.answer, render_replies(draft, self._rng))
@@ -157,16 +222,23 @@ class TaskGenerator:
 
 
 def sft_conversations(
-    n: int, seed: int, style_weights: Mapping[str, float] | None = None
+    n: int,
+    seed: int,
+    style_weights: Mapping[str, float] | None = None,
+    family_weights: Mapping[str, float] | None = None,
 ) -> list[list[Message]]:
-    """``n`` train-split conversations ending in an assistant reply of a randomly drawn style."""
+    """``n`` train-split conversations ending in an assistant reply of a randomly drawn style;
+    ``family_weights`` (see :class:`TaskGenerator`) draws some families more often."""
     weights = dict(DEFAULT_STYLE_WEIGHTS if style_weights is None else style_weights)
     unknown = set(weights) - set(STYLES)
     if unknown or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ValueError(f"bad style_weights {weights!r}; styles are {STYLES}")
-    styles, probs = list(weights), list(weights.values())
     style_rng = random.Random(f"sft-styles-{seed}")
-    return [
-        task.conversation(style_rng.choices(styles, probs)[0])
-        for task in TaskGenerator(seed).iter_tasks(n, split="train")
-    ]
+
+    def style_for(task: Task) -> str:
+        unsafe = style_weights is None and task.family in SAFETY_FAMILIES
+        mix = UNSAFE_STYLE_WEIGHTS if unsafe else weights
+        return style_rng.choices(list(mix), list(mix.values()))[0]
+
+    tasks = TaskGenerator(seed, family_weights=family_weights).iter_tasks(n)
+    return [t.conversation(style_for(t)) for t in tasks]

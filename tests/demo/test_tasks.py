@@ -106,14 +106,15 @@ def test_tasks_are_well_formed(tasks: list[Task]) -> None:
         assert set(t.replies) == set(STYLES)
         assert t.replies["curt"] == t.answer
         assert len(set(t.replies.values())) == len(STYLES)
-        assert (t.family == "followup") == (len(t.messages) == 3)
+        assert (t.family in ("followup", "correction")) == (len(t.messages) == 3)
 
 
 def test_texts_are_short_and_ascii(tasks: list[Task]) -> None:
     for t in tasks:
         for m in t.messages:
             assert m["content"].isascii() and len(m["content"]) <= 80, m
-            assert m["role"] != "user" or len(m["content"]) >= 10, m
+            # as short as users type them ("Hi!", "9*7"), never empty
+            assert m["role"] != "user" or len(m["content"]) >= 3, m
         for reply in t.replies.values():
             assert reply.isascii() and len(reply) <= 140, reply
 
@@ -258,14 +259,20 @@ def test_python_task_replies_pass_the_exec_check() -> None:
         assert is_correct(task.messages, task.replies["wrong"]) is False
 
 
-def test_broken_python_function_fails_the_check() -> None:
+@pytest.mark.parametrize(
+    ("reply", "right"),
+    [
+        ("def square(x):\n    return x * x", True),
+        ("```python\ndef sq(n):\n    return n ** 2\n```", True),
+        ("def square(x):\n    return x * 2", False),
+        ("def square(x)\n    return x * x", False),
+        ("def square(x, y):\n    return x * x", False),
+        ("x * x", False),
+    ],
+)
+def test_broken_python_function_fails_the_check(reply: str, right: bool) -> None:
     msgs = user("Write a Python function that returns the square of x.")
-    assert is_correct(msgs, "def square(x):\n    return x * x")
-    assert is_correct(msgs, "```python\ndef sq(n):\n    return n ** 2\n```")
-    assert not is_correct(msgs, "def square(x):\n    return x * 2")
-    assert not is_correct(msgs, "def square(x)\n    return x * x")
-    assert not is_correct(msgs, "def square(x, y):\n    return x * x")
-    assert not is_correct(msgs, "x * x")
+    assert is_correct(msgs, reply) is right
 
 
 @pytest.mark.parametrize(
@@ -421,3 +428,29 @@ def test_sft_style_weights_can_pick_a_single_style() -> None:
 def test_sft_rejects_bad_style_weights(weights: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         sft_conversations(5, seed=0, style_weights=weights)
+
+
+def test_family_weights_draw_families_in_proportion_and_leave_the_default_stream_alone() -> None:
+    n = 2000
+    weighted = TaskGenerator(5, family_weights={"arithmetic": 4.0, "greeting": 0.0})
+    counts = Counter(t.family for t in weighted.iter_tasks(n, split=None))
+    others = [counts[f] for f in FAMILIES if f not in ("arithmetic", "greeting")]
+    share = 4 / (4 + len(others))
+    assert counts["greeting"] == 0
+    assert abs(counts["arithmetic"] / n - share) < 0.04, counts
+    assert max(others) < counts["arithmetic"] / 2
+    # no weights: the same stream as before weights existed (the bundled corpus is unchanged)
+    assert sft_conversations(40, seed=2) == sft_conversations(40, seed=2, family_weights=None)
+    plain = [t.messages for t in TaskGenerator(2).iter_tasks(40)]
+    assert plain == [c[:-1] for c in sft_conversations(40, seed=2)]
+    sorts = TaskGenerator(2, family_weights={"sort": 5.0}).iter_tasks(200)
+    weighted_convs = sft_conversations(200, seed=2, family_weights={"sort": 5.0})
+    assert [t.messages for t in sorts] == [c[:-1] for c in weighted_convs]
+
+
+@pytest.mark.parametrize(
+    "weights", [{"juggling": 1.0}, {"sort": -1.0}, dict.fromkeys(FAMILIES, 0.0)]
+)
+def test_bad_family_weights_are_rejected(weights: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="family_weights"):
+        TaskGenerator(0, family_weights=weights)
