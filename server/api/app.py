@@ -6,25 +6,45 @@ palmchat serve            # or: uvicorn --factory server.api.app:create_app_from
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Response
+import fastapi_offline
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import FileResponse, HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp
 
-from server.api import redact, serving, writes
+from server.api import redact, request_id, serving, writes
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
-from server.api.metrics import Metrics
+from server.api.metrics import CountRequests, Metrics
 from server.api.protocol import APIError
-from server.api.routes import chat, conversations, feedback, policies, web, ws
+from server.api.request_id import RequestIdMiddleware
+from server.api.routes import (
+    chat,
+    completions,
+    conversations,
+    feedback,
+    policies,
+    tokenize,
+    web,
+    ws,
+)
 from server.api.serving import Backend
 from server.api.spool import WriteSpool, is_unavailable
 from server.engine import AsyncEngine, EngineConfig, LLMEngine
@@ -38,6 +58,83 @@ from shared.policies import active_version
 log = logging.getLogger(__name__)
 
 SHUTDOWN_WRITE_SECONDS = 5.0  # how long a stopping server waits for pending log writes
+
+try:
+    VERSION = metadata.version("palmchat")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "unknown"
+
+DESCRIPTION = f"""palmchat's OpenAI-compatible chat API, with vLLM's extras (`/tokenize`,
+`/detokenize`, `/health`, `/version`, `max_model_len` on model cards).
+
+Routes under `/v1` and the tokenizer routes take `Authorization: Bearer <key>`. Errors use
+OpenAI's shape `{{"error": {{"message", "type", "param", "code"}}}}`. Every response carries
+`X-Request-Id`: the client's own when it sent one (printable ASCII, at most
+{request_id.MAX_LENGTH} characters), else a fresh one; the server's log lines for that request
+end with `[request_id=...]`.
+
+## WebSocket /v1/chat/ws
+
+OpenAPI has no WebSocket operations, so the protocol is described here. Connect to
+`ws://HOST:PORT/v1/chat/ws` with the key in `Authorization`, in `?api_key=`, or in a first
+`auth` frame. Every frame is a JSON object with a `type`.
+
+{inspect.cleandoc(ws.__doc__ or "")}
+"""
+
+# Swagger UI and ReDoc from the fastapi-offline package, so the docs work without internet
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+DOCS_ASSET_NAMES = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+
+class PalmchatAPI(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        # outside Starlette's ServerErrorMiddleware, so that its 500s carry the id too
+        return RequestIdMiddleware(super().build_middleware_stack())
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` on local copies of their files: FastAPI's own
+    pages load them from a CDN."""
+    assert app.openapi_url is not None and app.swagger_ui_oauth2_redirect_url is not None
+    openapi_url, redirect_url = app.openapi_url, app.swagger_ui_oauth2_redirect_url
+
+    def under_root(request: Request, path: str) -> str:
+        return f"{request.scope.get('root_path', '')}{path}"
+
+    def asset(request: Request, name: str) -> str:
+        return under_root(request, f"/docs/assets/{name}")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=under_root(request, openapi_url),
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=asset(request, "swagger-ui-bundle.js"),
+            swagger_css_url=asset(request, "swagger-ui.css"),
+            swagger_favicon_url=asset(request, "favicon.png"),
+            oauth2_redirect_url=redirect_url,
+        )
+
+    @app.get(redirect_url, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=under_root(request, openapi_url),
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=asset(request, "redoc.standalone.js"),
+            redoc_favicon_url=asset(request, "favicon.png"),
+            with_google_fonts=False,
+        )
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        if name not in DOCS_ASSET_NAMES:
+            raise APIError(404, "not found", type="not_found_error")
+        return FileResponse(DOCS_ASSETS / name, headers={"X-Content-Type-Options": "nosniff"})
 
 
 def is_loopback(host: str) -> bool:
@@ -151,7 +248,15 @@ def create_app(
         raise ValueError("the triton backend needs triton_url (HOST:PORT of its gRPC endpoint)")
     prepared = prepare(settings, seed_dir=seed_dir)
     redact.install()  # no API key (the WebSocket's ?api_key=) in uvicorn's logs
-    app = FastAPI(title="palmchat", version="0.1.0", lifespan=lifespan)
+    request_id.install()
+    app = PalmchatAPI(
+        title="palmchat",
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # _install_docs serves both pages from local files
+        redoc_url=None,
+    )
     app.state.palmchat = AppState(
         settings=settings,
         db=prepared.engine,
@@ -169,13 +274,18 @@ def create_app(
         settings.data_dir / "spool", prepared.engine, on_applied=writes.on_applied(state)
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # outermost: it counts every response, the 413s above and unhandled errors included
+    app.add_middleware(CountRequests, metrics=state.metrics)
     install_error_handlers(app)
     app.include_router(chat.router)
+    app.include_router(completions.router)
     app.include_router(conversations.router)
     app.include_router(feedback.router)
     app.include_router(policies.router)
     app.include_router(ws.router)
+    app.include_router(tokenize.router)
     app.include_router(web.router)
+    _install_docs(app)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics(state: State) -> Response:
@@ -185,6 +295,15 @@ def create_app(
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/health", tags=["ops"], response_class=Response)
+    async def health() -> Response:
+        """vLLM's liveness probe: 200 with an empty body."""
+        return Response(status_code=200)
+
+    @app.get("/version", tags=["ops"])
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(state: State) -> dict[str, str]:

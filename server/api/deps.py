@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.requests import HTTPConnection
 from sqlalchemy.engine import Engine
 
-from server.api.limits import RateLimiter
+from server.api.limits import Quota, RateLimiter
 from server.api.protocol import APIError
 from server.api.spool import WriteSpool, is_unavailable
 from shared.checkpoints import PolicyRegistry
@@ -77,10 +77,12 @@ class AppState:
     on_policy_change: Callable[[], Awaitable[None]] | None = None
     policy_sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def check_rate(self, principal: Principal) -> None:
-        """429 when ``principal``'s key is over its rate limit."""
+    def check_rate(self, principal: Principal) -> Quota | None:
+        """429 when ``principal``'s key is over its rate limit; else its quota (None: no
+        limit)."""
         if self.rate_limiter is not None:
-            self.rate_limiter.check(principal.key_id)
+            return self.rate_limiter.check(principal.key_id)
+        return None
 
 
 def get_state(connection: HTTPConnection) -> AppState:
@@ -133,7 +135,9 @@ async def get_principal(request: Request) -> Principal:
     state = get_state(request)
     principal = await authenticate(state, bearer_token(request.headers.get("authorization")))
     request.state.principal = principal
-    state.check_rate(principal)
+    quota = state.check_rate(principal)
+    if quota is not None:  # sent as x-ratelimit-* headers (server.api.metrics.CountRequests)
+        request.state.quota = quota
     return principal
 
 

@@ -7,12 +7,41 @@ rate, which is the usual trade for keeping gateways stateless.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import APIError
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A key's standing after a request, as OpenAI's ``x-ratelimit-*-requests`` headers say
+    it: the burst size, the whole requests left, and the seconds until the bucket is full."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(self.remaining),
+            "x-ratelimit-reset-requests": _duration(self.reset_seconds),
+        }
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``"1s"``, ``"6m0s"``, ``"1h2m3s"`` (rounded up to a second)."""
+    total = max(0, math.ceil(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 class RateLimiter:
@@ -24,10 +53,11 @@ class RateLimiter:
         self._buckets: dict[int, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, key_id: int) -> None:
-        """Take one token for ``key_id`` or raise a 429 with ``Retry-After``."""
+    def check(self, key_id: int) -> Quota | None:
+        """Take one token for ``key_id`` and return its quota (None: no limit), or raise a
+        429 with ``Retry-After`` and the quota headers."""
         if self.rate <= 0:
-            return
+            return None
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key_id, (self.burst, now))
@@ -35,14 +65,19 @@ class RateLimiter:
             if tokens < 1.0:
                 self._buckets[key_id] = (tokens, now)
                 wait = max(1, int((1.0 - tokens) / self.rate + 0.999))
+                quota = self._quota(tokens)
                 raise APIError(
                     429,
                     f"rate limit exceeded; retry in {wait} s",
                     type="rate_limit_error",
                     code="rate_limit_exceeded",
-                    headers={"Retry-After": str(wait)},
+                    headers={"Retry-After": str(wait), **quota.headers()},
                 )
             self._buckets[key_id] = (tokens - 1.0, now)
+            return self._quota(tokens - 1.0)
+
+    def _quota(self, tokens: float) -> Quota:
+        return Quota(int(self.burst), int(tokens), (self.burst - tokens) / self.rate)
 
 
 class BodySizeLimit:

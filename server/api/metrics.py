@@ -7,11 +7,12 @@ from the engine's stats snapshot at scrape time, so they are never stale.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from server.api.serving import Backend
@@ -79,8 +80,15 @@ class Metrics:
 
         self.requests = Counter(
             "palmchat_requests",
-            "Chat requests by outcome.",
-            ["status", "finish_reason"],
+            "Finished requests (HTTP, and each WebSocket chat) by endpoint, HTTP status class "
+            "and error code.",
+            ["endpoint", "status", "code"],
+            registry=r,
+        )
+        self.finished = Counter(
+            "palmchat_request_success",
+            "Finished generations (each of a request's n choices) by finish reason.",
+            ["finish_reason"],
             registry=r,
         )
         self.ttft = seconds("time_to_first_token", "Time to first token.")
@@ -98,9 +106,56 @@ class Metrics:
         )
         r.register(EngineCollector(get_engine))
 
+    def count(self, endpoint: str, status: int, code: str | None) -> None:
+        """One finished request: ``status`` the HTTP status (WebSocket chats: the status the
+        same error would have over HTTP), ``code`` its error code (None on success)."""
+        self.requests.labels(endpoint, f"{status // 100}xx", code or "").inc()
+
     def observe_candidate(self, m: RequestMetrics) -> None:
         self.queue.observe(m.queue_time)
         if m.time_to_first_token is not None:
             self.ttft.observe(m.time_to_first_token)
         for gap in m.inter_token_latencies:
             self.itl.observe(gap)
+
+
+def error_code_of(scope: Scope) -> str | None:
+    state: Any = scope.get("state") or {}
+    return state.get("error_code") if isinstance(state, dict) else None
+
+
+class CountRequests:
+    """Pure ASGI middleware: counts every finished HTTP request in ``palmchat_requests_total``
+    (endpoint = the matched route's path, ``unmatched`` for none; the error code the error
+    handlers noted, else the status) and adds a key's ``x-ratelimit-*`` headers. Pure ASGI,
+    so SSE streams pass through unbuffered."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/metrics":  # scrapes are not traffic
+            await self.app(scope, receive, send)
+            return
+        status = 500  # no response at all counts as a server error
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                state: Any = scope.get("state") or {}
+                quota = state.get("quota") if isinstance(state, dict) else None
+                if quota is not None:
+                    extra = [(k.encode(), v.encode()) for k, v in quota.headers().items()]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            code = error_code_of(scope)
+            if status >= 400 and not code:
+                code = str(status)
+            self.metrics.count(endpoint, status, code)

@@ -91,8 +91,81 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI parameters that change nothing palmchat generates: accepted and ignored, as OpenAI
+# itself treats them (every conversation is logged whatever ``store`` says)
+IGNORED_PARAMS = frozenset(
+    {"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+# OpenAI parameters palmchat does not honour: a 400 naming them, never a silent drop
+UNSUPPORTED_PARAMS = {
+    "functions": "function calling",
+    "function_call": "function calling",
+    "audio": "audio output",
+    "prediction": "predicted outputs",
+    "web_search_options": "web search",
+    "reasoning_effort": "reasoning effort (this is not a reasoning model)",
+    "verbosity": "verbosity (this is not a reasoning model)",
+}
+MAX_LOGIT_BIAS = 1024
+
+
+def unsupported_reason(req: ChatCompletionRequest) -> tuple[str, str] | None:
+    """(parameter, message) for the first parameter of ``req`` that palmchat would have to
+    drop silently, or None. Unknown parameters are refused as OpenAI refuses them."""
+    extra = dict(req.model_extra or {})
+    for name in extra:
+        if name in IGNORED_PARAMS:
+            continue
+        if name in UNSUPPORTED_PARAMS:
+            return name, f"palmchat does not support {UNSUPPORTED_PARAMS[name]} ({name!r})"
+        if name == "modalities":
+            if extra[name] in (["text"], None):
+                continue
+            return name, 'palmchat generates text only: modalities must be ["text"]'
+        if name in ("tools", "tool_choice", "parallel_tool_calls"):
+            continue  # below
+        return name, f"Unrecognized request argument supplied: {name}"
+    tools, choice = extra.get("tools"), extra.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        return "tool_choice", (
+            f"palmchat does not support tool calling: tool_choice {choice!r} cannot be honoured"
+        )
+    if tools and choice != "none":
+        return "tools", (
+            'palmchat does not support tool calling; leave out tools, or set tool_choice to "none"'
+        )
+    return None
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # named "schema" on the wire; the attribute name would shadow BaseModel's own
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or
+    ``json_schema`` (``json_schema.schema``); JSON is enforced by constrained decoding, strict
+    or not."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object')
+        return self
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # extras are refused by unsupported_reason
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -113,6 +186,18 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     conversation_id: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end token
+    # OpenAI's: token id (as a string) -> bias in [-100, 100] added to its logit
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extras (see server.engine.SamplingParams)
+    min_tokens: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    # structured outputs: OpenAI's response_format, and vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -131,10 +216,33 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, value in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {value!r} for {key}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        wanted = [
+            name
+            for name in ("guided_json", "guided_regex", "guided_choice")
+            if getattr(self, name) is not None
+        ]
+        if self.response_format is not None and self.response_format.type != "text":
+            wanted.append("response_format")
+        if len(wanted) > 1:
+            raise ValueError(f"at most one of {', '.join(wanted)} may constrain the output")
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be from the assistant")
         return self
@@ -218,6 +326,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "palmchat"
+    # vLLM's extras: the policy version this id is served by, and its context length
+    root: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

@@ -24,6 +24,7 @@ from server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
@@ -31,14 +32,17 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
     new_completion_id,
+    unsupported_reason,
 )
 from server.api.protocol import (
     Choice as ResponseChoice,
 )
+from server.api.sampling import sampling_params
+from server.api.structured import guided_decoding
 from server.engine import Delta as EngineDelta
 from server.engine import DeltaStream, EngineOverloaded, EngineStats, SamplingParams
 from shared.keys import Principal
-from shared.store import LoggedChoice, NotFound, check_conversation
+from shared.store import LoggedChoice, NotFound, continuation_prompt, is_full_history
 from shared.tokenizer import Tokenizer, apply_chat_template
 
 log = logging.getLogger(__name__)
@@ -56,13 +60,10 @@ class CandidateState:
 
 
 @dataclass
-class Completion:
-    """One request in flight: its params, candidates so far, and where it came from."""
+class EngineRun:
+    """One engine request and its candidates so far: what :func:`run_engine` drives."""
 
     id: str
-    request: ChatCompletionRequest
-    principal: Principal
-    messages: list[dict[str, str]]
     prompt_ids: list[int]
     params: SamplingParams
     tokenizer: Tokenizer
@@ -70,7 +71,6 @@ class Completion:
     started: float = field(default_factory=time.perf_counter)
     policy_version: str = ""
     candidates: list[CandidateState] = field(default_factory=list)
-    conversation_id: str | None = None
 
     @property
     def done(self) -> bool:
@@ -83,6 +83,16 @@ class Completion:
             completion_tokens=out,
             total_tokens=len(self.prompt_ids) + out,
         )
+
+
+@dataclass(kw_only=True)
+class Completion(EngineRun):
+    """A chat request in flight: its engine run, the request and where it came from."""
+
+    request: ChatCompletionRequest
+    principal: Principal
+    messages: list[dict[str, str]]
+    conversation_id: str | None = None
 
 
 class Backend(Protocol):
@@ -147,9 +157,16 @@ def _convert_logprobs(tok: Tokenizer, items: list[Any], top_n: int) -> list[Toke
     return out
 
 
-def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Principal) -> Completion:
-    """Validate against the served policy and build the engine request (400/404 on misuse)."""
-    engine = _engine(state)
+def _validated_messages(state: AppState, req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as the chat template reads them, after the model check and the
+    check that no parameter would be dropped silently (400/404 on misuse)."""
+    refused = unsupported_reason(req)
+    if refused is not None:
+        name, message = refused
+        code = (
+            "unknown_parameter" if message.startswith("Unrecognized") else "unsupported_parameter"
+        )
+        raise APIError(400, message, param=name, code=code)
     if req.model not in served_models(state):
         raise APIError(
             404,
@@ -158,14 +175,79 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
             param="model",
             code="model_not_found",
         )
-    messages = []
-    for i, m in enumerate(req.messages):
+    return chat_messages(req.messages)
+
+
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """Request messages as the chat template reads them; 400 naming the message whose
+    content cannot be templated, or is missing (a user or system message with no text: an
+    answer to nothing would be logged and trained on as if it had been asked)."""
+    out = []
+    for i, m in enumerate(messages):
         try:
-            messages.append(m.normalised())
+            out.append(m.normalised())
         except ValueError as e:  # the role is checked by the schema, so this is the content
             raise APIError(
                 400, f"messages[{i}].content: {e}", param=f"messages.{i}.content"
             ) from None
+        if m.content is None or (m.role != "assistant" and not out[-1]["content"]):
+            raise APIError(
+                400,
+                f"messages[{i}].content: a {m.role} message needs non-empty content",
+                param=f"messages.{i}.content",
+                code="invalid_value",
+            )
+    return out
+
+
+async def _continued(
+    state: AppState, req: ChatCompletionRequest, who: Principal, messages: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """What a request with ``conversation_id`` is generated from (:func:`continuation_prompt`):
+    404 before any token when the conversation is not the caller's own. With only new messages
+    the log must be read, so a database that is away is a 503; a full history is generated as
+    sent and its log write decides later (it may be spooled)."""
+    assert req.conversation_id is not None
+    try:
+        return await run_in_threadpool(
+            continuation_prompt, state.db, who.user_id, req.conversation_id, messages
+        )
+    except NotFound as e:
+        raise APIError(404, str(e), type="not_found_error", param="conversation_id") from None
+    except Exception:
+        log.warning("could not read conversation %s", req.conversation_id, exc_info=True)
+        if is_full_history(messages):
+            return messages
+        raise APIError(
+            503,
+            "the conversation log is unavailable, so the conversation's earlier turns cannot "
+            "be read; retry, or send the whole history in messages",
+            type="service_unavailable",
+            code="conversation_log_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def prepare(state: AppState, req: ChatCompletionRequest, who: Principal) -> Completion:
+    """Validate against the served policy, read the earlier turns of a continued conversation,
+    and build the engine request (400/404/503 before any token is generated)."""
+    messages = _validated_messages(state, req)
+    if req.conversation_id is not None:
+        messages = await _continued(state, req, who, messages)
+    return prepare_completion(state, req, who, messages)
+
+
+def prepare_completion(
+    state: AppState,
+    req: ChatCompletionRequest,
+    who: Principal,
+    messages: list[dict[str, str]] | None = None,
+) -> Completion:
+    """Build the engine request from ``messages`` (default: the request's own, validated):
+    exactly what the model is given and what the log stores with its reply."""
+    engine = _engine(state)
+    if messages is None:
+        messages = _validated_messages(state, req)
     tok, context = serving_policy(engine)
     prompt_ids = apply_chat_template(tok, messages, add_generation_prompt=True)
     if len(prompt_ids) >= context:
@@ -175,6 +257,7 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
             param="messages",
             code="context_length_exceeded",
         )
+    guided = guided_decoding(req, tok)
     room = context - len(prompt_ids)
     max_tokens = req.token_limit or min(DEFAULT_MAX_TOKENS, room)
     if max_tokens > room:
@@ -185,23 +268,14 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
             param="max_tokens",
             code="context_length_exceeded",
         )
-    try:
-        params = SamplingParams(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            max_tokens=max_tokens,
-            stop=tuple(req.stop or ()),
-            seed=req.seed,
-            n=req.n,
-            logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs or 0,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            ignore_eos=req.ignore_eos,
-        )
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+    params = sampling_params(
+        req,
+        tok,
+        max_tokens,
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs or 0,
+        guided=guided,
+    )
     return Completion(
         id=new_completion_id(),
         request=req,
@@ -215,23 +289,7 @@ def prepare_completion(state: AppState, req: ChatCompletionRequest, who: Princip
     )
 
 
-async def check_continuation(state: AppState, c: Completion) -> None:
-    """404 before any token is generated when ``conversation_id`` is not the caller's own
-    conversation: found only when the log is written, it would cut a stream or a WebSocket
-    chat off after its tokens (and waste them)."""
-    if c.conversation_id is None:
-        return
-    try:
-        await run_in_threadpool(
-            check_conversation, state.db, c.principal.user_id, c.conversation_id
-        )
-    except NotFound as e:
-        raise APIError(404, str(e), type="not_found_error", param="conversation_id") from None
-    except Exception:  # database away: the log write decides later (it may be spooled)
-        log.warning("could not check conversation %s", c.conversation_id, exc_info=True)
-
-
-async def run_engine(state: AppState, c: Completion) -> AsyncGenerator[EngineDelta, None]:
+async def run_engine(state: AppState, c: EngineRun) -> AsyncGenerator[EngineDelta, None]:
     """Stream the engine's deltas for ``c``, updating its candidates; abort on early exit."""
     engine = _engine(state)
     metrics = state.metrics
@@ -249,13 +307,12 @@ async def run_engine(state: AppState, c: Completion) -> AsyncGenerator[EngineDel
                 )
             if delta.finish_reason is not None:
                 cand.finish_reason = str(getattr(delta.finish_reason, "value", delta.finish_reason))
-                metrics.requests.labels("ok", cand.finish_reason).inc()
+                metrics.finished.labels(cand.finish_reason).inc()
             if delta.metrics is not None:
                 metrics.observe_candidate(delta.metrics)
             yield delta
         metrics.e2e.observe(time.perf_counter() - c.started)
     except EngineOverloaded as e:  # at submission (in-process) or as the first reply (Triton)
-        metrics.requests.labels("overloaded", "").inc()
         raise APIError(
             429, str(e), type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
         ) from None
@@ -292,6 +349,23 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
             "frequency_penalty",
             "logprobs",
         }
+    )
+    # the extras only where a request set them
+    params |= c.request.model_dump(
+        include={
+            "logit_bias",
+            "min_tokens",
+            "min_p",
+            "repetition_penalty",
+            "stop_token_ids",
+            "ignore_eos",
+            "response_format",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+        },
+        exclude_defaults=True,
+        by_alias=True,
     )
     params["max_tokens"] = c.params.max_tokens
     # named up front, so a spooled entry can be answered with its conversation's id

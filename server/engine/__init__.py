@@ -20,6 +20,7 @@ from server.engine import openmp  # noqa: F401  (sets OMP_WAIT_POLICY before tor
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine, RequestStream
     from server.engine.config import EngineConfig
+    from server.engine.guided import GrammarError, GuidedDecoding
     from server.engine.llm_engine import EngineOverloaded, LLMEngine
     from server.engine.outputs import Delta, DeltaStream, RequestMetrics
     from server.engine.sampling import SamplingParams
@@ -30,6 +31,8 @@ _EXPORTS = {
     "AsyncEngine": "async_engine",
     "RequestStream": "async_engine",
     "EngineConfig": "config",
+    "GrammarError": "guided",
+    "GuidedDecoding": "guided",
     "EngineOverloaded": "llm_engine",
     "LLMEngine": "llm_engine",
     "Delta": "outputs",
@@ -49,6 +52,8 @@ __all__ = [
     "EngineOverloaded",
     "EngineStats",
     "FinishReason",
+    "GrammarError",
+    "GuidedDecoding",
     "LLMEngine",
     "RequestMetrics",
     "RequestStream",

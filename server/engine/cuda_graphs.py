@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from server.engine.kv_cache import PagedKVCache
-from shared.model import PaLM
+from shared.families import PolicyModel
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -45,7 +45,7 @@ class StaticDecode:
     reads only that buffer and writes ``logits``.
     """
 
-    def __init__(self, model: PaLM, cache: PagedKVCache, rows: int) -> None:
+    def __init__(self, model: PolicyModel, cache: PagedKVCache, rows: int) -> None:
         self.model, self.cache, self.rows = model, cache, rows
         bs = cache.block_size
         self.max_blocks = -(-model.config.max_seq_len // bs)
@@ -92,13 +92,13 @@ class StaticDecode:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """The model's ``AttentionCache``: store this step's key/value in the pool, attend over
-        each row's blocks. q (B, 1, H, dh), k and v (B, 1, dh) -> (B, 1, H * dh)."""
+        each row's blocks. q (B, 1, H, dh), k and v (B, 1, Hkv, dh) -> (B, 1, H * dh)."""
         assert self._slots is not None and self._table is not None and self._mask is not None
         cache = self.cache
-        b, dh = q.shape[0], q.shape[-1]
-        cache.store(layer, k.reshape(-1, dh), v.reshape(-1, dh), self._slots)
-        keys = cache.k[layer].index_select(0, self._table).view(b, self.width, dh)
-        values = cache.v[layer].index_select(0, self._table).view(b, self.width, dh)
+        b, width = q.shape[0], cache.width
+        cache.store(layer, k.reshape(-1, width), v.reshape(-1, width), self._slots)
+        keys = cache.k[layer].index_select(0, self._table).view(b, self.width, width)
+        values = cache.v[layer].index_select(0, self._table).view(b, self.width, width)
         return cache.decode_attention(q, keys, values, self._mask)
 
 
@@ -107,7 +107,7 @@ class GraphDecoder:
     (the default on CUDA), otherwise run eagerly (CPU tests of the same path)."""
 
     def __init__(
-        self, model: PaLM, cache: PagedKVCache, max_rows: int, record: bool | None = None
+        self, model: PolicyModel, cache: PagedKVCache, max_rows: int, record: bool | None = None
     ) -> None:
         self.model, self.cache = model, cache
         self.buckets = buckets(max_rows)

@@ -18,9 +18,9 @@ from torch import Tensor
 
 class DecodeWorkspace:
     def __init__(self, k_pool: Tensor, v_pool: Tensor, max_len: int, headroom: int = 128) -> None:
-        self.k_pool, self.v_pool = k_pool, v_pool  # (L, blocks + 1, block_size, dh)
+        self.k_pool, self.v_pool = k_pool, v_pool  # (L, blocks + 1, block_size, Hkv * dh)
         self.max_len, self.headroom = max_len, headroom
-        self.k: Tensor | None = None  # (L, B, capacity, dh)
+        self.k: Tensor | None = None  # (L, B, capacity, Hkv * dh)
         self.v: Tensor | None = None
         self._uids: list[int] = []
         self._next: list[int] = []  # the position each row writes next
@@ -62,7 +62,8 @@ class DecodeWorkspace:
         self.v[:, :, : width * bs] = self.v_pool.index_select(1, table).view(layers, rows, -1, dh)
 
     def write_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v (B, dh) of ``layer``; return keys, values (B, width, dh)."""
+        """Store this step's k, v (B, Hkv * dh) of ``layer``; return keys, values
+        (B, width, Hkv * dh)."""
         assert self.k is not None and self.v is not None and self.index is not None
         dh = k.shape[-1]
         k_layer, v_layer = self.k[layer], self.v[layer]

@@ -1,10 +1,12 @@
 """The paged KV cache tensors and the attention that reads them.
 
-Layer ``l`` keeps keys and values in ``(num_blocks + 1, block_size, dim_head)`` pools (multi-query
-attention: one k/v head). The extra last block is scratch: padding tokens of a ragged prefill
-write there and no block table points at it. Before each forward the runner calls
-:meth:`PagedKVCache.prepare` with the batch's block tables and positions; every layer then
-writes its new keys/values into their slots and attends over the sequence's blocks.
+Layer ``l`` keeps keys and values in ``(num_blocks + 1, block_size, kv_heads * dim_head)`` pools:
+a slot holds every key/value head of one token side by side (PaLM's multi-query attention has
+one, a grouped-query Llama-family model several). The extra last block is scratch: padding
+tokens of a ragged prefill write there and no block table points at it. Before each forward
+the runner calls :meth:`PagedKVCache.prepare` with the batch's block tables and positions;
+every layer then writes its new keys/values into their slots and attends over the sequence's
+blocks.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import torch
 from torch import Tensor
 
 from server.engine.decode_workspace import DecodeWorkspace
-from shared.model import PaLMConfig, attention
+from shared.model import CacheShape, attention
 
 
-def blocks_for_budget(config: PaLMConfig, block_size: int, memory_mb: float, dtype: torch.dtype):
+def blocks_for_budget(config: CacheShape, block_size: int, memory_mb: float, dtype: torch.dtype):
     """How many blocks of ``block_size`` tokens fit ``memory_mb`` of keys + values."""
-    per_block = 2 * config.depth * block_size * config.dim_head * dtype.itemsize
+    per_block = 2 * config.depth * block_size * config.kv_heads * config.dim_head * dtype.itemsize
     return int(memory_mb * 2**20 // per_block)
 
 
 class PagedKVCache:
     def __init__(
         self,
-        config: PaLMConfig,
+        config: CacheShape,
         num_blocks: int,
         block_size: int,
         device: torch.device,
@@ -35,7 +37,9 @@ class PagedKVCache:
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch = num_blocks
-        shape = (config.depth, num_blocks + 1, block_size, config.dim_head)
+        self.kv_heads, self.dim_head = config.kv_heads, config.dim_head
+        self.width = config.kv_heads * config.dim_head  # one slot: every head's key (or value)
+        shape = (config.depth, num_blocks + 1, block_size, self.width)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.device = device
@@ -94,29 +98,39 @@ class PagedKVCache:
         self._slots = slots
 
     def store(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        """Write keys and values (N, dh) of ``layer`` into the pool's flat ``slots`` (N,)."""
-        dh = k.shape[-1]
-        self.k[layer].view(-1, dh).index_copy_(0, slots, k)
-        self.v[layer].view(-1, dh).index_copy_(0, slots, v)
+        """Write keys and values (N, Hkv * dh) of ``layer`` into the pool's flat ``slots`` (N,)."""
+        self.k[layer].view(-1, self.width).index_copy_(0, slots, k)
+        self.v[layer].view(-1, self.width).index_copy_(0, slots, v)
 
     def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """One query per row: q (B, 1, H, dh) over keys/values (B, S, dh) with an additive mask
-        (B, 1, S), as (B, H, dh) x (B, dh, S) matmuls with no per-head key copy."""
+        """One query per row: q (B, 1, H, dh) over keys/values (B, S, Hkv * dh) with an additive
+        mask (B, 1, S), as batched matmuls with no per-head key copy: (B, H, dh) x (B, dh, S)
+        for one shared head, (B, Hkv, H / Hkv, dh) x (B, Hkv, dh, S) for grouped heads."""
         b, _, h, dh = q.shape
-        scores = torch.baddbmm(mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=self.scale)
-        return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
+        hkv = self.kv_heads
+        if hkv == 1:
+            scores = torch.baddbmm(
+                mask, q.reshape(b, h, dh), keys.transpose(1, 2), alpha=self.scale
+            )
+            return torch.bmm(scores.softmax(dim=-1), values).view(b, 1, h * dh)
+        s = keys.shape[1]
+        grouped = q.reshape(b, hkv, h // hkv, dh)
+        keys = keys.view(b, s, hkv, dh).permute(0, 2, 3, 1)  # (B, Hkv, dh, S)
+        values = values.view(b, s, hkv, dh).transpose(1, 2)  # (B, Hkv, S, dh)
+        scores = torch.matmul(grouped, keys).mul_(self.scale).add_(mask.unsqueeze(1))
+        return torch.matmul(scores.softmax(dim=-1), values).view(b, 1, h * dh)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """The model's ``AttentionCache``: store the new k/v (B, T, dh) in the slots
+        """The model's ``AttentionCache``: store the new k/v (B, T, Hkv, dh) in the slots
         :meth:`prepare` (or :meth:`prepare_decode`) set up, then attend q (B, T, H, dh) over
         each row's cached keys, the new ones included; returns (B, T, H * dh)."""
         assert self._slots is not None and self._mask is not None
-        dh = k.shape[-1]
-        k, v = k.reshape(-1, dh), v.reshape(-1, dh)
+        k, v = k.reshape(-1, self.width), v.reshape(-1, self.width)
         self.store(layer, k, v, self._slots)
         if self._tables is None:  # decode: the workspace has every row's keys and values
             keys, values = self.workspace.write_and_read(layer, k, v)
             return self.decode_attention(q, keys, values, self._mask)
-        keys = self.k[layer].index_select(0, self._tables).view(self._rows, -1, dh)
-        values = self.v[layer].index_select(0, self._tables).view(self._rows, -1, dh)
+        shape = (self._rows, -1, self.kv_heads, self.dim_head)
+        keys = self.k[layer].index_select(0, self._tables).view(shape)
+        values = self.v[layer].index_select(0, self._tables).view(shape)
         return attention(q, keys, values, self._mask)

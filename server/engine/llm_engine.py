@@ -22,6 +22,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
 from server.engine.cpu_kernels import StepThreads, prepack_linears, warm_up
 from server.engine.cuda_graphs import GraphDecoder
+from server.engine.guided import Guide
 from server.engine.kv_cache import PagedKVCache, blocks_for_budget
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import Delta, TextState, metrics_of
@@ -30,7 +31,8 @@ from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import FinishReason, Sequence, TokenLogprob
 from server.engine.stats import EngineStats
 from shared.checkpoints import Policy, PolicyRegistry
-from shared.model import PaLM, RotaryEmbedding
+from shared.families import PolicyModel
+from shared.model import RotaryEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class PolicyWorker:
         return self.policy.version
 
 
-def _serving_layout(model: PaLM, config: EngineConfig) -> None:
+def _serving_layout(model: PolicyModel, config: EngineConfig) -> None:
     """Ready the projections for serving. Float32 on CPU: weights prepacked once for oneDNN's
     matmul (:mod:`server.engine.cpu_kernels`). Otherwise every projection is stored transposed
     (same values and shapes), so ``F.linear`` hands BLAS a row-major (in, out) matrix, faster
@@ -219,6 +221,9 @@ class LLMEngine:
             Sequence(request_id, i, list(prompt_ids), params, worker.version, arrival=now)
             for i in range(params.n)
         ]
+        if params.guided is not None:  # before anything is queued: a bad grammar raises here
+            for seq in seqs:
+                seq.guide = Guide(params.guided, worker.policy.tokenizer)
         for seq in seqs:
             worker.scheduler.add(seq)
             self.texts[seq] = TextState(worker.policy.tokenizer, params.stop)
@@ -255,7 +260,13 @@ class LLMEngine:
         """Forward and sample one batch, on the CPU threads its size runs fastest on."""
         if self.threads is not None:
             self.threads.use(batch.num_tokens, batch.is_prefill)
-        out = worker.runner.run(batch.seqs, batch.is_prefill, batch.fork_rows, batch.block_copies)
+        out = worker.runner.run(
+            batch.seqs,
+            batch.is_prefill,
+            batch.fork_rows,
+            batch.block_copies,
+            end_ids=worker.policy.tokenizer.stop_ids,
+        )
         if self.threads is not None:
             self.threads.done()
         self._stats.steps += 1
@@ -271,7 +282,7 @@ class LLMEngine:
     ) -> list[Delta]:
         """Append the sampled tokens and turn each row into its candidate's delta."""
         results = worker.scheduler.postprocess(
-            batch, out.token_ids, time.perf_counter(), worker.policy.tokenizer.end_id
+            batch, out.token_ids, time.perf_counter(), worker.policy.tokenizer.stop_ids
         )
         deltas = []
         for row, (seq, is_output) in enumerate(results):
@@ -365,11 +376,21 @@ class LLMEngine:
         return s.snapshot()
 
     def generate(
-        self, prompts: Seq[Seq[int]], params: SamplingParams | None = None
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[list[Delta]]:
-        """Run prompts to completion (offline use, tests); returns each request's final
-        deltas, one per candidate, merged (all token ids, whole text, all logprobs)."""
-        ids = [self.add_request(p, params) for p in prompts]
+        """Run prompts to completion (offline use, tests), batched together; ``params`` is one
+        for all or one per prompt. Returns each request's final deltas, one per candidate,
+        merged (all token ids, whole text, all logprobs)."""
+        each: list[SamplingParams | None]
+        if params is None or isinstance(params, SamplingParams):
+            each = [params] * len(prompts)
+        else:
+            each = list(params)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(each)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, q) for p, q in zip(prompts, each, strict=True)]
         merged: dict[tuple[str, int], Delta] = {}
         try:
             while self.has_work():

@@ -26,7 +26,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import Delta
 from server.engine.sampling import SamplingParams
 from shared.checkpoints import Policy
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer
 
 BLOCK_SIZE = 16
@@ -34,7 +34,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def engine_config_for(
-    model: PaLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int = 0
+    model: PolicyModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int = 0
 ) -> EngineConfig:
     """An engine config that runs every prompt at once on ``model``'s device and dtype, with
     enough blocks for each to reach ``max_new_tokens`` (or the model's context)."""
@@ -62,7 +62,7 @@ def engine_config_for(
 
 @torch.no_grad()
 def generate(
-    model: PaLM,
+    model: PolicyModel,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server.engine.guided import GuidedDecoding, guided_of
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -28,7 +30,15 @@ class SamplingParams:
     sampling reproducible; candidate ``i`` of ``n`` uses ``seed + i``. ``logprobs`` returns the
     log-probability of every chosen token, plus the ``top_logprobs`` most likely alternatives.
     Penalties follow the OpenAI definition: ``logit -= frequency * count + presence * (count>0)``
-    over the tokens this candidate generated so far.
+    over the tokens this candidate generated so far. vLLM's extras: ``repetition_penalty``
+    (as in HF and vLLM: a logit of a token already in the prompt or the output is divided by
+    it when positive, multiplied when negative; 1 = off), ``logit_bias`` (token id → a bias
+    in [-100, 100] added to its logit, as OpenAI), ``min_p`` (drop tokens whose probability
+    is below ``min_p`` times the most likely one's), ``min_tokens`` (the end token and
+    ``stop_token_ids`` cannot be picked before this many tokens) and ``stop_token_ids``
+    (more token ids that end a candidate like the end token; not output). ``guided``
+    constrains the text to JSON, a JSON schema, a regex or a choice
+    (:mod:`server.engine.guided`).
     """
 
     temperature: float = 1.0
@@ -43,11 +53,26 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
+        self.guided = guided_of(self.guided)  # a dict over the Triton wire
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if self.logit_bias is not None:  # JSON (the Triton wire) gives string keys
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or not all(_int_like(k) for k in bias):
+                raise ValueError(
+                    f"SamplingParams.logit_bias must map token ids to biases: {bias!r}"
+                )
+            self.logit_bias = {int(k): float(v) for k, v in bias.items()} or None
         _check(self, "temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]")
         _check(self, "top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
         _check(self, "top_k", _is_int(self.top_k) and self.top_k >= 0, "must be an int >= 0")
@@ -77,6 +102,31 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(self, name, -2.0 <= value <= 2.0, "must be in [-2, 2]")
+        _check(
+            self, "repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"
+        )
+        _check(self, "min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]")
+        _check(
+            self, "min_tokens", _is_int(self.min_tokens) and self.min_tokens >= 0, "must be >= 0"
+        )
+        _check(
+            self,
+            "min_tokens",
+            self.min_tokens <= self.max_tokens,
+            f"must be at most max_tokens ({self.max_tokens})",
+        )
+        _check(
+            self,
+            "stop_token_ids",
+            len(self.stop_token_ids) <= 64
+            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "must be at most 64 token ids >= 0",
+        )
+        for value in (self.logit_bias or {}).values():
+            if not (math.isfinite(value) and -100.0 <= value <= 100.0):
+                raise ValueError(
+                    f"SamplingParams.logit_bias values must be in [-100, 100], got {value!r}"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -86,9 +136,23 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def shapes_logits(self) -> bool:
+        """Anything beyond temperature/top-k/top-p that changes this row's logits."""
+        return (
+            self.has_penalties
+            or self.repetition_penalty != 1.0
+            or bool(self.logit_bias)
+            or self.min_tokens > 0
+        )
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_like(value: object) -> bool:
+    return _is_int(value) or (isinstance(value, str) and value.isdigit())
 
 
 def _check(params: SamplingParams, name: str, ok: bool, why: str) -> None:
@@ -132,6 +196,44 @@ def apply_penalties(
     logits[index] -= counts * freq + (counts > 0).to(logits.dtype) * pres
 
 
+def apply_repetition_penalty(
+    logits: Tensor, rows: Sequence[int], seen: Sequence[Sequence[int]], penalties: Sequence[float]
+) -> None:
+    """HF/vLLM repetition penalty in place on ``logits[rows]``: for each token id in ``seen``
+    (prompt and output), a positive logit is divided by the penalty, a negative multiplied."""
+    for row, ids, penalty in zip(rows, seen, penalties, strict=True):
+        if penalty == 1.0 or not ids:
+            continue
+        index = torch.tensor(sorted(set(ids)), device=logits.device)
+        values = logits[row].index_select(0, index)
+        logits[row].index_copy_(
+            0, index, torch.where(values > 0, values / penalty, values * penalty)
+        )
+
+
+def apply_logit_bias(
+    logits: Tensor, rows: Sequence[int], biases: Sequence[dict[int, float]]
+) -> None:
+    """Add each row's ``{token id: bias}`` in place (ids past the vocabulary are ignored; the
+    API refuses them)."""
+    vocab = logits.shape[-1]
+    for row, bias in zip(rows, biases, strict=True):
+        items = [(t, b) for t, b in bias.items() if 0 <= t < vocab]
+        if items:
+            index = torch.tensor([t for t, _ in items], device=logits.device)
+            values = torch.tensor([b for _, b in items], dtype=logits.dtype, device=logits.device)
+            logits[row].index_add_(0, index, values)
+
+
+def ban_tokens(logits: Tensor, rows: Sequence[int], banned: Sequence[Sequence[int]]) -> None:
+    """Make ``banned[i]`` unpickable in row ``rows[i]`` (``min_tokens`` not reached yet)."""
+    vocab = logits.shape[-1]
+    for row, ids in zip(rows, banned, strict=True):
+        valid = [t for t in ids if 0 <= t < vocab]
+        if valid:
+            logits[row, valid] = float("-inf")
+
+
 def sample_rows(
     logits: Tensor,
     temperatures: Sequence[float],
@@ -139,11 +241,13 @@ def sample_rows(
     top_ks: Sequence[int],
     generators: Sequence[torch.Generator | None],
     default_generator: torch.Generator | None = None,
+    min_ps: Sequence[float] | None = None,
 ) -> Tensor:
     """Pick one token per row of (B, V) ``logits``; temperature 0 means greedy (argmax).
 
-    Sampling is inverse-CDF over the (top-k, top-p filtered) distribution with one uniform draw
-    per row; a row with its own generator draws from it, others from ``default_generator``.
+    Sampling is inverse-CDF over the (top-k, top-p, min-p filtered) distribution with one
+    uniform draw per row; a row with its own generator draws from it, others from
+    ``default_generator``.
     """
     logits = logits.float()
     batch, vocab = logits.shape
@@ -157,6 +261,9 @@ def sample_rows(
     sub = logits if rows is None else logits.index_select(0, rows)
     temps = torch.tensor([temperatures[i] for i in sampled], device=logits.device)
     probs = torch.softmax(sub / temps.unsqueeze(1), dim=-1)
+    if min_ps is not None and any(min_ps[i] > 0 for i in sampled):
+        floor = torch.tensor([min_ps[i] for i in sampled], device=logits.device).unsqueeze(1)
+        probs = probs.masked_fill(probs < floor * probs.max(dim=-1, keepdim=True).values, 0.0)
     ks = [top_ks[i] if 0 < top_ks[i] < vocab else vocab for i in sampled]
     ps = [top_ps[i] for i in sampled]
     if min(ks) < vocab or min(ps) < 1.0:

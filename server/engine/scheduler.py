@@ -10,6 +10,7 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
@@ -140,16 +141,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(
-        self, batch: ScheduledBatch, token_ids: list[int], now: float, end_id: int
+        self, batch: ScheduledBatch, token_ids: list[int], now: float, end_ids: Collection[int]
     ) -> list[tuple[Sequence, bool]]:
-        """Append each sampled token; return (sequence, token_is_output) pairs. An end token
-        finishes its sequence (and is not output), as do max_tokens, the model's context and
-        the KV pool's size."""
+        """Append each sampled token; return (sequence, token_is_output) pairs. One of the
+        policy's ``end_ids`` (its tokenizer's stop tokens) or of the request's
+        ``stop_token_ids`` finishes its sequence (and is not output), as do max_tokens, the
+        model's context and the KV pool's size."""
         out = []
         for seq, token in zip(batch.seqs, token_ids, strict=True):
             if batch.is_prefill:
                 self.blocks.mark_ready(seq)
-            if token == end_id and not seq.params.ignore_eos:
+            ends = token in end_ids and not seq.params.ignore_eos
+            if ends or token in seq.params.stop_token_ids:
                 seq.finish_reason = FinishReason.STOP
                 if seq.first_token is None:
                     seq.first_token = now

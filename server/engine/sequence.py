@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.guided import Guide
 from server.engine.sampling import SamplingParams
 
 _uids = itertools.count()
@@ -51,6 +52,7 @@ class Sequence:
     first_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    guide: Guide | None = None  # its grammar state, when its params are guided
     # timings (perf_counter seconds)
     first_scheduled: float | None = None
     first_token: float | None = None

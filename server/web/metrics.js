@@ -40,8 +40,9 @@ export function snapshot(text, at = Date.now()) {
   return {
     at,
     requests: sumOf(s, "palmchat_requests_total"),
+    // every refused or failed request (4xx and 5xx), not only the server's own failures
     errors: (sumOf(s, "palmchat_requests_total") ?? 0) -
-      (sumOf(s, "palmchat_requests_total", { status: "ok" }) ?? 0),
+      (sumOf(s, "palmchat_requests_total", { status: "2xx" }) ?? 0),
     generationTokens: sumOf(s, "palmchat_generation_tokens_total"),
     promptTokens: sumOf(s, "palmchat_prompt_tokens_total"),
     running: sumOf(s, "palmchat_num_requests_running"),

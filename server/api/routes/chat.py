@@ -1,52 +1,62 @@
-"""OpenAI-compatible chat completions (JSON or SSE) and the model list."""
+"""OpenAI-compatible chat completions (JSON or SSE), the model list and model cards."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
 from server.api import serving
-from server.api.deps import CurrentUser, State
-from server.api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+from server.api.deps import AppState, CurrentUser, State
+from server.api.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from server.api.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"model {model!r} does not exist or is not served; see GET /v1/models",
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _cards(state: AppState) -> list[ModelCard]:
+    models = serving.served_models(state)  # 503 while no policy is loaded
+    assert state.engine is not None  # served_models checked
+    _, context = serving.serving_policy(state.engine)
+    created, version = int(state.started_at), state.engine.version
+    return [ModelCard(id=m, created=created, root=version, max_model_len=context) for m in models]
+
+
 @router.get("/models")
 async def list_models(state: State, _: CurrentUser) -> ModelList:
-    created = int(state.started_at)
-    return ModelList(data=[ModelCard(id=m, created=created) for m in serving.served_models(state)])
+    return ModelList(data=_cards(state))
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, state: State, _: CurrentUser) -> ModelCard:
+    for card in _cards(state):
+        if card.id == model:
+            return card
+    raise model_not_found(model)
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, state: State, user: CurrentUser
 ) -> ChatCompletionResponse | EventSourceResponse:
-    completion = serving.prepare_completion(state, body, user)
-    await serving.check_continuation(state, completion)
+    completion = await serving.prepare(state, body, user)
     if not body.stream:
         return await serving.complete(state, completion)
 
-    # Run the stream up to its first chunk before answering: that submits the request to the
-    # engine, so a full queue is a real 429 (with Retry-After) instead of a 200 whose stream
-    # breaks off.
-    chunks = serving.stream_chunks(state, completion)
-    try:
-        first: str | None = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
-
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        try:
-            if first is not None:
-                yield {"data": first}
-            async for chunk in chunks:
-                yield {"data": chunk}
-            yield {"data": "[DONE]"}
-        finally:
-            await chunks.aclose()
-
-    return EventSourceResponse(events(), ping=15)
+    # the first chunk is awaited before answering: a full queue is a 429, not a broken 200
+    return await sse_response(serving.stream_chunks(state, completion))

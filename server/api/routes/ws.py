@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_FRAME_BYTES = 256 * 1024
+ENDPOINT = "/v1/chat/ws"  # each chat on the socket is counted as one request under this name
+CANCELLED = 499  # a chat the client stopped: counted as a client-side end, as nginx does
 
 
 def _error(err: APIError, request_id: str | None = None) -> dict[str, Any]:
@@ -78,6 +80,15 @@ class ChatSocket:
         async with self.send_lock:
             await self.ws.send_text(json.dumps(frame))
 
+    def count(self, status: int, err: APIError | None = None) -> None:
+        code = None if err is None else err.code or err.type
+        self.state.metrics.count(ENDPOINT, status, code)
+
+    async def refuse(self, err: APIError, request_id: str) -> None:
+        """A chat that ends in an error frame before or while generating."""
+        self.count(err.status, err)
+        await self.send(_error(err, request_id))
+
     async def handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "chat":
@@ -111,13 +122,12 @@ class ChatSocket:
         try:
             req = ChatCompletionRequest.model_validate(body)
             self.state.check_rate(self.principal)
-            completion = serving.prepare_completion(self.state, req, self.principal)
-            await serving.check_continuation(self.state, completion)
+            completion = await serving.prepare(self.state, req, self.principal)
         except ValidationError as e:
-            await self.send(_error(_validation_error(e), request_id))
+            await self.refuse(_validation_error(e), request_id)
             return
         except APIError as e:
-            await self.send(_error(e, request_id))
+            await self.refuse(e, request_id)
             return
         task = asyncio.create_task(self.run_chat(request_id, completion))
         self.tasks[request_id] = task
@@ -138,6 +148,7 @@ class ChatSocket:
                     )
         except asyncio.CancelledError:
             serving.log_in_background(self.state, c)
+            self.count(CANCELLED, APIError(CANCELLED, "cancelled", code="cancelled"))
             with contextlib.suppress(Exception):
                 await self.send(
                     {
@@ -154,19 +165,24 @@ class ChatSocket:
         except (WebSocketDisconnect, SocketClosed):
             # a delta could not be sent: the client vanished before the socket loop noticed
             serving.log_in_background(self.state, c)
+            self.count(CANCELLED, APIError(CANCELLED, "client gone", code="client_closed"))
             await deltas.aclose()  # aborts the generation
             return
         except APIError as e:
-            await self.send(_error(e, request_id))
+            await self.refuse(e, request_id)
             return
         try:
             await serving.log_to_db(self.state, c)
         except Exception as e:  # the client must hear of it, not wait for a "done" forever
             log.exception("websocket chat %s could not be logged", request_id)
-            err = APIError(500, "internal error", type="api_error")
+            err = (
+                e if isinstance(e, APIError) else APIError(500, "internal error", type="api_error")
+            )
+            self.count(err.status, err)
             with contextlib.suppress(Exception):
-                await self.send(_error(e if isinstance(e, APIError) else err, request_id))
+                await self.send(_error(err, request_id))
             return
+        self.count(200)
         await self.send(
             {
                 "type": "done",

@@ -12,14 +12,14 @@ import pytest
 
 from server.api.app import create_app
 from shared.config import Settings
-from shared.keys import create_key
 from tests.conftest import LiveServer, live_app
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(tmp_path_factory.mktemp("chat"), tiny_seed_dir, kv_cache_memory_mb=16) as live:
-        live.key = create_key(live.state.db, "alice")
+    with live_app(
+        tmp_path_factory.mktemp("chat"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
+    ) as live:
         yield live
 
 
@@ -204,3 +204,101 @@ def test_auth_can_be_turned_off_only_on_loopback(tmp_path: Path, tiny_seed_dir: 
         assert r.status_code == 200
         convs = httpx.get(f"{live.url}/v1/conversations").json()["data"]
         assert convs and convs[0]["id"] == r.json()["conversation_id"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL]}, "tools"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"extra_body": {"frobnicate": True}}, "frobnicate"),
+    ],
+)
+def test_a_parameter_palmchat_cannot_honour_is_a_400_naming_it(client, params, param) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="palmchat", messages=MESSAGES, max_tokens=4, **params)
+    assert e.value.body["param"] == param, e.value.body
+    assert e.value.body["code"] in ("unsupported_parameter", "unknown_parameter")
+
+
+def test_parameters_that_change_nothing_generated_are_accepted(client) -> None:
+    r = client.chat.completions.create(
+        model="palmchat",
+        messages=MESSAGES,
+        max_tokens=4,
+        metadata={"team": "qa"},
+        store=True,
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        response_format={"type": "text"},
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logit_bias_and_vllm_sampling_extras_reach_the_engine(server, client) -> None:
+    tok = server.state.engine.tokenizer
+    [a] = tok.encode("A")
+    forced = client.chat.completions.create(
+        model="palmchat",
+        messages=MESSAGES,
+        max_tokens=3,
+        temperature=1.0,
+        logit_bias={str(a): 100},
+    )
+    assert forced.choices[0].message.content == "AAA"
+    long = client.chat.completions.create(
+        model="palmchat",
+        messages=MESSAGES,
+        max_tokens=9,
+        temperature=0,
+        extra_body={"min_tokens": 9, "repetition_penalty": 1.3, "min_p": 0.05},
+    )
+    assert long.usage.completion_tokens == 9
+    for bad, param in (
+        ({"logit_bias": {str(tok.vocab_size + 5): 1}}, "logit_bias"),
+        ({"extra_body": {"stop_token_ids": [tok.vocab_size]}}, "stop_token_ids"),
+        ({"logit_bias": {"A": 1}}, "logit_bias"),
+        ({"extra_body": {"min_tokens": 10}}, None),  # more than max_tokens
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="palmchat", messages=MESSAGES, max_tokens=4, **bad)
+        if param is not None:
+            assert e.value.body["param"] == param, e.value.body
+
+
+def test_malformed_json_and_empty_messages_get_clear_400s(server) -> None:
+    headers = {"Authorization": f"Bearer {server.key}", "content-type": "application/json"}
+    url = f"{server.url}/v1/chat/completions"
+    truncated = httpx.post(url, content=b'{"model": "palmchat", "mess', headers=headers)
+    assert truncated.status_code == 400
+    error = truncated.json()["error"]
+    assert error["code"] == "invalid_json" and error["param"] is None
+    assert "JSON" in error["message"] and "character" in error["message"]
+    for content in (None, "", []):
+        body = {"model": "palmchat", "messages": [{"role": "user", "content": content}]}
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 400, (content, r.text)
+        assert r.json()["error"]["param"] == "messages.0.content"
+    # an empty answer in the history is fine (the model may have given one)
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "again?"},
+    ]
+    r = httpx.post(
+        url, json={"model": "palmchat", "messages": history, "max_tokens": 2}, headers=headers
+    )
+    assert r.status_code == 200, r.text

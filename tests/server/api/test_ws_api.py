@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import websockets
 
-from shared.keys import create_key
 from tests.conftest import live_app, run_palmchat
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(tmp_path_factory.mktemp("ws"), tiny_seed_dir, kv_cache_memory_mb=16) as live:
-        live.key = create_key(live.state.db, "alice")
+    with live_app(
+        tmp_path_factory.mktemp("ws"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
+    ) as live:
         live.ws_url = live.url.replace("http", "ws") + "/v1/chat/ws"
         yield live
 

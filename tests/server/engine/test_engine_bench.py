@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import random_policy
 
 from bench.engine import run_engine_benchmark
@@ -33,7 +34,17 @@ def test_benchmark_writes_json_with_every_contender_and_the_targets(tmp_path):
     for timed in (written["engine"]["1"], written["engine_async"]["4"], written["one_at_a_time"]):
         assert len(timed["runs_tokens_per_s"]) == 2
         assert timed["tokens_per_s"] == max(timed["runs_tokens_per_s"])
+    for timed in (written["engine"]["1"], written["one_at_a_time"]):
+        runs = sorted(timed["runs_tokens_per_s"])
+        assert min(runs) <= timed["median_tokens_per_s"] <= max(runs)
     assert "batch32_vs_one_at_a_time" not in written["targets"]["engine"]  # no 32 measured
+    # batch-1 decode against the bandwidth bound measured in the same run, on the CPU too
+    roof = written["roofline"]
+    assert roof["copy_bandwidth_gb_s"] > 0 and roof["bytes_per_batch1_token"] > 0
+    assert roof["engine_batch1_tokens_per_s"] == written["engine"]["1"]["median_tokens_per_s"]
+    share = 100 * roof["engine_batch1_tokens_per_s"] / roof["roofline_tokens_per_s"]
+    assert roof["engine_batch1_pct_of_roofline"] == pytest.approx(share, rel=0.01)
+    assert written["targets"]["batch1_pct_of_bandwidth_bound"]["target"] == 50
     # from 16 rows decode steps are timed onto one thread or every core: the same run measures
     # the engine with them pinned to one thread, and the gain
     assert set(written["engine_one_thread"]) == {"16"}

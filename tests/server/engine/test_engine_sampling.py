@@ -31,6 +31,13 @@ PROMPT = [72, 101, 108, 108, 111, 32, 116, 104, 101, 114, 101]
         ("top_logprobs", 21),
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3.0),
+        ("repetition_penalty", 0.0),
+        ("min_p", 1.5),
+        ("min_tokens", -1),
+        ("min_tokens", 1000),
+        ("stop_token_ids", (-1,)),
+        ("logit_bias", {5: 101.0}),
+        ("logit_bias", {"x": 1.0}),
     ],
 )
 def test_invalid_sampling_params_raise_value_error_naming_the_field(field, value):
@@ -188,3 +195,94 @@ def test_sampling_follows_the_distribution():
 
 def test_byte_tokenizer_end_id_is_what_the_tests_assume():
     assert ByteTokenizer(300).end_id == END
+
+
+@torch.no_grad()
+def _greedy_shaped(model, prompt, steps, shape):
+    tokens, out = list(prompt), []
+    for _ in range(steps):
+        logits = shape(model(torch.tensor([tokens]))[0, -1].clone(), tokens, out)
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        tokens.append(nxt)
+    return out
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens(
+    make_engine,
+):
+    engine = make_engine()
+    model = engine.current.runner.model
+
+    def shape(logits, tokens, _out):
+        seen = torch.tensor(sorted(set(tokens)))
+        v = logits[seen]
+        logits[seen] = torch.where(v > 0, v / 1.8, v * 1.8)
+        return logits
+
+    params = SamplingParams(temperature=0, max_tokens=25, repetition_penalty=1.8, ignore_eos=True)
+    out = engine.generate([PROMPT], params)[0][0]
+    assert out.token_ids == _greedy_shaped(model, PROMPT, 25, shape)
+    plain = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    assert out.token_ids != engine.generate([PROMPT], plain)[0][0].token_ids
+
+
+def test_logit_bias_forces_or_forbids_a_token(make_engine):
+    engine = make_engine()
+    forced = SamplingParams(temperature=0.9, max_tokens=5, seed=1, logit_bias={65: 100.0})
+    assert engine.generate([PROMPT], forced)[0][0].token_ids == [65] * 5
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = engine.generate([PROMPT], plain)[0][0].token_ids[0]
+    banned = SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, logit_bias={str(first): -100.0}
+    )  # string keys, as JSON (the Triton wire) gives them
+    assert first not in engine.generate([PROMPT], banned)[0][0].token_ids
+    # batched with plain rows, the plain row is unchanged
+    both = engine.generate([PROMPT, PROMPT], [forced, plain])
+    assert both[0][0].token_ids == [65] * 5
+    assert both[1][0].token_ids == engine.generate([PROMPT], plain)[0][0].token_ids
+
+
+def test_min_tokens_holds_back_the_end_and_stop_token_ids_end_a_candidate(make_engine):
+    engine = make_engine()
+    ref = greedy_reference(engine.current.runner.model, PROMPT, 20, END)
+    tokenizer = engine.current.policy.tokenizer
+    tokenizer.end_id = ref[2]  # greedy would end after two tokens
+    early = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20))[0][0]
+    assert early.token_ids == ref[:2] and early.finish_reason is FinishReason.STOP
+    held = SamplingParams(temperature=0, max_tokens=20, min_tokens=8)
+    out = engine.generate([PROMPT], held)[0][0]
+    assert len(out.token_ids) >= 8 and ref[2] not in out.token_ids[:8]
+    # a stop token id ends the candidate like the end token, and is not output
+    tokenizer.end_id = END
+    stop_at = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(ref[4],))
+    out = engine.generate([PROMPT], stop_at)[0][0]
+    assert out.token_ids == ref[: ref.index(ref[4])] and out.finish_reason is FinishReason.STOP
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = [
+        int(sample_rows(logits, [1.0], [1.0], [0], [gen], min_ps=[0.4])[0]) for _ in range(2000)
+    ]
+    # 0.4 * 0.5 = 0.2: tokens 2 and 3 are dropped, 0 and 1 renormalised
+    assert set(draws) == {0, 1}
+    assert draws.count(0) / len(draws) == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_every_sampling_parameter_survives_the_triton_wire():
+    from server.triton.protocol import params_from_json, params_to_json
+
+    params = SamplingParams(
+        temperature=0.7,
+        stop=("x",),
+        seed=5,
+        repetition_penalty=1.2,
+        logit_bias={7: -3.0, 65: 2.5},
+        min_p=0.1,
+        min_tokens=2,
+        stop_token_ids=(9, 11),
+        ignore_eos=True,
+    )
+    assert params_from_json(params_to_json(params)) == params
