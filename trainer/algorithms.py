@@ -12,7 +12,7 @@ from shared.model import PaLM
 from shared.tokenizer import Tokenizer
 from trainer.common import ChatMessages, DistInfo, Progress
 from trainer.config import ALGOS, TrainerConfig
-from trainer.dpo import reward_ranked_pairs, train_dpo, train_kto
+from trainer.dpo import PreferenceJob, reward_ranked_pairs, train_dpo, train_kto
 from trainer.feedback import FeedbackData
 from trainer.ppo import make_kl_controller, train_ppo
 from trainer.reward import RewardModel
@@ -39,6 +39,19 @@ class PolicyUpdate:
     def phase(self, name: str, done: int, total: int, info: str = "") -> None:
         if self.progress is not None:
             self.progress(name, done, total, info)
+
+    def preference_job(self) -> PreferenceJob:
+        """DPO/KTO's view: ``policy`` against the preference reference and its cache."""
+        return PreferenceJob(
+            self.policy,
+            self.preference_reference,
+            self.tok,
+            self.config,
+            info=self.info,
+            progress=self.progress,
+            seed=self.seed,
+            ref_cache=self.reference_cache,
+        )
 
 
 @dataclass
@@ -103,33 +116,13 @@ def _dpo(u: PolicyUpdate) -> PolicyOutcome:
         rm_pairs = len(extra)
         pairs += extra
         u.phase("on-policy pairs", 1, 1, f"{rm_pairs} pairs")
-    report = train_dpo(
-        u.policy,
-        u.preference_reference,
-        u.tok,
-        pairs,
-        u.config,
-        info=u.info,
-        progress=u.progress,
-        seed=u.seed,
-        ref_cache=u.reference_cache,
-    ).to_dict()
+    report = train_dpo(u.preference_job(), pairs).to_dict()
     report["logged_pairs"], report["reward_model_pairs"] = len(u.data.pairs), rm_pairs
     return PolicyOutcome(report)
 
 
 def _kto(u: PolicyUpdate) -> PolicyOutcome:
-    report = train_kto(
-        u.policy,
-        u.preference_reference,
-        u.tok,
-        u.data.thumbs,
-        u.config,
-        info=u.info,
-        progress=u.progress,
-        seed=u.seed,
-        ref_cache=u.reference_cache,
-    )
+    report = train_kto(u.preference_job(), u.data.thumbs)
     return PolicyOutcome(report.to_dict())
 
 

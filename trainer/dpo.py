@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from trainer.lora import apply_lora, merge_lora
 
 if TYPE_CHECKING:
     from trainer.reward import RewardModel
+
+E = TypeVar("E")
+T = TypeVar("T")
 
 
 def dpo_loss(
@@ -74,6 +77,22 @@ def kto_loss(
         undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratio))),
     )
     return losses.mean(), z
+
+
+@dataclass(slots=True)
+class PreferenceJob:
+    """What DPO and KTO read besides their examples: ``policy`` is trained in place, its
+    log-ratios measured against the frozen ``reference``."""
+
+    policy: PaLM
+    reference: PaLM
+    tok: Tokenizer
+    config: TrainerConfig
+    info: DistInfo = field(default_factory=DistInfo)
+    progress: Progress | None = None
+    seed: int = 0
+    max_len: int = 192
+    ref_cache: dict[tuple, float] | None = None  # memoised log-probs under ``reference``
 
 
 @dataclass
@@ -112,16 +131,25 @@ def _subset(items: Sequence, steps: int, config: TrainerConfig, world: int, seed
     return items
 
 
-def _reference_logprobs(
-    reference: PaLM, seqs: Sequence, pad_id: int, cache: dict[tuple, float] | None
-) -> list[float]:
-    """Summed reply log-probs under the frozen reference, memoised across rounds in ``cache``
-    (the caller keeps one per reference version)."""
+def _my_share(
+    job: PreferenceJob, items: Sequence[E], encode: Callable[[E], T]
+) -> tuple[int, list[T]]:
+    """The number of steps to run on ``items`` and this process's shard of a bounded sample of
+    them, encoded."""
+    steps = _steps(len(items), job.config, job.info.world)
+    sample = _subset(items, steps, job.config, job.info.world, job.seed)
+    return steps, shard([encode(x) for x in sample], job.info, job.seed)
+
+
+def _reference_logprobs(job: PreferenceJob, seqs: Sequence) -> list[float]:
+    """Summed reply log-probs under the frozen reference, memoised across rounds in
+    ``job.ref_cache`` (the caller keeps one per reference version)."""
+    reference = job.reference.eval().requires_grad_(False)
     keys = [tuple(s.ids) + (s.start,) for s in seqs]
-    cache = cache if cache is not None else {}
+    cache = job.ref_cache if job.ref_cache is not None else {}
     missing = [i for i, k in enumerate(keys) if k not in cache]
     if missing:
-        values = batched_sequence_logprobs(reference, [seqs[i] for i in missing], pad_id)
+        values = batched_sequence_logprobs(reference, [seqs[i] for i in missing], job.tok.pad_id)
         for i, v in zip(missing, values.tolist(), strict=True):
             cache[keys[i]] = v
     return [cache[k] for k in keys]
@@ -190,72 +218,54 @@ def reward_ranked_pairs(
 
 
 def _trainable(
-    policy: PaLM, config: TrainerConfig, info: DistInfo
+    job: PreferenceJob,
 ) -> tuple[list[torch.nn.Parameter], torch.nn.Module, torch.optim.Optimizer]:
     """What a preference trainer updates (LoRA adapters, or every weight), the model to run
     (DDP-wrapped when distributed) and its optimiser."""
+    policy, config = job.policy, job.config
     params = list(policy.parameters())
     if config.lora_rank:
         params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-    return params, wrap_ddp(policy, info), adamw(params, config.preference.lr, config.weight_decay)
+    model = wrap_ddp(policy, job.info)
+    return params, model, adamw(params, config.preference.lr, config.weight_decay)
 
 
 def _finish(
-    policy: PaLM,
-    config: TrainerConfig,
-    report: PreferenceReport,
-    info: DistInfo,
-    losses: list[float],
-    *series: list[float],
+    job: PreferenceJob, report: PreferenceReport, losses: list[float], *series: list[float]
 ) -> list[float]:
     """Fold LoRA back in, unfreeze, record the step count and first loss; returns the means
     over the last (up to) 10 steps of ``losses`` and each of ``series``, averaged over the
     processes (empty when no step ran)."""
-    if config.lora_rank:
-        merge_lora(policy)
-    policy.requires_grad_(True)
+    if job.config.lora_rank:
+        merge_lora(job.policy)
+    job.policy.requires_grad_(True)
     report.steps = len(losses)
     if not losses:
         return []
     tail = min(10, len(losses))
-    report.loss_first = all_mean([losses[0]], info)[0]
-    return all_mean([sum(x[-tail:]) / tail for x in (losses, *series)], info)
+    report.loss_first = all_mean([losses[0]], job.info)[0]
+    return all_mean([sum(x[-tail:]) / tail for x in (losses, *series)], job.info)
 
 
-def train_dpo(
-    policy: PaLM,
-    reference: PaLM,
-    tok: Tokenizer,
-    pairs: Sequence[Pair],
-    config: TrainerConfig,
-    *,
-    info: DistInfo | None = None,
-    progress: Progress | None = None,
-    seed: int = 0,
-    max_len: int = 192,
-    ref_cache: dict[tuple, float] | None = None,
-) -> PreferenceReport:
-    """Train ``policy`` in place with DPO on ``pairs`` (a bounded sample of them)."""
-    info = info or DistInfo()
+def train_dpo(job: PreferenceJob, pairs: Sequence[Pair]) -> PreferenceReport:
+    """Train ``job.policy`` in place with DPO on ``pairs`` (a bounded sample of them)."""
+    policy, tok, config, seed = job.policy, job.tok, job.config, job.seed
     report = PreferenceReport("dpo", examples=len(pairs))
-    steps = _steps(len(pairs), config, info.world)
-    pairs = _subset(pairs, steps, config, info.world, seed)
-    enc = [
-        (
-            encode_reply(tok, p.prompt, p.chosen, max_len),
-            encode_reply(tok, p.prompt, p.rejected, max_len),
+    steps, mine = _my_share(
+        job,
+        pairs,
+        lambda p: (
+            encode_reply(tok, p.prompt, p.chosen, job.max_len),
+            encode_reply(tok, p.prompt, p.rejected, job.max_len),
             p.source != "reward_model",  # a user picked the chosen reply
-        )
-        for p in pairs
-    ]
-    mine = shard(enc, info, seed)
+        ),
+    )
     if not mine:
         return report
-    reference.eval().requires_grad_(False)
-    ref_c = _reference_logprobs(reference, [c for c, _, _ in mine], tok.pad_id, ref_cache)
-    ref_r = _reference_logprobs(reference, [r for _, r, _ in mine], tok.pad_id, ref_cache)
+    ref_c = _reference_logprobs(job, [c for c, _, _ in mine])
+    ref_r = _reference_logprobs(job, [r for _, r, _ in mine])
     items = list(zip(mine, ref_c, ref_r, strict=True))
-    params, model, opt = _trainable(policy, config, info)
+    params, model, opt = _trainable(job)
     losses, margins, accs = [], [], []
     device = policy.device
     policy.train()
@@ -278,40 +288,28 @@ def train_dpo(
         losses.append(loss.item())
         margins.append(float((chosen - rejected).mean()))
         accs.append(float((chosen > rejected).float().mean()))
-        if progress is not None:
-            progress("dpo", step + 1, steps, f"loss {loss.item():.3f} margin {margins[-1]:+.3f}")
-    tails = _finish(policy, config, report, info, losses, margins, accs)
+        if job.progress is not None:
+            job.progress(
+                "dpo", step + 1, steps, f"loss {loss.item():.3f} margin {margins[-1]:+.3f}"
+            )
+    tails = _finish(job, report, losses, margins, accs)
     if tails:
         report.loss_last, report.reward_margin, report.accuracy = tails
     return report
 
 
-def train_kto(
-    policy: PaLM,
-    reference: PaLM,
-    tok: Tokenizer,
-    thumbs: Sequence[Thumb],
-    config: TrainerConfig,
-    *,
-    info: DistInfo | None = None,
-    progress: Progress | None = None,
-    seed: int = 0,
-    max_len: int = 192,
-    ref_cache: dict[tuple, float] | None = None,
-) -> PreferenceReport:
-    """Train ``policy`` in place with KTO on thumbs (up = desirable; a bounded sample)."""
-    info = info or DistInfo()
+def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
+    """Train ``job.policy`` in place with KTO on thumbs (up = desirable; a bounded sample)."""
+    policy, tok, config, seed = job.policy, job.tok, job.config, job.seed
     report = PreferenceReport("kto", examples=len(thumbs))
-    steps = _steps(len(thumbs), config, info.world)
-    thumbs = _subset(thumbs, steps, config, info.world, seed)
-    enc = [(encode_reply(tok, t.prompt, t.reply, max_len), t.label) for t in thumbs]
-    mine = shard(enc, info, seed)
+    steps, mine = _my_share(
+        job, thumbs, lambda t: (encode_reply(tok, t.prompt, t.reply, job.max_len), t.label)
+    )
     if not mine:
         return report
-    reference.eval().requires_grad_(False)
-    ref = _reference_logprobs(reference, [e for e, _ in mine], tok.pad_id, ref_cache)
+    ref = _reference_logprobs(job, [e for e, _ in mine])
     items = list(zip(mine, ref, strict=True))
-    params, model, opt = _trainable(policy, config, info)
+    params, model, opt = _trainable(job)
     losses, zs = [], []
     device = policy.device
     policy.train()
@@ -331,9 +329,9 @@ def train_kto(
         optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())
         zs.append(float(z))
-        if progress is not None:
-            progress("kto", step + 1, steps, f"loss {loss.item():.3f} z {zs[-1]:.3f}")
-    tails = _finish(policy, config, report, info, losses, zs)
+        if job.progress is not None:
+            job.progress("kto", step + 1, steps, f"loss {loss.item():.3f} z {zs[-1]:.3f}")
+    tails = _finish(job, report, losses, zs)
     if tails:
         report.loss_last, report.kl_ref_point = tails
     return report

@@ -11,14 +11,16 @@ trained on). The candidate passes when all three hold:
 2. **KL bounded** - ``KL(candidate || reference)`` per reply, estimated on its own samples as
    ``mean(sum_t log pi(y_t) - log ref(y_t))``, is at most ``gate_max_kl`` nats;
 3. **capability kept** - the held-out correct rate of greedy answers
-   (:func:`trainer.evaluate.evaluate_heldout`) is not lower than the active policy's: the
-   candidate fails when it drops by more than ``gate_correct_tolerance`` (default 0.03) *and*
-   the drop is significant in a paired sign test on the same prompts (McNemar, one-sided,
-   z = 1.645: ``lost - gained > 1.645 * sqrt(lost + gained)``, lost/gained = prompts only the
-   active / only the candidate answers right): a policy whose style changes flips a few
-   borderline answers either way, and a tolerance alone rejects it by noise (see
-   docs/decisions.md, "Promotion gate: a paired sign test on correctness"). Only correctness
-   is used from that report - the gate never consults a rater's taste.
+   (:func:`trainer.evaluate.evaluate_heldout`) is not lower than the active policy's, nor
+   than the KL reference's: the candidate fails when it drops by more than
+   ``gate_correct_tolerance`` (default 0.03) *and* the drop is significant in a paired sign
+   test on the same prompts (McNemar, one-sided, z = 1.645: ``lost - gained > 1.645 *
+   sqrt(lost + gained)``, lost/gained = prompts only the other / only the candidate answers
+   right): a policy whose style changes flips a few borderline answers either way, and a
+   tolerance alone rejects it by noise (see docs/decisions.md, "Promotion gate: a paired sign
+   test on correctness"). The comparison with the reference stops a drift that no single round
+   makes significant from adding up over rounds. Only correctness is used from that report -
+   the gate never consults a rater's taste.
 
 **Backtracking** (:func:`gate_with_backtracking`): a candidate that fails is tried again at
 smaller steps from the active policy, its weights interpolated as ``active + f * (candidate -
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +59,8 @@ class PolicyEval:
     truncated: float
     lost: int = 0  # held-out prompts the active policy answers right and this one wrong
     gained: int = 0  # ... and the other way round
+    reference_lost: int = 0  # the same against the KL reference
+    reference_gained: int = 0
 
 
 @dataclass
@@ -67,6 +71,7 @@ class GateReport:
     active: PolicyEval
     prompts: int
     examples: list[dict[str, str]] = field(default_factory=list)
+    reference_correct_rate: float | None = None  # None: the reference is the active policy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,8 +152,23 @@ def evaluate_policy(
     return result, cached
 
 
-def decide(candidate: PolicyEval, active: PolicyEval, config: TrainerConfig) -> list[str]:
-    """The reasons to reject the candidate (empty: it passes)."""
+def _correctness_fell(
+    candidate: float, baseline: float, lost: int, gained: int, tolerance: float
+) -> bool:
+    """The candidate's correct rate is below ``baseline - tolerance`` and the paired sign test
+    says the drop is not noise."""
+    significant = lost - gained > 1.645 * math.sqrt(lost + gained)
+    return candidate < baseline - tolerance and significant
+
+
+def decide(
+    candidate: PolicyEval,
+    active: PolicyEval,
+    config: TrainerConfig,
+    reference_correct_rate: float | None = None,
+) -> list[str]:
+    """The reasons to reject the candidate (empty: it passes). ``reference_correct_rate``
+    (with ``candidate.reference_lost/gained``) adds the check against the KL reference."""
     reasons = []
     gain = candidate.reward - active.reward
     if not gain > config.gate.min_reward_gain or math.isnan(gain):
@@ -160,46 +180,90 @@ def decide(candidate: PolicyEval, active: PolicyEval, config: TrainerConfig) -> 
         reasons.append(
             f"KL to the reference {candidate.kl:.2f} nats exceeds the bound {config.gate.max_kl}"
         )
-    floor = active.correct_rate - config.gate.correct_tolerance
-    net = candidate.lost - candidate.gained
-    significant = net > 1.645 * math.sqrt(candidate.lost + candidate.gained)
-    if candidate.correct_rate < floor and significant:
-        reasons.append(
-            f"held-out correctness fell: {candidate.correct_rate:.3f} vs active "
-            f"{active.correct_rate:.3f} (tolerance {config.gate.correct_tolerance}; "
-            f"{candidate.lost} answers lost, {candidate.gained} gained)"
+    tolerance = config.gate.correct_tolerance
+    baselines = [("active", active.correct_rate, candidate.lost, candidate.gained)]
+    if reference_correct_rate is not None:
+        baselines.append(
+            (
+                "reference",
+                reference_correct_rate,
+                candidate.reference_lost,
+                candidate.reference_gained,
+            )
         )
+    for name, rate, lost, gained in baselines:
+        if _correctness_fell(candidate.correct_rate, rate, lost, gained, tolerance):
+            reasons.append(
+                f"held-out correctness fell: {candidate.correct_rate:.3f} vs {name} "
+                f"{rate:.3f} (tolerance {tolerance}; {lost} answers lost, {gained} gained)"
+            )
     return reasons
 
 
-def run_gate(
-    candidate: PaLM,
-    active: PaLM,
-    reference: PaLM,
-    reward_model: Any,
-    tok: Tokenizer,
-    config: TrainerConfig,
-    *,
-    active_cache: dict[str, Any] | None = None,
-) -> tuple[GateReport, dict[str, Any]]:
-    """Compare ``candidate`` with ``active``; returns the report and the active policy's cache
-    (reuse it while that policy stays active)."""
+@dataclass(slots=True)
+class GateJob:
+    """What a candidate is gated against: the active policy, the KL reference, this round's
+    reward model, the active policy's cache from an earlier gate (None: evaluate it), and the
+    reference's held-out hits (None: evaluate them; unused when the reference is the active
+    policy)."""
+
+    active: PaLM
+    reference: PaLM
+    reward_model: Any
+    tok: Tokenizer
+    config: TrainerConfig
+    active_cache: dict[str, Any] | None = None
+    reference_hits: list[bool] | None = None
+    reference_is_active: bool = False  # the loop's KL reference is the serving version
+
+
+def _paired(candidate: list[bool], other: list[bool]) -> tuple[int, int]:
+    """(lost, gained): prompts only ``other`` / only ``candidate`` answers right."""
+    lost = sum(o and not c for c, o in zip(candidate, other, strict=True))
+    gained = sum(c and not o for c, o in zip(candidate, other, strict=True))
+    return lost, gained
+
+
+def reference_hits(job: GateJob) -> list[bool] | None:
+    """The KL reference's held-out hits (greedy, the gate's prompts), or None when the
+    reference is the active policy (the active comparison covers it)."""
+    if job.reference is job.active or job.reference_is_active:
+        return None
+    if job.reference_hits is not None:
+        return job.reference_hits
+    cfg = job.config.gate
+    report = evaluate_heldout(
+        job.reference, job.tok, n=cfg.prompts, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens
+    )
+    return list(report.hits)
+
+
+def run_gate(job: GateJob, candidate: PaLM) -> tuple[GateReport, dict[str, Any]]:
+    """Compare ``candidate`` with ``job.active`` and the reference; returns the report and the
+    active policy's cache (reuse it while that policy stays active; its ``reference_hits`` hold
+    while the reference stays the same)."""
+    reference, reward_model, tok, config = job.reference, job.reward_model, job.tok, job.config
     cand, cand_cache = evaluate_policy(candidate, reference, reward_model, tok, config)
     act, act_cache = evaluate_policy(
-        active, reference, reward_model, tok, config, cached=active_cache
+        job.active, reference, reward_model, tok, config, cached=job.active_cache
     )
     cand_hits, act_hits = cand_cache.get("hits", []), act_cache.get("hits", [])
     if len(cand_hits) == len(act_hits):
-        cand.lost = sum(a and not c for c, a in zip(cand_hits, act_hits, strict=True))
-        cand.gained = sum(c and not a for c, a in zip(cand_hits, act_hits, strict=True))
+        cand.lost, cand.gained = _paired(cand_hits, act_hits)
     else:  # no paired answers: treat any drop past the tolerance as significant
         cand.lost = max(0, round((act.correct_rate - cand.correct_rate) * config.gate.prompts))
-    reasons = decide(cand, act, config)
+    ref_hits = reference_hits(job)
+    ref_rate = None
+    if ref_hits is not None and len(ref_hits) == len(cand_hits):
+        ref_rate = sum(ref_hits) / max(len(ref_hits), 1)
+        cand.reference_lost, cand.reference_gained = _paired(cand_hits, ref_hits)
+    act_cache["reference_hits"] = ref_hits
+    reasons = decide(cand, act, config, ref_rate)
     examples = [
         {"prompt": r.prompt[-1]["content"], "candidate": r.text, "active": a.text}
         for r, a in zip(cand_cache["rollouts"][:3], act_cache["rollouts"][:3], strict=False)
     ]
-    report = GateReport(not reasons, reasons, cand, act, config.gate.prompts, examples)
+    report = GateReport(not reasons, reasons, cand, act, config.gate.prompts, examples, ref_rate)
     return report, act_cache
 
 
@@ -261,25 +325,18 @@ class GateResult:
         return self.report.passed
 
 
-def gate_with_backtracking(
-    candidate: PaLM,
-    active: PaLM,
-    reference: PaLM,
-    reward_model: Any,
-    tok: Tokenizer,
-    config: TrainerConfig,
-    *,
-    active_cache: dict[str, Any] | None = None,
-) -> GateResult:
-    """Gate ``candidate``; if it fails, gate its interpolations towards ``active`` at each
+def gate_with_backtracking(job: GateJob, candidate: PaLM) -> GateResult:
+    """Gate ``candidate``; if it fails, gate its interpolations towards ``job.active`` at each
     fraction of ``config.gate.backtrack`` until one passes. When nothing passes, the full-step
     candidate and its report come back."""
     tries: list[GateTry] = []
     full_step: GateReport | None = None
-    for fraction in (1.0, *config.gate.backtrack):
-        policy = candidate if fraction == 1.0 else interpolate(active, candidate, fraction)
-        report, active_cache = run_gate(
-            policy, active, reference, reward_model, tok, config, active_cache=active_cache
+    active_cache = job.active_cache
+    for fraction in (1.0, *job.config.gate.backtrack):
+        policy = candidate if fraction == 1.0 else interpolate(job.active, candidate, fraction)
+        report, active_cache = run_gate(job, policy)
+        job = replace(
+            job, active_cache=active_cache, reference_hits=active_cache.get("reference_hits")
         )
         tries.append(GateTry.of(fraction, report))
         if report.passed:

@@ -56,7 +56,7 @@ from trainer.feedback import (
     load_watermark,
     pending,
 )
-from trainer.gate import gate_with_backtracking
+from trainer.gate import GateJob, gate_with_backtracking
 from trainer.metrics import TrainerMetrics
 from trainer.reward import RewardModel, RewardReport, train_reward_model
 from trainer.round import FeedbackCounts, RoundMetrics, RoundPlan, RoundResult
@@ -72,6 +72,10 @@ from trainer.runs import (
 log = logging.getLogger(__name__)
 
 __all__ = ["OnlineTrainer", "RoundResult", "TrainerContext", "run_round"]
+
+
+def untrainable(version: str, family: str) -> str:
+    return f"policy {version} is a {family}-family model; the trainer updates PaLM policies only"
 
 
 class OnlineTrainer:
@@ -108,6 +112,7 @@ class OnlineTrainer:
         self._reference: tuple[str, PaLM] | None = None
         self._ref_logprobs: dict[tuple, float] = {}
         self._active_cache: tuple[str, dict[str, Any]] | None = None
+        self._reference_hits: tuple[str, list[bool]] | None = None  # the KL reference's
 
     # -- state ------------------------------------------------------------------------------
     def pending(self) -> Pending:
@@ -132,6 +137,8 @@ class OnlineTrainer:
     def _load_reference(self, version: str) -> PaLM:
         if self._reference is None or self._reference[0] != version:
             model = self.ctx.registry.load(version, device=self.device).model
+            if not isinstance(model, PaLM):
+                raise NotImplementedError(untrainable(version, model.family))
             self._reference = (version, model.eval().requires_grad_(False))
             self._ref_logprobs = {}  # reference log-probs of logged replies, per reference
         return self._reference[1]
@@ -201,6 +208,8 @@ class OnlineTrainer:
         seed = cfg.seed * 1009 + plan.run_id
         seed_everything(seed)
         active = self.ctx.registry.load(base, device=self.device)
+        if not isinstance(active.model, PaLM):
+            raise NotImplementedError(untrainable(base, active.model.family))
         tok = active.tokenizer
         reference = self._load_reference(plan.reference)
         seconds: dict[str, float] = {}
@@ -241,10 +250,25 @@ class OnlineTrainer:
                 if self._active_cache and self._active_cache[0] == base
                 else None
             )
-            gated = gate_with_backtracking(
-                policy.eval(), active.model, reference, rm, tok, cfg, active_cache=cache
+            ref_hits = (
+                self._reference_hits[1]
+                if self._reference_hits and self._reference_hits[0] == plan.reference
+                else None
             )
+            job = GateJob(
+                active.model,
+                reference,
+                rm,
+                tok,
+                cfg,
+                active_cache=cache,
+                reference_hits=ref_hits,
+                reference_is_active=plan.reference == base,
+            )
+            gated = gate_with_backtracking(job, policy.eval())
             self._active_cache = (base, gated.active_cache)
+            if gated.active_cache.get("reference_hits") is not None:
+                self._reference_hits = (plan.reference, gated.active_cache["reference_hits"])
             verdict = f"passed at step {gated.step_fraction:g}" if gated.passed else "rejected"
             self._phase("gate", 1, 1, f"{verdict} ({len(gated.tries)} tries)")
             seconds["gate"] = time.monotonic() - t

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,14 @@ from shared.schema import Policy, TrainingRun
 from trainer.config import TrainerConfig
 from trainer.context import CRASH_ENV
 from trainer.feedback import load_watermark, pending
-from trainer.gate import PolicyEval, decide, evaluate_policy, gate_with_backtracking, interpolate
+from trainer.gate import (
+    GateJob,
+    PolicyEval,
+    decide,
+    evaluate_policy,
+    gate_with_backtracking,
+    interpolate,
+)
 from trainer.loop import OnlineTrainer
 from trainer.metrics import TrainerMetrics
 
@@ -95,6 +103,54 @@ def test_gate_rejects_a_worse_candidate() -> None:
     assert decide(PolicyEval(0.5, 2.0, 0.68, 10, 0, lost=3, gained=0), active, cfg) == []
 
 
+def test_the_gate_stops_a_drift_that_no_single_round_makes_significant() -> None:
+    """Each round within the tolerance of the serving policy, but the candidate is clearly
+    below the loop's KL reference: the losses have added up over rounds, so it fails."""
+    active = PolicyEval(reward=0.2, kl=1.0, correct_rate=0.64, reply_tokens=10, truncated=0)
+    cfg = tiny_config(gate_correct_tolerance=0.03)
+    drifted = PolicyEval(
+        0.5, 2.0, 0.62, 10, 0, lost=3, gained=1, reference_lost=14, reference_gained=0
+    )
+    assert decide(drifted, active, cfg) == []  # against the active policy alone it passes
+    reasons = decide(drifted, active, cfg, reference_correct_rate=0.72)
+    assert (
+        len(reasons) == 1 and "vs reference 0.720" in reasons[0] and "14 answers lost" in reasons[0]
+    )
+    # within the tolerance of the reference, or a noisy drop, still passes
+    assert decide(drifted, active, cfg, reference_correct_rate=0.64) == []
+    noisy = replace(drifted, reference_lost=40, reference_gained=27)
+    assert decide(noisy, active, cfg, reference_correct_rate=0.72) == []
+
+
+def test_the_gate_compares_a_candidate_with_the_reference_it_was_given(data_dir) -> None:
+    """A reference distinct from the serving policy is evaluated once, paired prompt by
+    prompt, and its hits are handed on so the next gate need not evaluate it again."""
+    from trainer.reward import RewardModel
+
+    active = data_dir.ctx.registry.load("v1")
+    tok, start = active.tokenizer, active.model.float().eval()
+    reference = interpolate(start, start, 1.0)  # equal weights, a distinct model
+    rm = RewardModel.from_policy(start).eval()
+    loose = tiny_config(gate_min_reward_gain=-1e9, gate_correct_tolerance=0.0, gate_max_kl=1e9)
+    gated = gate_with_backtracking(GateJob(start, reference, rm, tok, loose), start)
+    hits = gated.active_cache["reference_hits"]
+    assert len(hits) == loose.gate.prompts
+    report = gated.report
+    assert report.reference_correct_rate == pytest.approx(report.candidate.correct_rate)
+    assert report.candidate.reference_lost == report.candidate.reference_gained == 0
+    # handed the reference's hits (here: all right), a candidate that answers fewer is behind
+    strict = loose.replace(gate_backtrack=[])
+    job = GateJob(start, reference, rm, tok, strict, reference_hits=[True] * len(hits))
+    behind = gate_with_backtracking(job, start).report
+    assert behind.reference_correct_rate == 1.0
+    assert behind.candidate.reference_lost == len(hits) - sum(hits)
+    assert sum(hits) < len(hits) - 3  # the seed misses enough for the sign test to speak
+    assert not behind.passed and "vs reference" in " ".join(behind.reasons)
+    # the reference being the serving version: no second evaluation, no reference figure
+    same = GateJob(start, reference, rm, tok, loose, reference_is_active=True)
+    assert gate_with_backtracking(same, start).report.reference_correct_rate is None
+
+
 def test_the_gate_clips_each_reply_score_before_the_mean(data_dir) -> None:
     """A few garbled samples scored far outside the reward model's training range must not
     outweigh the rest: each reply's score is clipped to +-gate_reward_clip, then averaged."""
@@ -144,7 +200,7 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
 
     # a KL bound between the two: the full step fails, half of it passes and is returned
     cfg = loose.replace(gate_max_kl=(half_kl + full_kl) / 2)
-    gated = gate_with_backtracking(candidate, start, start, rm, tok, cfg)
+    gated = gate_with_backtracking(GateJob(start, start, rm, tok, cfg), candidate)
     policy, fraction, report = gated.policy, gated.step_fraction, gated.report
     tries = [t.to_dict() for t in gated.tries]
     assert report.passed and fraction == 0.5
@@ -156,7 +212,7 @@ def test_a_candidate_that_overshoots_the_kl_bound_passes_at_half_its_step(data_d
     )
     # without backtracking (or with nothing that passes) the full step comes back rejected
     for no_luck in (cfg.replace(gate_backtrack=[]), cfg.replace(gate_min_reward_gain=1e9)):
-        gated = gate_with_backtracking(candidate, start, start, rm, tok, no_luck)
+        gated = gate_with_backtracking(GateJob(start, start, rm, tok, no_luck), candidate)
         policy, fraction, report, tries = (
             gated.policy, gated.step_fraction, gated.report, gated.tries
         )  # fmt: skip

@@ -205,7 +205,7 @@ def test_dpo_imitates_only_replies_a_user_picked(tiny_seed_dir) -> None:
     favourite among on-policy samples may be a wrong answer in the users' style."""
     from shared.checkpoints import load_policy_dir
     from trainer.config import TrainerConfig
-    from trainer.dpo import train_dpo
+    from trainer.dpo import PreferenceJob, train_dpo
     from trainer.feedback import Pair
 
     prompt = [{"role": "user", "content": "What is 1200 centimeters in meters?"}]
@@ -217,7 +217,8 @@ def test_dpo_imitates_only_replies_a_user_picked(tiny_seed_dir) -> None:
         policy = load_policy_dir(tiny_seed_dir, "v1")
         ref = load_policy_dir(tiny_seed_dir, "v1").model
         pairs = [Pair(prompt, "12", "Sure! It is 12 meters.", source=source)] * 2
-        train_dpo(policy.model, ref, policy.tokenizer, pairs, cfg.replace(dpo_sft_weight=sft))
+        job = PreferenceJob(policy.model, ref, policy.tokenizer, cfg.replace(dpo_sft_weight=sft))
+        train_dpo(job, pairs)
         return {k: v.clone() for k, v in policy.model.state_dict().items()}
 
     def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -84,3 +84,10 @@ def test_cli_pretrain_rejects_a_missing_data_file_cleanly(tmp_path: Path) -> Non
         "pretrain", "--data", str(tmp_path / "none.jsonl"), "--data-dir", str(tmp_path)
     )
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("pair", ["arithmetic", "juggling=2", "sort=-1", "sort=many"])
+def test_cli_pretrain_rejects_a_bad_family_weight_cleanly(tmp_path: Path, pair: str) -> None:
+    out = run_palmchat("pretrain", "--family-weight", pair, "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "FAMILY=WEIGHT" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
