@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,17 +99,149 @@ async def _through_api(url: str, key: str, texts: list[str], new_tokens: int) ->
     return _summary(tokens, seconds, ttfts)
 
 
+def _run_leg(leg: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    return asyncio.run(leg(*args))
+
+
+class Client:
+    """Runs the HTTP client's legs, in a process of its own by default: a deployment's clients
+    are elsewhere, and one sharing the server's interpreter would be billed to the gateway."""
+
+    def __init__(self, own_process: bool = True) -> None:
+        self.own_process = own_process
+        self._pool = (
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            if own_process
+            else None
+        )
+
+    def run(self, leg: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        if self._pool is None:
+            return _run_leg(leg, *args)
+        return self._pool.submit(_run_leg, leg, *args).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+SHORT_TOKENS = (5, 30)  # a short chat's answer length: what chat users mostly get
+
+
+def short_lengths(count: int, seed: int = 0) -> list[int]:
+    """Answer lengths of ``count`` short chats, 5-30 tokens, the same in every leg."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(*SHORT_TOKENS) for _ in range(count)]
+
+
+async def _short_engine(
+    front: AsyncEngine, prompts: list[list[int]], lengths: list[int]
+) -> dict[str, Any]:
+    async def one(prompt: list[int], n: int) -> int:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return sum([len(d.token_ids) async for d in front.generate(prompt, params)])
+
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True))))
+    return _requests_summary(len(prompts), tokens, time.perf_counter() - start, [])
+
+
+def _requests_summary(
+    requests: int, tokens: int, seconds: float, latencies: list[float]
+) -> dict[str, Any]:
+    return {
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(requests / seconds, 2),
+        "latency_p50_s": round(_pct(latencies, 0.5), 4) if latencies else None,
+        "latency_p95_s": round(_pct(latencies, 0.95), 4) if latencies else None,
+    }
+
+
+async def _short_api(
+    url: str, key: str, texts: list[str], lengths: list[int], concurrent: bool
+) -> dict[str, Any]:
+    """Non-streaming chat completions through the API, all at once or one after another."""
+    headers = {"Authorization": f"Bearer {key}"}
+    latencies: list[float] = []
+
+    async def one(client: httpx.AsyncClient, text: str, n: int) -> int:
+        body = {
+            "model": "palmchat",
+            "messages": [{"role": "user", "content": text}],
+            "temperature": 0,
+            "max_tokens": n,
+            "ignore_eos": True,
+        }
+        start = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json=body, headers=headers)
+        r.raise_for_status()
+        latencies.append(time.perf_counter() - start)
+        return int(r.json()["usage"]["completion_tokens"])
+
+    limits = httpx.Limits(max_connections=len(texts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        pairs = list(zip(texts, lengths, strict=True))
+        if concurrent:
+            tokens = sum(await asyncio.gather(*(one(client, t, n) for t, n in pairs)))
+        else:
+            tokens = 0
+            for t, n in pairs:
+                tokens += await one(client, t, n)
+        seconds = time.perf_counter() - start
+    return _requests_summary(len(texts), tokens, seconds, latencies)
+
+
+def run_short_chat_rounds(
+    front: AsyncEngine,
+    url: str,
+    key: str,
+    texts: list[str],
+    prompts: list[list[int]],
+    rounds: int,
+    client: Client,
+) -> dict[str, Any]:
+    """Short chats (5-30 token answers), ``rounds`` interleaved rounds of: the engine alone,
+    all through the API at once, and the API one at a time; medians of requests/s."""
+    import statistics
+
+    lengths = short_lengths(len(texts))
+    legs: dict[str, list[dict[str, Any]]] = {"engine": [], "api": [], "api_sequential": []}
+    for _ in range(rounds):
+        legs["engine"].append(asyncio.run(_short_engine(front, prompts, lengths)))
+        legs["api"].append(client.run(_short_api, url, key, texts, lengths, True))
+        legs["api_sequential"].append(client.run(_short_api, url, key, texts, lengths, False))
+    median = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in legs.items()}
+    return {
+        "requests": len(texts),
+        "answer_tokens": list(SHORT_TOKENS),
+        "rounds": rounds,
+        "requests_per_s_median": {k: round(v, 2) for k, v in median.items()},
+        "runs": legs,
+        "api_vs_engine": round(median["api"] / median["engine"], 3),
+        "api_concurrent_vs_sequential": round(median["api"] / median["api_sequential"], 2),
+    }
+
+
 def run_api_benchmark(
     streams: int = 32,
     new_tokens: int = 128,
     out_dir: Path | None = RESULTS_DIR,
     backend: str = "engine",
+    short_rounds: int = 5,
+    client_process: bool = True,
 ) -> dict[str, Any]:
     """Engine alone, then the same requests as SSE streams through uvicorn; returns results.
+    Then ``short_rounds`` interleaved rounds of short chats (:func:`run_short_chat_rounds`).
 
     ``backend="triton"`` adds a third leg in the same run: the same streams through a gateway
     whose backend is a real tritonserver on loopback (the engine inside Triton's Python
-    backend, reached over gRPC streaming), and ``triton_vs_in_process``.
+    backend, reached over gRPC streaming), and ``triton_vs_in_process``. The HTTP client runs in
+    a process of its own unless ``client_process`` is False.
     """
     if backend not in ("engine", "triton"):
         raise ValueError(f"backend must be engine or triton, got {backend!r}")
@@ -130,6 +265,7 @@ def run_api_benchmark(
         "model": {**policy.config.to_dict(), "params": policy.model.num_params()},
         "streams": streams,
         "new_tokens": new_tokens,
+        "client": "own process" if client_process else "the server's process",
     }
     config = EngineConfig(max_num_seqs=64, max_batched_tokens=8192)
     front = AsyncEngine(LLMEngine(policy, config))
@@ -146,17 +282,24 @@ def run_api_benchmark(
         )
         served = AsyncEngine(LLMEngine(policy, config))
         app = create_app(settings, seed_dir=seed, engine=served)
+        client = Client(client_process)
         try:
             with LiveServer(app) as live:
                 key = create_key(app.state.palmchat.db, "bench")
-                asyncio.run(_through_api(live.url, key, texts[:2], 4))  # warm-up
-                results["through_api"] = asyncio.run(_through_api(live.url, key, texts, new_tokens))
+                client.run(_through_api, live.url, key, texts[:2], 4)  # warm-up
+                results["through_api"] = client.run(_through_api, live.url, key, texts, new_tokens)
+                if short_rounds:
+                    # the engine-alone leg drives the server's own engine (idle between legs)
+                    results["short_chats"] = run_short_chat_rounds(
+                        served, live.url, key, texts, prompts, short_rounds, client
+                    )
+            if backend == "triton":
+                results["through_api_triton"] = _through_triton(
+                    Path(tmp), seed, config, texts, new_tokens, client
+                )
         finally:
             served.shutdown()
-        if backend == "triton":
-            results["through_api_triton"] = _through_triton(
-                Path(tmp), seed, config, texts, new_tokens
-            )
+            client.close()
     results["api_vs_engine"] = round(
         results["through_api"]["tokens_per_s"] / results["engine_alone"]["tokens_per_s"], 3
     )
@@ -175,7 +318,7 @@ def run_api_benchmark(
 
 
 def _through_triton(
-    tmp: Path, seed: Path, config: EngineConfig, texts: list[str], new_tokens: int
+    tmp: Path, seed: Path, config: EngineConfig, texts: list[str], new_tokens: int, client: Client
 ) -> dict[str, Any]:
     """The API leg again, the gateway's backend being a tritonserver on loopback."""
     from server.api.app import create_app
@@ -195,5 +338,6 @@ def _through_triton(
     app = create_app(settings, seed_dir=seed, backend="triton", triton_url=triton.url)
     with triton.start("v1"), LiveServer(app) as live:
         key = create_key(app.state.palmchat.db, "bench")
-        asyncio.run(_through_api(live.url, key, texts[:2], 4))  # warm-up
-        return asyncio.run(_through_api(live.url, key, texts, new_tokens))
+        client.run(_through_api, live.url, key, texts[:2], 4)  # warm-up
+        result: dict[str, Any] = client.run(_through_api, live.url, key, texts, new_tokens)
+        return result

@@ -10,7 +10,10 @@ from typing import Any
 def targets(r: dict[str, Any]) -> dict[str, Any]:
     def tps(section: str, key: str) -> float | None:
         value = r.get(section, {}).get(key)
-        return value["tokens_per_s"] if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        median = value.get("median_tokens_per_s")
+        return float(value["tokens_per_s"] if median is None else median)
 
     out: dict[str, Any] = {}
     for name in ("engine", "engine_async"):
@@ -28,6 +31,8 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
             for k, (v, t) in checks.items()
             if v is not None
         }
+    if (pct := r.get("roofline", {}).get("engine_batch1_pct_of_roofline")) is not None:
+        out["batch1_pct_of_bandwidth_bound"] = {"ratio": pct, "target": 50, "met": pct >= 50}
     ratio = r["prefix_cache"]["ratio"]
     out["prefix_cache_n4_vs_1"] = {"ratio": ratio, "target": "< 1.5", "met": ratio < 1.5}
     return out

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from palmchat import __version__, admin, bench, serve, simulate, train  # noqa: F401  (commands)
+from palmchat import (  # noqa: F401  (commands)
+    __version__,
+    admin,
+    bench,
+    evaluate,
+    serve,
+    simulate,
+    train,
+)
 from palmchat.common import app, console
 
 

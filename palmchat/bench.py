@@ -30,9 +30,10 @@ def bench_engine(
         typer.Option(
             min=1,
             help="Rounds: each runs every contender once (interleaved, so a slow spell of the "
-            "machine hits all alike); each contender reports its best run.",
+            "machine hits all alike); each contender reports its best run and its median "
+            "(the targets use the medians).",
         ),
-    ] = 3,
+    ] = 5,
     device: Annotated[
         str,
         typer.Option(
@@ -68,6 +69,26 @@ def bench_engine(
     console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
 
 
+@bench_app.command("guided")
+def bench_guided(
+    batch: Annotated[int, typer.Option(min=1, help="Concurrent requests.")] = 32,
+    new_tokens: Annotated[int, typer.Option(min=3, help="Tokens generated per request.")] = 96,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved rounds (median).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+) -> None:
+    """Constrained decoding (JSON schema, regex) vs free decoding: the masks' cost in tokens/s.
+
+    Same engine and batch, interleaved rounds, medians."""
+    openmp.serving_process()
+    from bench.guided import run_guided_benchmark
+
+    results = run_guided_benchmark(
+        batch, new_tokens, repeats, out_dir=out, progress=lambda m: console.print(m)
+    )
+    keys = ("tokens_per_s_median", "constrained_vs_unconstrained", "every_output_valid", "targets")
+    console.print_json(json.dumps({k: results[k] for k in keys}))
+
+
 @bench_app.command("api")
 def bench_api(
     streams: Annotated[int, typer.Option(min=1, help="Concurrent SSE streams.")] = 32,
@@ -80,6 +101,22 @@ def bench_api(
             "backend is a tritonserver on loopback (needs the triton extra)."
         ),
     ] = "engine",
+    short_rounds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Interleaved rounds of the short-chat workload (the streams' count of "
+            "non-streaming chats with 5-30 token answers: engine alone, API all at once, API "
+            "one at a time); 0 skips it.",
+        ),
+    ] = 5,
+    client_process: Annotated[
+        bool,
+        typer.Option(
+            help="Run the HTTP client in a process of its own (as a deployment's clients are) "
+            "rather than in the server's interpreter."
+        ),
+    ] = True,
 ) -> None:
     """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT.
 
@@ -101,5 +138,12 @@ def bench_api(
             pytriton_dir()
         except Exception as e:
             fail(escape(str(e)))
-    results = run_api_benchmark(streams, new_tokens, out_dir=out, backend=backend)
+    results = run_api_benchmark(
+        streams,
+        new_tokens,
+        out_dir=out,
+        backend=backend,
+        short_rounds=short_rounds,
+        client_process=client_process,
+    )
     console.print_json(json.dumps(results))

@@ -29,6 +29,9 @@ def simulate(
     rank_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of chats with n=2..4 ranked.")
     ] = 0.3,
+    phrasing: Annotated[
+        str, typer.Option(help="How users ask: all phrasings, or seed (as the seed was taught).")
+    ] = "all",
     seed: int = 0,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path(
         "ops/bench/results/simulate-latest.json"
@@ -51,6 +54,7 @@ def simulate(
         max_requests=max_requests,
         preference=preference,
         rank_fraction=rank_fraction,
+        phrasing=phrasing,
         seed=seed,
     )
     report = asyncio.run(run_simulation(cfg, out))
@@ -84,6 +88,9 @@ def demo(
         int, typer.Option(min=1, help="Fresh held-out prompts each version is measured on.")
     ] = 128,
     algo: Annotated[str, typer.Option(help="Trainer algorithm: dpo, ppo or kto.")] = "dpo",
+    phrasing: Annotated[
+        str, typer.Option(help="How users ask: all phrasings, or seed (as the seed was taught).")
+    ] = "seed",
     seed: int = 0,
     set_: Annotated[
         list[str] | None,
@@ -123,6 +130,7 @@ def demo(
         eval_prompts=eval_prompts,
         algo=algo,
         trainer_set=overrides,
+        phrasing=phrasing,
         seed=seed,
         out_dir=out,
     )

@@ -24,6 +24,26 @@ if TYPE_CHECKING:
     from trainer.config import TrainerConfig
 
 
+def _family_weights(pairs: list[str]) -> dict[str, float] | None:
+    """``["arithmetic=3", ...]`` as a dict (None when empty); a clean error otherwise."""
+    from demo.tasks import FAMILIES
+
+    weights: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or name not in FAMILIES or not weight >= 0:
+            fail(
+                f"--family-weight {pair!r}: expected FAMILY=WEIGHT with a weight >= 0 and "
+                f"FAMILY one of {', '.join(FAMILIES)}"
+            )
+        weights[name] = weight
+    return weights or None
+
+
 @app.command()
 def pretrain(
     data_dir: DataDir = None,
@@ -42,6 +62,13 @@ def pretrain(
     train_examples: Annotated[
         int, typer.Option(min=1, help="Synthetic conversations to draw.")
     ] = 40000,
+    family_weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Synthetic data: FAMILY=WEIGHT draws a family more or less often (others "
+            "weigh 1); repeat for several."
+        ),
+    ] = None,
     eval_every: Annotated[int, typer.Option(min=1)] = 200,
     work_dir: Annotated[
         Path | None, typer.Option(help="Resumable state (default: <data>/pretrain).")
@@ -63,6 +90,7 @@ def pretrain(
     if data is not None and not data.is_file():
         fail(f"{data}: no such file")
     overrides = {k: v for k, v in (("dim", dim), ("depth", depth)) if v is not None}
+    weights = _family_weights(family_weight or [])
     cfg = built_or_fail(
         PretrainConfig,
         preset=preset,
@@ -75,6 +103,7 @@ def pretrain(
         seed=seed,
         data=str(data) if data else None,
         train_examples=train_examples,
+        family_weights=weights,
         eval_every=eval_every,
         model_overrides=overrides,
     )

@@ -6,12 +6,16 @@ transaction (the API runs them in a worker thread). Data of other users is repor
 
 Decisions worth knowing:
 
-* Continuing a conversation stores the request's messages after its last assistant message
-  as children of an *anchor*: the stored assistant message whose text equals the request's
-  last assistant message (newest first), else the best choice of this user's ranking of the
-  newest completion, else the newest assistant message. A stored message with the same role
-  and text under the same parent is reused, so a regeneration (same history sent again)
-  becomes a sibling of the earlier answer, under the same prompt.
+* What is logged with a completion is exactly the prompt the model was given: the path from
+  a root message to a reply, read back by the conversation view, the exports and the trainer,
+  is the message list the reply was generated from. :func:`log_completion` takes that whole
+  list and files it along the stored path that matches it from the root, message by message
+  (same role and text; newest first among equal siblings), and stores the rest, where the
+  list leaves the log, as a new branch. So a regeneration (the same prompt sent again) becomes
+  a sibling of the earlier answer, and an edited history a branch of its own.
+* A continuation that sends only new messages (no assistant message among them) is generated
+  from :func:`continuation_prompt`: the conversation's current path, to the best choice of
+  this user's ranking of the newest completion, else to the newest answer, followed by them.
 * A ranking may list all choices of a completion or a subset of at least two (unlisted
   choices stay unranked); indices must be distinct.
 * Soft-deleted conversations keep their rows for training; the feedback logged here becomes
@@ -90,18 +94,15 @@ def _own_conversation(s: Session, user_id: int, conversation_id: str) -> Convers
     return conv
 
 
-def _anchor(s: Session, conv: Conversation, user_id: int, reply: str | None) -> Message | None:
-    """The stored message a continuation hangs under (see the module docstring)."""
-    assistants = s.exec(
+def _current_leaf(s: Session, conv: Conversation, user_id: int) -> Message | None:
+    """Where a continuation with only new messages goes on from: the best choice of this
+    user's ranking of the newest completion, else the newest answer, else the newest message."""
+    newest = s.exec(
         select(Message)
         .where(Message.conversation_id == conv.id, Message.role == "assistant")
         .order_by(col(Message.id).desc())
-    ).all()
-    for m in assistants if reply is not None else ():
-        if m.content == reply:
-            return m
-    if assistants:
-        newest = assistants[0]
+    ).first()
+    if newest is not None:
         ranking = s.exec(
             select(Ranking).where(
                 Ranking.completion_id == newest.completion_id, Ranking.user_id == user_id
@@ -115,6 +116,66 @@ def _anchor(s: Session, conv: Conversation, user_id: int, reply: str | None) -> 
     return s.exec(
         select(Message).where(Message.conversation_id == conv.id).order_by(col(Message.id).desc())
     ).first()
+
+
+def _path_to(s: Session, leaf: Message | None) -> list[Message]:
+    path: list[Message] = []
+    while leaf is not None:
+        path.append(leaf)
+        leaf = s.get(Message, leaf.parent_id) if leaf.parent_id is not None else None
+    return path[::-1]
+
+
+def is_full_history(messages: list[dict[str, Any]]) -> bool:
+    """A request's messages are a whole history (generated from as sent) when one of them is
+    an assistant message; otherwise they are new turns after the conversation's path."""
+    return any(m.get("role") == "assistant" for m in messages)
+
+
+def continuation_prompt(
+    engine: Engine, user_id: int, conversation_id: str, messages: list[dict[str, Any]]
+) -> list[dict[str, str]]:
+    """The messages a continuation of ``conversation_id`` is generated from: ``messages``
+    themselves when they are a full history (:func:`is_full_history`), else the
+    conversation's current path followed by them. :class:`NotFound` unless it is this
+    user's own live conversation."""
+    messages = _normalised(messages)
+    with session(engine) as s:
+        conv = _own_conversation(s, user_id, conversation_id)
+        if is_full_history(messages):
+            return messages
+        path = _path_to(s, _current_leaf(s, conv, user_id))
+        return [{"role": m.role, "content": m.content} for m in path] + messages
+
+
+def _file_along_path(
+    s: Session, conv: Conversation, messages: list[dict[str, str]]
+) -> tuple[int | None, list[dict[str, str]]]:
+    """(the id of the deepest stored message on the path that matches ``messages`` from the
+    root, the messages after it, to be stored under it as a new branch)."""
+    rows = s.exec(
+        select(Message.id, Message.parent_id, Message.role, Message.content)
+        .where(Message.conversation_id == conv.id)
+        .order_by(col(Message.id).desc())
+    ).all()
+    children: dict[int | None, list[tuple[int, str, str]]] = {}
+    for mid, parent, role, content in rows:  # newest first
+        assert mid is not None  # stored rows have ids
+        children.setdefault(parent, []).append((mid, role, content))
+    parent_id: int | None = None
+    for depth, m in enumerate(messages):
+        match = next(
+            (
+                mid
+                for mid, role, content in children.get(parent_id, ())
+                if role == m["role"] and content == m["content"]
+            ),
+            None,
+        )
+        if match is None:
+            return parent_id, messages[depth:]
+        parent_id = match
+    return parent_id, []
 
 
 def log_completion(
@@ -134,7 +195,9 @@ def log_completion(
 ) -> str:
     """Store a completion request and its choices; return the conversation id.
 
-    Idempotent on ``completion_id``: a repeated call returns the existing conversation.
+    ``messages`` is the whole prompt the choices were generated from; with
+    ``conversation_id`` it is filed along the conversation's matching path (see the module
+    docstring). Idempotent on ``completion_id``: a repeated call returns the existing conversation.
     ``new_conversation_id`` names the conversation a call without ``conversation_id``
     creates (default: a fresh UUID), so a caller that queues the write can tell the client
     the id before it is stored.
@@ -143,8 +206,8 @@ def log_completion(
         raise Invalid("a completion needs at least one choice")
     if len({c.index for c in choices}) != len(choices):
         raise Invalid("choice indices must be distinct")
-    if conversation_id is None and not messages:
-        raise Invalid("a new conversation needs at least one prompt message")
+    if not messages:
+        raise Invalid("a completion needs at least one prompt message")
     messages = _normalised(messages)
     if engine.dialect.name == "postgresql":  # see storable()
         messages = [{**m, "content": storable(engine, m["content"])} for m in messages]
@@ -163,32 +226,18 @@ def log_completion(
                 parent_id, new = None, messages
             else:
                 conv = _own_conversation(s, user_id, conversation_id)
-                last = max(
-                    (i for i, m in enumerate(messages) if m.get("role") == "assistant"),
-                    default=-1,
-                )
-                reply = messages[last]["content"] if last >= 0 else None
-                anchor = _anchor(s, conv, user_id, reply)
-                parent_id, new = (anchor.id if anchor else None), messages[last + 1 :]
+                parent_id, new = _file_along_path(s, conv, messages)
                 conv.updated_at = utcnow()
                 s.add(conv)
             for m in new:
-                role, content = m["role"], m["content"]
-                row = None
-                if conversation_id is not None and parent_id is not None:
-                    row = s.exec(
-                        select(Message).where(
-                            Message.parent_id == parent_id,
-                            Message.role == role,
-                            Message.content == content,
-                        )
-                    ).first()
-                if row is None:
-                    row = Message(
-                        conversation_id=conv.id, parent_id=parent_id, role=role, content=content
-                    )
-                    s.add(row)
-                    s.flush()
+                row = Message(
+                    conversation_id=conv.id,
+                    parent_id=parent_id,
+                    role=m["role"],
+                    content=m["content"],
+                )
+                s.add(row)
+                s.flush()
                 parent_id = row.id
             for c in sorted(choices, key=lambda c: c.index):
                 s.add(
@@ -276,12 +325,6 @@ def get_conversation(engine: Engine, user_id: int, conversation_id: str) -> dict
             "updated_at": conv.updated_at,
             "messages": [{**{f: getattr(m, f) for f in fields}, "rating": r} for m, r in rows],
         }
-
-
-def check_conversation(engine: Engine, user_id: int, conversation_id: str) -> None:
-    """Raise :class:`NotFound` unless this is the user's own, live conversation."""
-    with session(engine) as s:
-        _own_conversation(s, user_id, conversation_id)
 
 
 def delete_conversation(engine: Engine, user_id: int, conversation_id: str) -> None:

@@ -39,9 +39,16 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/health"): PUBLIC,
+    ("GET", "/version"): PUBLIC,
+    ("GET", "/docs/assets/{name}"): PUBLIC,
     ("GET", "/v1/models"): USER,
+    ("GET", "/v1/models/{model:path}"): USER,
+    ("POST", "/tokenize"): USER,
+    ("POST", "/detokenize"): USER,
     ("GET", "/v1/policies"): USER,
     ("POST", "/v1/chat/completions"): OWNED,  # conversation_id continues one's own thread
+    ("POST", "/v1/completions"): USER,  # text completions: nothing logged, nobody's data
     ("GET", "/v1/conversations"): OWNED,
     ("GET", "/v1/conversations/{conversation_id}"): OWNED,
     ("DELETE", "/v1/conversations/{conversation_id}"): OWNED,
@@ -208,6 +215,8 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
         "/v1/conversations/{conversation_id}": f"/v1/conversations/{w.bob_conv}",
         "/v1/policies/{version}/activate": "/v1/policies/v1/activate",
         "/static/{name:path}": "/static/chat.js",
+        "/docs/assets/{name}": "/docs/assets/swagger-ui.css",
+        "/v1/models/{model:path}": "/v1/models/palmchat",
     }.get(path, path)
     body = {
         ("POST", "/v1/chat/completions"): {
@@ -218,6 +227,9 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
         },
         ("POST", "/v1/feedback"): {"completion_id": w.bob_cid, "choice_index": 0, "rating": -1},
         ("POST", "/v1/rankings"): {"completion_id": w.bob_cid, "ranking": [0, 1]},
+        ("POST", "/v1/completions"): {"model": "palmchat", "prompt": "hi", "max_tokens": 2},
+        ("POST", "/tokenize"): {"prompt": "hi"},
+        ("POST", "/detokenize"): {"tokens": [5]},
     }.get(route)
     return method, url, body
 

@@ -234,7 +234,8 @@ def test_db_outage_chat_keeps_streaming_and_no_accepted_feedback_is_lost(
         api = Api(live.url, key)
         ledger = Ledger(_pg_user(postgres_url, "alice"))
         # before: two answers to rank later, a vote that the outage will change
-        before = ledger.chat(api.chat("What is 2 + 2?", n=2))
+        first = api.chat("What is 2 + 2?", n=2)
+        before = ledger.chat(first)
         ledger.thumb(api.thumb(before, 0, -1), before, 0, -1)
         assert ledger.queued == 0
 
@@ -254,9 +255,19 @@ def test_db_outage_chat_keeps_streaming_and_no_accepted_feedback_is_lost(
         status, streamed, text, done = api.stream("Say hi.")
         assert status == 200 and done and streamed and isinstance(text, str)
         ledger.completions[streamed] = None
-        # a continuation of a conversation started before the outage
+        # a continuation of a conversation started before the outage: the whole history is
+        # answered and logged under it; only the new message cannot be answered from the
+        # conversation's earlier turns while the log is away, which is a clear 503
         conv = ledger.completions[before]
         r = api.chat("And 3 + 3?", conversation_id=conv)
+        assert is_openai_error(r, 503) and r.headers.get("retry-after")
+        assert r.json()["error"]["code"] == "conversation_log_unavailable"
+        history = [
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And 3 + 3?"},
+        ]
+        r = api.chat("", messages=history, conversation_id=conv)
         assert r.json()["conversation_id"] == conv
         ledger.chat(r)
 

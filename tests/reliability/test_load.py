@@ -98,8 +98,11 @@ async def test_64_streaming_clients_no_errors_every_answer_logged_once(
     ok = [r for r in results if r.status == "ok"]
     ttfts = [r.ttft_s for r in ok]
     served = {r.transport for r in ok}
-    finished_ok = metric_sum(after, "palmchat_requests_total", status="ok") - metric_sum(
-        before, "palmchat_requests_total", status="ok"
+    # each stream's one choice finished normally (stop or length), counted once
+    finished_ok = sum(
+        metric_sum(after, "palmchat_request_success_total", finish_reason=reason)
+        - metric_sum(before, "palmchat_request_success_total", finish_reason=reason)
+        for reason in ("stop", "length")
     )
     ttft_count = after["palmchat_time_to_first_token_seconds_count"] - before.get(
         "palmchat_time_to_first_token_seconds_count", 0
@@ -169,8 +172,8 @@ async def test_burst_over_queue_bound_gets_429_and_the_server_recovers(
     refused = outcomes.count("overloaded")
     other = [f"{r.transport}: {r.detail}" for r in burst if r.status == "error"]
     overloaded_metric = metric_sum(
-        after, "palmchat_requests_total", status="overloaded"
-    ) - metric_sum(before, "palmchat_requests_total", status="overloaded")
+        after, "palmchat_requests_total", code="overloaded"
+    ) - metric_sum(before, "palmchat_requests_total", code="overloaded")
     reliability_report.record(
         "load",
         burst_requests=len(burst),

@@ -16,6 +16,7 @@ from shared.store import (
     Invalid,
     LoggedChoice,
     NotFound,
+    continuation_prompt,
     delete_conversation,
     feedback_summary,
     get_conversation,
@@ -164,9 +165,22 @@ def test_continuing_after_n_choices_follows_the_reply_the_client_sent_back(
     assert by_content["d"]["parent_id"] == by_content["more"]["id"]
 
 
-def test_continuing_without_a_matching_reply_uses_the_ranked_best(
+def _path(engine: Engine, user_id: int, conv_id: str, content: str) -> list[str]:
+    """The stored path from a root to the message with ``content``, as texts."""
+    by_id = {m["id"]: m for m in get_conversation(engine, user_id, conv_id)["messages"]}
+    node = next(m for m in by_id.values() if m["content"] == content)
+    path = [node["content"]]
+    while node["parent_id"] is not None:
+        node = by_id[node["parent_id"]]
+        path.append(node["content"])
+    return path[::-1]
+
+
+def test_a_history_that_leaves_the_log_is_stored_as_a_new_branch(
     engine: Engine, alice: int
 ) -> None:
+    """The client edited the answer it sends back: the reply was generated from the edited
+    history, so that is the path it is stored under, not the answer the log holds."""
     conv_id = _log(engine, alice, "c1", ["a", "b", "c"])
     record_ranking(engine, user_id=alice, completion_id="c1", ranking=[2, 0, 1])
     history = [
@@ -175,8 +189,47 @@ def test_continuing_without_a_matching_reply_uses_the_ranked_best(
         {"role": "user", "content": "q"},
     ]
     _log(engine, alice, "c2", ["d"], messages=history, conversation_id=conv_id)
+    assert _path(engine, alice, conv_id, "d") == ["Be brief.", "Hello there", "edited", "q", "d"]
     by_content = {m["content"]: m for m in get_conversation(engine, alice, conv_id)["messages"]}
-    assert by_content["q"]["parent_id"] == by_content["c"]["id"]
+    assert by_content["edited"]["parent_id"] == by_content["a"]["parent_id"]
+    assert by_content["edited"]["completion_id"] is None  # the client's text, not a reply
+    # a history that differs from the first message on starts a branch at the root
+    other = [{"role": "user", "content": "Something else"}]
+    _log(engine, alice, "c3", ["e"], messages=other, conversation_id=conv_id)
+    assert _path(engine, alice, conv_id, "e") == ["Something else", "e"]
+
+
+def test_the_same_prompt_again_is_a_regeneration_beside_the_first_answer(
+    engine: Engine, alice: int
+) -> None:
+    conv_id = _log(engine, alice, "c1", ["a"])
+    assert _log(engine, alice, "c2", ["a2"], conversation_id=conv_id) == conv_id
+    by_content = {m["content"]: m for m in get_conversation(engine, alice, conv_id)["messages"]}
+    assert by_content["a2"]["parent_id"] == by_content["a"]["parent_id"]
+    assert len(get_conversation(engine, alice, conv_id)["messages"]) == 4
+
+
+def test_only_new_messages_continue_from_the_ranked_best_or_the_newest_answer(
+    engine: Engine, alice: int, bob: int
+) -> None:
+    conv_id = _log(engine, alice, "c1", ["a", "b", "c"])
+    more = [{"role": "user", "content": "more"}]
+    newest = continuation_prompt(engine, alice, conv_id, more)
+    assert [m["content"] for m in newest] == ["Be brief.", "Hello there", "c", "more"]
+    record_ranking(engine, user_id=alice, completion_id="c1", ranking=[1, 0, 2])
+    ranked = continuation_prompt(engine, alice, conv_id, more)
+    assert ranked == [*PROMPT, {"role": "assistant", "content": "b"}, *more]
+    # logged with that prompt, the reply hangs under the ranked best
+    _log(engine, alice, "c2", ["d"], messages=ranked, conversation_id=conv_id)
+    assert _path(engine, alice, conv_id, "d") == ["Be brief.", "Hello there", "b", "more", "d"]
+    # and the next continuation goes on from there
+    again = continuation_prompt(engine, alice, conv_id, [{"role": "user", "content": "next"}])
+    assert [m["content"] for m in again][-3:] == ["more", "d", "next"]
+    # a full history is generated from as sent
+    full = [*PROMPT, {"role": "assistant", "content": "zz"}, *more]
+    assert continuation_prompt(engine, alice, conv_id, full) == full
+    with pytest.raises(NotFound):
+        continuation_prompt(engine, bob, conv_id, more)
 
 
 def _assert_not_found(engine: Engine, user_id: int, conv_id: str, completion_id: str) -> None:

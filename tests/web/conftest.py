@@ -105,8 +105,8 @@ def slow_stream(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
     def apply(delay: float = 0.05) -> None:
         run_engine, prepare = serving.run_engine, serving.prepare_completion
 
-        def prepare_long(state, req, who):
-            return prepare(state, req.model_copy(update={"ignore_eos": True}), who)
+        def prepare_long(state, req, who, messages=None):
+            return prepare(state, req.model_copy(update={"ignore_eos": True}), who, messages)
 
         async def run_slow(state, c):
             async with contextlib.aclosing(run_engine(state, c)) as deltas:

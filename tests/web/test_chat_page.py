@@ -13,6 +13,7 @@ from sqlmodel import select
 from shared.db import session
 from shared.keys import create_key
 from shared.schema import Conversation, Feedback, Message, Ranking
+from shared.tokenizer import apply_chat_template
 from tests.web.conftest import live_server, screenshot, wait_until
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,20 @@ def conversations_of(server, user_id: int) -> list[Conversation]:
                 .order_by(Conversation.created_at)
             ).all()
         )
+
+
+def assert_logged_as_generated(server, answers: list[Message]) -> None:
+    """Each answer's logged path from the root, rendered with the chat template, is exactly as
+    long as the prompt the engine was given (its ``prompt_tokens``)."""
+    tok = server.state.engine.tokenizer
+    with session(server.state.db) as s:
+        for answer in answers:
+            path, node = [], s.get(Message, answer.parent_id)
+            while node is not None:
+                path.append({"role": node.role, "content": node.content})
+                node = s.get(Message, node.parent_id) if node.parent_id else None
+            rendered = apply_chat_template(tok, path[::-1], add_generation_prompt=True)
+            assert len(rendered) == answer.prompt_tokens, (answer.content, path)
 
 
 def assistant_messages(server, conversation_id: str) -> list[Message]:
@@ -261,6 +276,7 @@ def test_compare_two_answers_and_pick_one(server, user, page_factory):
             select(Message).where(Message.conversation_id == conv.id, Message.content == "thanks")
         ).one()
     assert follow_up.parent_id == second.id
+    assert_logged_as_generated(server, assistant_messages(server, conv.id))
 
 
 def test_regenerate_adds_a_sibling_answer(server, user, page_factory):
@@ -285,6 +301,7 @@ def test_regenerate_adds_a_sibling_answer(server, user, page_factory):
     )
     assert answers[2].parent_id == answers[1].parent_id  # same prompt, new answer
     assert answers[2].completion_id != answers[1].completion_id
+    assert_logged_as_generated(server, answers)
     assert len(conversations_of(server, user["id"])) == 1
 
 
@@ -382,11 +399,13 @@ def test_page_modules_rebuild_the_tree_and_compute_rates(server, page_factory):
             m(6, 4, "assistant", "new", { completion_id: "c3", choice_index: 0,
                                           policy_version: "v2", rating: 1 }),
           ]);
-          const a = snapshot('palmchat_requests_total{status="ok",finish_reason="stop"} 3\\n' +
-            'palmchat_requests_created{status="ok",finish_reason="stop"} 1.7e9\\n' +
+          const labels = '{endpoint="/v1/chat/completions",status="2xx",code=""}';
+          const a = snapshot(`palmchat_requests_total${labels} 3\\n` +
+            `palmchat_requests_created${labels} 1.7e9\\n` +
             'palmchat_generation_tokens_total 100\\npalmchat_policy_info{version="v1"} 1\\n', 0);
-          const b = snapshot('palmchat_requests_total{status="ok",finish_reason="stop"} 7\\n' +
-            'palmchat_requests_total{status="overloaded",finish_reason=""} 1\\n' +
+          const refused = '{endpoint="/v1/feedback",status="4xx",code="invalid_api_key"}';
+          const b = snapshot(`palmchat_requests_total${labels} 7\\n` +
+            `palmchat_requests_total${refused} 1\\n` +
             'palmchat_generation_tokens_total 300\\n', 2000);
           return { turns, history: historyOf(turns), a, r: rates(a, b),
                    restart: rates(b, { ...a, at: 4000 }) };
