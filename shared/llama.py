@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.model import AttentionCache, attention
+from shared.model import AttentionCache, attention, config_from_dict, require_positive
 
 # rope_scaling kinds computed here (transformers' rope_type names)
 ROPE_KINDS = ("default", "linear", "llama3")
@@ -56,18 +56,8 @@ class LlamaConfig:
     max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_tokens",
-            "dim",
-            "depth",
-            "heads",
-            "kv_heads",
-            "dim_head",
-            "ff_inner_dim",
-            "max_seq_len",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        names = ("num_tokens", "dim", "depth", "heads", "kv_heads", "dim_head", "ff_inner_dim")
+        require_positive(self, (*names, "max_seq_len"), "LlamaConfig.")
         if self.heads % self.kv_heads:
             raise ValueError(
                 f"LlamaConfig.heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"
@@ -93,11 +83,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -223,6 +209,9 @@ class Trunk(nn.Module):
 
 class Llama(nn.Module):
     family: ClassVar[str] = "llama"  # the manifest's name for this model family
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()

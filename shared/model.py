@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,24 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": dict(dim=256, depth=6, heads=8, dim_head=32),
     "base": dict(dim=512, depth=8, heads=8, dim_head=64),
 }
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+    """``cls(**data)`` for a config dataclass, refusing keys it has no field for by name."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**data)
+
+
+def require_positive(config: object, names: tuple[str, ...], label: str = "") -> None:
+    """A clear ValueError naming the first of ``names`` that is not at least 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{label}{name} must be positive, got {getattr(config, name)}")
 
 
 @dataclass(slots=True)
@@ -64,11 +82,7 @@ class PaLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown PaLMConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     @property
     def ff_inner_dim(self) -> int:
@@ -287,6 +301,8 @@ class Residual(nn.Module):
 
 class PaLM(nn.Module):
     family: ClassVar[str] = "palm"  # the manifest's name for this model family
+    # the block projections LoRA adapts (trainer/lora.py)
+    lora_targets: ClassVar[tuple[str, ...]] = ("fused_attn_ff_proj", "attn_out", "ff_out.2")
 
     def __init__(self, config: PaLMConfig) -> None:
         super().__init__()

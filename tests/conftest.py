@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,19 @@ def live_app(
         if user is not None:
             live.key = create_key(live.state.db, user)
         yield live
+
+
+async def ok_or_429(call: Awaitable[object]) -> int:
+    """200 when an SDK call (a whole stream, if it streams) succeeds; 429 when it is refused as
+    over capacity, which must come with a Retry-After header."""
+    import openai
+
+    try:
+        await call
+        return 200
+    except openai.RateLimitError as e:  # streams too: before any chunk
+        assert e.response.headers["retry-after"]
+        return 429
 
 
 def chat_and_rate(url: str, key: str, rating: int) -> None:

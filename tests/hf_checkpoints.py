@@ -43,6 +43,12 @@ MISTRAL = (
     "{% endif %}{% endfor %}"
 )
 
+# Qwen2's pre-tokenizer split: one token per digit, letters runs, punctuation runs, spaces
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -55,6 +61,9 @@ class Family:
     bos: str | None
     eos: str
     stop_ids_extra: tuple[str, ...] = ()  # more stop tokens in generation_config.json
+    # the family's own pre-tokenizer split, as its real tokenizer.json has it (transformers
+    # rebuilds Qwen2's from its class, so the file must agree with it); None = plain byte-level
+    split_regex: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,6 +119,7 @@ FAMILIES = {
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         bos=None,
         eos="<|im_end|>",
+        split_regex=QWEN2_SPLIT,
         stop_ids_extra=("<|endoftext|>",),
     ),
 }
@@ -118,11 +128,20 @@ FAMILIES = {
 def bpe_tokenizer(family: Family):
     """A small byte-level BPE trained on :data:`CORPUS`, its specials added after the BPE
     ids, wrapped as transformers' fast tokenizer with the family's chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family.split_regex is None:
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        raw.normalizer = normalizers.NFC()
+        raw.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(family.split_regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=360,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer
 from trainer.common import ChatMessages, DistInfo, Progress
 from trainer.config import ALGOS, TrainerConfig
@@ -22,10 +22,10 @@ from trainer.reward import RewardModel
 class PolicyUpdate:
     """What a policy update reads; ``policy`` (a copy of ``active``) is trained in place."""
 
-    policy: PaLM
-    active: PaLM
-    reference: PaLM  # the loop's KL reference (PPO)
-    preference_reference: PaLM  # what DPO/KTO log-ratios are measured against
+    policy: PolicyModel
+    active: PolicyModel
+    reference: PolicyModel  # the loop's KL reference (PPO)
+    preference_reference: PolicyModel  # what DPO/KTO log-ratios are measured against
     reference_cache: dict[tuple, float]  # memoised log-probs under preference_reference
     reward_model: RewardModel
     tok: Tokenizer

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.families import PolicyModel
 from shared.messages import ChatMessages
-from shared.model import PaLM
 from shared.tokenizer import Tokenizer, apply_chat_template
 
 # what the phases report while they run: (phase, done, total, text)
@@ -102,7 +102,7 @@ def sequence_logprobs(model: nn.Module, batch: Batch) -> Tensor:
 
 @torch.no_grad()
 def batched_sequence_logprobs(
-    model: PaLM, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32
+    model: PolicyModel, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32
 ) -> Tensor:
     out = []
     for start in range(0, len(seqs), batch_size):

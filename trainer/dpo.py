@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer
 from trainer.common import (
     DistInfo,
@@ -84,8 +84,8 @@ class PreferenceJob:
     """What DPO and KTO read besides their examples: ``policy`` is trained in place, its
     log-ratios measured against the frozen ``reference``."""
 
-    policy: PaLM
-    reference: PaLM
+    policy: PolicyModel
+    reference: PolicyModel
     tok: Tokenizer
     config: TrainerConfig
     info: DistInfo = field(default_factory=DistInfo)
@@ -170,7 +170,7 @@ def _batches(items: list, steps: int, batch_size: int, seed: int):
 
 @torch.no_grad()
 def reward_ranked_pairs(
-    policy: PaLM,
+    policy: PolicyModel,
     reward_model: RewardModel,
     tok: Tokenizer,
     prompts: Sequence[list[dict[str, str]]],

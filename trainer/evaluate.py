@@ -13,7 +13,7 @@ from demo.rater import ScriptedRater, is_correct
 from demo.tasks import TaskGenerator
 from server.engine.offline import generate
 from server.engine.sampling import SamplingParams
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer, apply_chat_template
 
 
@@ -28,7 +28,7 @@ class HeldoutReport:
 
 
 def evaluate_heldout(
-    model: PaLM,
+    model: PolicyModel,
     tokenizer: Tokenizer,
     *,
     n: int = 200,

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from demo.tasks import TaskGenerator
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer
 from trainer.common import batched_sequence_logprobs
 from trainer.config import TrainerConfig
@@ -83,8 +83,8 @@ def heldout_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
 
 @torch.no_grad()
 def sample_and_score(
-    policy: PaLM,
-    reference: PaLM,
+    policy: PolicyModel,
+    reference: PolicyModel,
     reward_model: Any,
     tok: Tokenizer,
     prompts: list[list[dict[str, str]]],
@@ -115,8 +115,8 @@ def sample_and_score(
 
 
 def evaluate_policy(
-    policy: PaLM,
-    reference: PaLM,
+    policy: PolicyModel,
+    reference: PolicyModel,
     reward_model: Any,
     tok: Tokenizer,
     config: TrainerConfig,
@@ -207,8 +207,8 @@ class GateJob:
     reference's held-out hits (None: evaluate them; unused when the reference is the active
     policy)."""
 
-    active: PaLM
-    reference: PaLM
+    active: PolicyModel
+    reference: PolicyModel
     reward_model: Any
     tok: Tokenizer
     config: TrainerConfig
@@ -238,7 +238,7 @@ def reference_hits(job: GateJob) -> list[bool] | None:
     return list(report.hits)
 
 
-def run_gate(job: GateJob, candidate: PaLM) -> tuple[GateReport, dict[str, Any]]:
+def run_gate(job: GateJob, candidate: PolicyModel) -> tuple[GateReport, dict[str, Any]]:
     """Compare ``candidate`` with ``job.active`` and the reference; returns the report and the
     active policy's cache (reuse it while that policy stays active; its ``reference_hits`` hold
     while the reference stays the same)."""
@@ -268,7 +268,7 @@ def run_gate(job: GateJob, candidate: PaLM) -> tuple[GateReport, dict[str, Any]]
 
 
 @torch.no_grad()
-def interpolate(active: PaLM, candidate: PaLM, fraction: float) -> PaLM:
+def interpolate(active: PolicyModel, candidate: PolicyModel, fraction: float) -> PolicyModel:
     """A new policy ``active + fraction * (candidate - active)`` (float32 weights; buffers
     from the candidate). Both must share one architecture."""
     out = copy.deepcopy(candidate).float()
@@ -314,7 +314,7 @@ class GateResult:
     step that passed (1.0 when nothing passed: the full step, rejected), its report, every
     try, and the active policy's cache (reuse it while that policy stays active)."""
 
-    policy: PaLM
+    policy: PolicyModel
     step_fraction: float
     report: GateReport
     tries: list[GateTry]
@@ -325,7 +325,7 @@ class GateResult:
         return self.report.passed
 
 
-def gate_with_backtracking(job: GateJob, candidate: PaLM) -> GateResult:
+def gate_with_backtracking(job: GateJob, candidate: PolicyModel) -> GateResult:
     """Gate ``candidate``; if it fails, gate its interpolations towards ``job.active`` at each
     fraction of ``config.gate.backtrack`` until one passes. When nothing passes, the full-step
     candidate and its report come back."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from shared.config import Settings
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.policies import active_version
 from shared.tokenizer import Tokenizer
 from trainer.algorithms import ALGORITHMS, PolicyUpdate
@@ -74,10 +74,6 @@ log = logging.getLogger(__name__)
 __all__ = ["OnlineTrainer", "RoundResult", "TrainerContext", "run_round"]
 
 
-def untrainable(version: str, family: str) -> str:
-    return f"policy {version} is a {family}-family model; the trainer updates PaLM policies only"
-
-
 class OnlineTrainer:
     """The trainer process's state between rounds (cached reference model, the active
     policy's gate evaluation, metrics)."""
@@ -109,7 +105,7 @@ class OnlineTrainer:
         from trainer.reward import RewardRegistry
 
         self.rewards = RewardRegistry(self.ctx.reward_root)
-        self._reference: tuple[str, PaLM] | None = None
+        self._reference: tuple[str, PolicyModel] | None = None
         self._ref_logprobs: dict[tuple, float] = {}
         self._active_cache: tuple[str, dict[str, Any]] | None = None
         self._reference_hits: tuple[str, list[bool]] | None = None  # the KL reference's
@@ -134,11 +130,9 @@ class OnlineTrainer:
             return stored
         return base
 
-    def _load_reference(self, version: str) -> PaLM:
+    def _load_reference(self, version: str) -> PolicyModel:
         if self._reference is None or self._reference[0] != version:
             model = self.ctx.registry.load(version, device=self.device).model
-            if not isinstance(model, PaLM):
-                raise NotImplementedError(untrainable(version, model.family))
             self._reference = (version, model.eval().requires_grad_(False))
             self._ref_logprobs = {}  # reference log-probs of logged replies, per reference
         return self._reference[1]
@@ -208,8 +202,6 @@ class OnlineTrainer:
         seed = cfg.seed * 1009 + plan.run_id
         seed_everything(seed)
         active = self.ctx.registry.load(base, device=self.device)
-        if not isinstance(active.model, PaLM):
-            raise NotImplementedError(untrainable(base, active.model.family))
         tok = active.tokenizer
         reference = self._load_reference(plan.reference)
         seconds: dict[str, float] = {}
@@ -304,7 +296,7 @@ class OnlineTrainer:
 
     def _reward_model(
         self,
-        policy: PaLM,
+        policy: PolicyModel,
         tok: Tokenizer,
         data: FeedbackData,
         seed: int,
@@ -338,7 +330,7 @@ class OnlineTrainer:
             progress=progress,
         )
 
-    def _previous_reward_model(self, policy: PaLM, tok: Tokenizer) -> tuple[Any, str]:
+    def _previous_reward_model(self, policy: PolicyModel, tok: Tokenizer) -> tuple[Any, str]:
         """The last round's reward model to continue from (``rm_init="previous"``), if it
         fits this policy's architecture and tokenizer; else (None, "policy")."""
         version = self.rewards.latest() if self.config.reward.init == "previous" else None

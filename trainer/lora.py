@@ -1,20 +1,17 @@
-"""LoRA for PaLM's linear layers (https://arxiv.org/abs/2106.09685).
+"""LoRA for the policy models' block projections (https://arxiv.org/abs/2106.09685).
 
 :func:`apply_lora` swaps the block projections for :class:`LoRALinear` (frozen base weight
 plus a trainable low-rank update ``B @ A``, B starting at zero so training starts from the
 base model) and freezes every other weight; :func:`merge_lora` folds the updates back in, so
-a published policy is a plain PaLM any server loads.
+a published policy is a plain model of its family that any server loads.
 """
 
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from torch import Tensor, nn
-
-TARGETS: tuple[str, ...] = ("fused_attn_ff_proj", "attn_out", "ff_out.2")
 
 
 class LoRALinear(nn.Module):
@@ -50,28 +47,20 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0) -> list[nn.Parameter]:
-    """Wrap the block projections of every PaLM in ``model`` with LoRA; freeze the rest of
-    those PaLMs. Returns the new trainable parameters."""
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name.endswith(t) for t in TARGETS)
-    ]
-    for name in targets:
-        if ".layers." not in f".{name}":
-            continue
-        prefix = name.split("layers.")[0].rstrip(".")
-        trunk = model.get_submodule(prefix) if prefix else model
-        for p in trunk.parameters():
-            p.requires_grad_(False)
+    """Wrap the block projections of every policy model in ``model`` (each family names its
+    own in ``lora_targets``) with LoRA; freeze the rest of those models. Returns the new
+    trainable parameters."""
     params: list[nn.Parameter] = []
-    for name in targets:
-        if ".layers." not in f".{name}":
-            continue
-        # targets holds only the names of nn.Linear modules (filtered above)
-        wrapped = LoRALinear(cast(nn.Linear, model.get_submodule(name)), rank, alpha)
-        _swap(model, name, wrapped)
-        params += [wrapped.lora_a, wrapped.lora_b]
+    trunks = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_targets")]
+    for prefix, trunk in trunks:
+        trunk.requires_grad_(False)
+        targets: tuple[str, ...] = trunk.lora_targets
+        for name, module in list(trunk.named_modules()):
+            in_block = ".layers." in f".{name}"  # not the embedding or the output projection
+            if in_block and isinstance(module, nn.Linear) and name.endswith(targets):
+                wrapped = LoRALinear(module, rank, alpha)
+                _swap(model, f"{prefix}.{name}" if prefix else name, wrapped)
+                params += [wrapped.lora_a, wrapped.lora_b]
     return params
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer, apply_chat_template
 from trainer.common import (
     ChatMessages,
@@ -176,7 +176,7 @@ def ppo_loss(
 class ActorCritic(nn.Module):
     """The policy plus an MLP value head on its final hidden states."""
 
-    def __init__(self, policy: PaLM, detach_critic: bool = False) -> None:
+    def __init__(self, policy: PolicyModel, detach_critic: bool = False) -> None:
         super().__init__()
         dim = policy.config.dim
         self.policy = policy
@@ -212,7 +212,7 @@ class Rollout:
 
 @torch.no_grad()
 def generate_rollouts(
-    model: PaLM,
+    model: PolicyModel,
     tok: Tokenizer,
     prompts: Sequence[ChatMessages],
     *,
@@ -271,7 +271,7 @@ class PPOReport:
 
 
 def _forward_stats(
-    model: ActorCritic, reference: PaLM, tokens: Tensor, mask: Tensor, batch_size: int
+    model: ActorCritic, reference: PolicyModel, tokens: Tensor, mask: Tensor, batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """old log-probs, reference log-probs and values, each (N, T - 1)."""
     lps, refs, vals = [], [], []
@@ -287,8 +287,8 @@ def _forward_stats(
 
 
 def train_ppo(
-    policy: PaLM,
-    reference: PaLM,
+    policy: PolicyModel,
+    reference: PolicyModel,
     reward_model: Any,
     tok: Tokenizer,
     prompts: Sequence[ChatMessages],

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared.checkpoints import PolicyRegistry
-from shared.model import PaLM, PaLMConfig
+from shared.model import PaLM, PaLMConfig, require_positive
 from shared.tokenizer import (
     BPETokenizer,
     Tokenizer,
@@ -64,16 +64,8 @@ class PretrainConfig:
     model_overrides: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "max_seq_len",
-            "vocab_size",
-            "eval_every",
-            "train_examples",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        names = ("steps", "batch_size", "max_seq_len", "vocab_size", "eval_every", "train_examples")
+        require_positive(self, names)
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
 

@@ -1,4 +1,4 @@
-"""Reward model: the policy's PaLM trunk with a scalar head on the last token.
+"""Reward model: the policy's trunk with a scalar head on the last token.
 
 Trained on the feedback in the database: a Bradley-Terry loss on preference pairs
 (``-log sigmoid(r_chosen - r_rejected - margin)``) plus a pointwise logistic term on thumbs
@@ -38,7 +38,7 @@ from shared.checkpoints import (
     staging_dir,
     verify_version_dir,
 )
-from shared.model import PaLM, PaLMConfig
+from shared.families import PolicyModel, build_model, config_from_dict, family_of
 from shared.tokenizer import Tokenizer, load_tokenizer
 from trainer.common import (
     DistInfo,
@@ -81,7 +81,7 @@ class RewardModel(nn.Module):
     offset: Tensor  # buffers (registered below): the raw-reward mean and spread
     scale: Tensor
 
-    def __init__(self, trunk: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> None:
+    def __init__(self, trunk: PolicyModel, lm_weight: float = LM_WEIGHT_INIT) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = nn.Linear(trunk.config.dim, 1)
@@ -96,7 +96,7 @@ class RewardModel(nn.Module):
         self.register_buffer("scale", torch.ones(()))
 
     @classmethod
-    def from_policy(cls, policy: PaLM, lm_weight: float = LM_WEIGHT_INIT) -> RewardModel:
+    def from_policy(cls, policy: PolicyModel, lm_weight: float = LM_WEIGHT_INIT) -> RewardModel:
         """A reward model whose trunk is a copy of ``policy``."""
         return cls(copy.deepcopy(policy).float().train(), lm_weight)
 
@@ -237,7 +237,7 @@ def evaluate_reward_model(
 
 
 def train_reward_model(
-    policy: PaLM,
+    policy: PolicyModel,
     tok: Tokenizer,
     train: FeedbackData,
     heldout: FeedbackData,
@@ -422,6 +422,7 @@ class RewardRegistry(VersionDirectory):
                 "format": FORMAT,
                 "created_at": datetime.now(UTC).isoformat(),
                 "policy_version": policy_version,
+                "family": rm.trunk.family,
                 "config": rm.trunk.config.to_dict(),
                 "files": file_entries(tmp),
                 "metrics": dict(metrics or {}),
@@ -433,7 +434,8 @@ class RewardRegistry(VersionDirectory):
         path = self.path(version)
         manifest = verify_version_dir(path, version, manifest_format=FORMAT, kind=self.kind)
         state = load_file(str(path / MODEL_FILE))
-        trunk = PaLM(PaLMConfig.from_dict(manifest["config"]))
+        # a manifest without a family is PaLM's (every one before the Llama family)
+        trunk = build_model(config_from_dict(family_of(manifest), manifest["config"]))
         trunk.load_saved_state({k[6:]: v for k, v in state.items() if k.startswith("trunk.")})
         rm = RewardModel(trunk, float(state["lm_weight"]))
         rm.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})

@@ -18,7 +18,7 @@ from typing import Any
 from sqlmodel import select
 
 from shared.db import session
-from shared.model import PaLM
+from shared.families import PolicyModel
 from shared.policies import activate_row, active_version, add_version_row
 from shared.schema import Policy, TrainingRun, utcnow
 from shared.tokenizer import Tokenizer
@@ -112,7 +112,7 @@ def commit_round(
     *,
     run_id: int,
     base: str,
-    policy: PaLM,
+    policy: PolicyModel,
     tok: Tokenizer,
     gate_reasons: list[str],
     metrics: dict[str, Any],

@@ -18,6 +18,7 @@ from pydantic import (
 
 from server.api.protocol import (
     MAX_LOGIT_BIAS,
+    ResponseHead,
     StreamOptions,
     Usage,
     _storable_text,
@@ -113,14 +114,10 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class TextCompletionResponse(BaseModel):
+class TextCompletionResponse(ResponseHead):
     """The response, and (with ``usage`` null but for the last) each streamed chunk."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

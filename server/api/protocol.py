@@ -288,12 +288,19 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-class ChatCompletionResponse(BaseModel):
+class ResponseHead(BaseModel):
+    """What every completion response and streamed chunk opens with; ``object`` is narrowed to
+    one literal by each kind."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     system_fingerprint: str | None = None
+
+
+class ChatCompletionResponse(ResponseHead):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
     conversation_id: str | None = None
@@ -311,12 +318,8 @@ class ChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

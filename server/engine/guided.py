@@ -60,6 +60,37 @@ def _json_grammar(schema: dict[str, Any]) -> str:
     return str(llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout})))
 
 
+# ECMA-262's (JSON Schema's) and vLLM's meaning of the shorthand classes: ASCII, where
+# llguidance's regex engine would take any Unicode digit or letter
+_ASCII_CLASSES = {"d": "0-9", "w": "A-Za-z0-9_"}
+
+
+def ascii_shorthands(pattern: str) -> str:
+    """``pattern`` with ``\\d``, ``\\w`` (``\\D``, ``\\W`` outside brackets) as ASCII classes."""
+    out: list[str] = []
+    in_class, i = False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            ascii_set = _ASCII_CLASSES.get(nxt.lower())
+            if ascii_set is not None and (in_class and nxt.islower()):
+                out.append(ascii_set)
+            elif ascii_set is not None and not in_class:
+                out.append(f"[{'^' if nxt.isupper() else ''}{ascii_set}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 @lru_cache(maxsize=256)
 def _grammar(kind: str, spec: str) -> str:
     try:
@@ -71,7 +102,7 @@ def _grammar(kind: str, spec: str) -> str:
                 raise GrammarError("a JSON schema must be a JSON object")
             return _json_grammar(schema)
         if kind == "regex":
-            return str(llguidance.grammar_from("regex", spec))
+            return str(llguidance.grammar_from("regex", ascii_shorthands(spec)))
         choices = json.loads(spec)
         if (
             not isinstance(choices, list)

@@ -18,8 +18,6 @@ from shared.hf_tokenizer import ChatTemplateError
 from shared.tokenizer import apply_chat_template, load_tokenizer, render_training_example
 from tests.hf_checkpoints import FAMILIES, load_reference, make_checkpoint
 
-pytest.importorskip("transformers")
-
 CHATS = [
     [{"role": "user", "content": "Hello!"}],
     [

@@ -10,10 +10,8 @@ import torch
 
 from shared.hf_import import load_model, read_checkpoint
 from shared.llama import Llama, LlamaConfig
-from shared.model import KVCache
 from tests.hf_checkpoints import FAMILIES, load_reference, make_checkpoint
-
-pytest.importorskip("transformers")
+from tests.shared.cache_check import worst_cached_error
 
 
 @pytest.fixture(scope="module")
@@ -70,28 +68,8 @@ def test_cached_ragged_prefill_then_decode_equals_full_forward(kv_heads: int) ->
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    batch, total, prompt_lens = 3, 30, [7, 1, 12]
-    tokens = torch.randint(0, config.num_tokens, (batch, total))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = KVCache.allocate(config, batch, max_len=40)
-        width = max(prompt_lens)
-        prompts = torch.zeros(batch, width, dtype=torch.long)
-        for b, n in enumerate(prompt_lens):
-            prompts[b, :n] = tokens[b, :n]
-        logits = model(prompts, torch.arange(width).expand(batch, width), cache)
-        worst = max(
-            (logits[b, :n] - full[b, :n]).abs().max().item() for b, n in enumerate(prompt_lens)
-        )
-        lengths = torch.tensor(prompt_lens)
-        while int(lengths.max()) < total:
-            step = tokens.gather(1, lengths.clamp(max=total - 1).unsqueeze(1))
-            out = model(step, lengths.unsqueeze(1), cache)[:, 0]
-            for b in range(batch):
-                if lengths[b] < total:
-                    worst = max(worst, (out[b] - full[b, lengths[b]]).abs().max().item())
-            lengths = lengths + 1
-    assert worst <= 1e-4
+    tokens = torch.randint(0, config.num_tokens, (3, 30))
+    assert worst_cached_error(model, tokens, prompt_lens=[7, 1, 12]) <= 1e-4
 
 
 def test_tied_embeddings_are_saved_once_and_load_back() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.model import KVCache, PaLM, PaLMConfig
+from shared.model import PaLM, PaLMConfig
+from tests.shared.cache_check import worst_cached_error
 
 CONFIGS = [
     dict(num_tokens=300, dim=64, depth=2, heads=4, dim_head=16),
@@ -62,29 +63,8 @@ def test_cached_ragged_prefill_then_decode_equals_full_forward(cfg: dict) -> Non
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    batch, total = 4, 40
-    tokens = torch.randint(0, cfg["num_tokens"], (batch, total))
-    prompt_lens = [9, 1, 17, 4]
-    with torch.no_grad():
-        full = model(tokens)  # (B, T, V): causal, so row b at t only sees tokens[b, :t+1]
-        cache = KVCache.allocate(model.config, batch, max_len=48)
-        width = max(prompt_lens)
-        prompts = torch.zeros(batch, width, dtype=torch.long)  # right-padded ragged prompts
-        for b, n in enumerate(prompt_lens):
-            prompts[b, :n] = tokens[b, :n]
-        logits = model(prompts, torch.arange(width).expand(batch, width), cache)
-        worst = max(
-            (logits[b, :n] - full[b, :n]).abs().max().item() for b, n in enumerate(prompt_lens)
-        )
-        lengths = torch.tensor(prompt_lens)
-        while int(lengths.max()) < total:
-            pos = lengths.clamp(max=total - 1)
-            step = model(tokens[torch.arange(batch), pos].unsqueeze(1), pos.unsqueeze(1), cache)
-            for b in range(batch):
-                if lengths[b] < total:
-                    worst = max(worst, (step[b, 0] - full[b, pos[b]]).abs().max().item())
-            lengths = lengths + 1
-    assert worst <= 1e-5
+    tokens = torch.randint(0, cfg["num_tokens"], (4, 40))
+    assert worst_cached_error(model, tokens, prompt_lens=[9, 1, 17, 4]) <= 1e-5
 
 
 def test_presets_and_config_round_trip() -> None:

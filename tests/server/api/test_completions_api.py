@@ -11,10 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server.api.app import create_app
-from shared.config import Settings
-from shared.keys import create_key
-from tests.conftest import LiveServer, live_app
+from tests.conftest import live_app, ok_or_429
 
 PROMPT = "The capital of France is"
 
@@ -325,34 +322,23 @@ def test_a_client_that_leaves_mid_stream_cancels_every_prompts_request(server) -
 
 
 async def test_a_full_queue_is_a_429_with_retry_after(tmp_path: Path, tiny_seed_dir: Path) -> None:
-    settings = Settings(data_dir=tmp_path, kv_cache_memory_mb=1, max_waiting=2)
-    app = create_app(settings, seed_dir=tiny_seed_dir)
-    with LiveServer(app) as live:
-        key = create_key(app.state.palmchat.db, "alice")
+    small = dict(kv_cache_memory_mb=1, max_waiting=2)
+    with live_app(tmp_path, tiny_seed_dir, user="alice", **small) as live:
         client = openai.AsyncOpenAI(
-            base_url=f"{live.url}/v1", api_key=key, max_retries=0, timeout=120
+            base_url=f"{live.url}/v1", api_key=live.key, max_retries=0, timeout=120
         )
 
-        async def one(stream: bool) -> int:
-            try:
-                r = await client.completions.create(
-                    model="palmchat",
-                    prompt=[PROMPT, "Hello"],
-                    max_tokens=60,
-                    seed=1,
-                    stream=stream,
-                )
-                if stream:
-                    async for _ in r:
-                        pass
-                return 200
-            except openai.RateLimitError as e:  # streams too: before any chunk
-                assert e.response.headers["retry-after"]
-                return 429
+        async def one(stream: bool) -> None:
+            r = await client.completions.create(
+                model="palmchat", prompt=[PROMPT, "Hello"], max_tokens=60, seed=1, stream=stream
+            )
+            if stream:
+                async for _ in r:
+                    pass
 
-        codes = await asyncio.gather(*[one(stream=i % 2 == 1) for i in range(24)])
+        codes = await asyncio.gather(*[ok_or_429(one(stream=i % 2 == 1)) for i in range(24)])
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         after = await client.completions.create(model="palmchat", prompt=PROMPT, max_tokens=3)
         assert after.choices[0].finish_reason in ("stop", "length")
-        stats = app.state.palmchat.engine.stats()
+        stats = live.state.engine.stats()
         assert stats.running == 0 and stats.waiting == 0

@@ -15,7 +15,7 @@ import pytest
 from server.api.app import create_app
 from shared.config import Settings
 from shared.keys import create_key
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, live_app, ok_or_429
 
 MESSAGES = [{"role": "user", "content": "Sort these numbers: 5, 3, 9."}]
 
@@ -93,25 +93,17 @@ def test_client_gone_mid_sse_is_logged_incomplete_and_frees_the_engine(server) -
 async def test_burst_over_the_queue_bound_gets_429_and_the_server_recovers(
     tmp_path: Path, tiny_seed_dir: Path
 ) -> None:
-    settings = Settings(data_dir=tmp_path, kv_cache_memory_mb=1, max_waiting=2)
-    app = create_app(settings, seed_dir=tiny_seed_dir)
-    with LiveServer(app) as live:
-        key = create_key(app.state.palmchat.db, "alice")
+    small = dict(kv_cache_memory_mb=1, max_waiting=2)
+    with live_app(tmp_path, tiny_seed_dir, user="alice", **small) as live:
         client = openai.AsyncOpenAI(
-            base_url=f"{live.url}/v1", api_key=key, max_retries=0, timeout=120
+            base_url=f"{live.url}/v1", api_key=live.key, max_retries=0, timeout=120
         )
-
-        async def one() -> int:
-            try:
-                await client.chat.completions.create(
-                    model="palmchat", messages=MESSAGES, max_tokens=120, temperature=1.0, seed=1
-                )
-                return 200
-            except openai.RateLimitError as e:
-                assert e.response.headers["retry-after"]
-                return 429
-
-        codes = await asyncio.gather(*[one() for _ in range(48)])
+        chat = client.chat.completions.create
+        burst = [
+            chat(model="palmchat", messages=MESSAGES, max_tokens=120, temperature=1.0, seed=1)
+            for _ in range(48)
+        ]
+        codes = await asyncio.gather(*[ok_or_429(call) for call in burst])
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         after = await client.chat.completions.create(
             model="palmchat", messages=MESSAGES, max_tokens=3
