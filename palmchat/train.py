@@ -199,7 +199,13 @@ def trainer(
     device: Annotated[
         str, typer.Option(help="cpu or cuda (each torchrun rank its own GPU).")
     ] = "cpu",
-    lora_rank: Annotated[int, typer.Option(min=0, help="LoRA rank (0 = full fine-tuning).")] = 0,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            min=-1,
+            help="LoRA rank; 0 = full fine-tuning; -1 = by size (rank 16 over 100M parameters).",
+        ),
+    ] = -1,
     seed: int = 0,
     set_: Annotated[
         list[str] | None,

@@ -244,8 +244,13 @@ class TrainerConfig:
     publish_rejected: bool = True  # keep a rejected candidate's files (status "rejected")
 
     # -- shared by the reward model, PPO and DPO/KTO ----------------------------------------
-    lora_rank: int = 0  # 0 = full fine-tuning
+    # -1 = by the policy's size: LoRA of rank lora_auto_rank above lora_auto_params
+    # parameters (full fine-tuning would not fit beside the reference and the optimizer
+    # state), full fine-tuning below; 0 = full fine-tuning; N = LoRA of rank N
+    lora_rank: int = -1
     lora_alpha: float = 16.0
+    lora_auto_params: int = 100_000_000
+    lora_auto_rank: int = 16
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     # sampling of PPO rollouts and on-policy DPO pairs (temperature: the gate's samples too)
@@ -265,10 +270,16 @@ class TrainerConfig:
         positive = ("min_new_feedback", "max_train_items", "max_new_tokens")
         _check(self, positive, lambda v: v >= 1, ">= 1")
         _check(self, ("temperature", "grad_clip"), lambda v: v > 0, "> 0")
-        if self.lora_rank < 0 or self.threads < 0:
-            raise ValueError("lora_rank and threads must be >= 0")
+        if self.lora_rank < -1 or self.lora_auto_rank < 1 or self.threads < 0:
+            raise ValueError("lora_rank must be >= -1, lora_auto_rank >= 1 and threads >= 0")
         if self.poll_seconds <= 0 or self.settle_seconds < 0:
             raise ValueError("poll_seconds must be > 0 and settle_seconds >= 0")
+
+    def lora_rank_for(self, num_params: int) -> int:
+        """The LoRA rank a round on a policy of ``num_params`` parameters uses (0 = none)."""
+        if self.lora_rank >= 0:
+            return self.lora_rank
+        return self.lora_auto_rank if num_params > self.lora_auto_params else 0
 
     @classmethod
     def flat_names(cls) -> dict[str, tuple[str | None, str]]:

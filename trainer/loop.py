@@ -202,13 +202,17 @@ class OnlineTrainer:
         seed = cfg.seed * 1009 + plan.run_id
         seed_everything(seed)
         active = self.ctx.registry.load(base, device=self.device)
+        # the rank resolved for this policy's size, so the round's recipe records what ran
+        rank = cfg.lora_rank_for(active.model.num_params())
+        if rank != cfg.lora_rank:
+            cfg = cfg.replace(lora_rank=rank)
         tok = active.tokenizer
         reference = self._load_reference(plan.reference)
         seconds: dict[str, float] = {}
         phase = self._phase if info.is_main else None
 
         t = time.monotonic()
-        rm, rm_report = self._reward_model(active.model, tok, data, seed, phase)
+        rm, rm_report = self._reward_model(active.model, tok, data, seed, phase, cfg)
         seconds["reward_model"] = time.monotonic() - t
         if info.is_main:
             rm_report.version = self.rewards.publish(
@@ -301,9 +305,9 @@ class OnlineTrainer:
         data: FeedbackData,
         seed: int,
         progress: Progress | None,
+        cfg: TrainerConfig,
     ) -> tuple[RewardModel, RewardReport]:
         """This round's reward model, trained on ``data`` minus its held-out prompts."""
-        cfg = self.config
         rc = cfg.reward
         train, held = data.split(rc.heldout_percent)
         init, init_name = self._previous_reward_model(policy, tok)

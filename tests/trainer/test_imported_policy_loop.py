@@ -58,11 +58,13 @@ def test_imported_qwen2_is_served_rated_trained_and_hot_swapped(
             assert r.status_code == 200, r.text
 
         ctx = TrainerContext.from_settings(Settings(data_dir=data))
-        cfg = tiny_config(algo="dpo", lora_rank=4, gate_min_reward_gain=-1e9)
+        # LoRA by size, as for a policy over 100M parameters (the threshold lowered to fit)
+        cfg = tiny_config(algo="dpo", lora_auto_params=1_000, gate_min_reward_gain=-1e9)
         result = OnlineTrainer(ctx, cfg).run_round(force=True)
         assert result.status == "published", result.reasons
         assert (result.base_version, result.candidate_version) == ("v1", "v2")
-        assert ctx.registry.manifest("v2")["parent"] == "v1"
+        manifest = ctx.registry.manifest("v2")
+        assert manifest["parent"] == "v1" and manifest["recipe"]["trainer"]["lora_rank"] == 16
         published, imported = ctx.registry.load("v2"), ctx.registry.load("v1")
         # the LoRA update merged into a plain model of the same family, with the same template
         assert published.model.family == "llama" and not has_lora(published.model)
