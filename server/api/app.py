@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import fastapi_offline
 from fastapi import FastAPI, Request, Response
@@ -105,11 +105,14 @@ def _install_docs(app: FastAPI) -> None:
     def asset(request: Request, name: str) -> str:
         return under_root(request, f"/docs/assets/{name}")
 
+    def page(request: Request, name: str) -> dict[str, Any]:
+        """What both documentation pages take: the schema's URL and the page's title."""
+        return {"openapi_url": under_root(request, openapi_url), "title": f"{app.title} - {name}"}
+
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=under_root(request, openapi_url),
-            title=f"{app.title} - Swagger UI",
+            **page(request, "Swagger UI"),
             swagger_js_url=asset(request, "swagger-ui-bundle.js"),
             swagger_css_url=asset(request, "swagger-ui.css"),
             swagger_favicon_url=asset(request, "favicon.png"),
@@ -123,8 +126,7 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         return get_redoc_html(
-            openapi_url=under_root(request, openapi_url),
-            title=f"{app.title} - ReDoc",
+            **page(request, "ReDoc"),
             redoc_js_url=asset(request, "redoc.standalone.js"),
             redoc_favicon_url=asset(request, "favicon.png"),
             with_google_fonts=False,

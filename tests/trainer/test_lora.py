@@ -12,6 +12,16 @@ from trainer.config import TrainerConfig
 from trainer.lora import LoRALinear, apply_lora, has_lora, merge_lora
 
 
+def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], tokens: torch.Tensor) -> None:
+    """Three SGD steps on the given parameters only."""
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        loss = model(tokens).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_lora_trains_only_its_factors_and_merges_into_a_plain_palm() -> None:
     torch.manual_seed(0)
     model = PaLM(PaLMConfig.from_name("tiny", num_tokens=64, max_seq_len=32))
@@ -21,12 +31,7 @@ def test_lora_trains_only_its_factors_and_merges_into_a_plain_palm() -> None:
     assert has_lora(model) and len(params) == 2 * 3 * model.config.depth
     assert torch.allclose(model(tokens), base(tokens), atol=1e-6)  # B = 0: no change yet
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
-    opt = torch.optim.SGD(params, lr=0.1)
-    for _ in range(3):
-        loss = model(tokens).logsumexp(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(model, params, tokens)
     trained = model(tokens).detach()
     assert not torch.allclose(trained, base(tokens), atol=1e-4)
     assert torch.equal(model.token_emb.weight, base.token_emb.weight)  # frozen
@@ -50,12 +55,7 @@ def test_a_llama_family_model_trains_its_seven_projections_and_nothing_else() ->
     assert len(params) == 2 * 7 * config.depth  # q, k, v, o, gate, up, down in every block
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
     tokens = torch.randint(0, 64, (2, 10))
-    opt = torch.optim.SGD(params, lr=0.1)
-    for _ in range(3):
-        loss = model(tokens).logsumexp(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(model, params, tokens)
     merge_lora(model)
     assert not has_lora(model)
     for name, weight in model.state_dict().items():
