@@ -8,6 +8,7 @@ A sequence is ``chat_template(prompt) + encode(reply) + <|end|>``; the reply's t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -215,6 +216,35 @@ def shard(items: Sequence, info: DistInfo, seed: int) -> list:
         per = len(order) // info.world
         order = order[info.rank * per : (info.rank + 1) * per]
     return [items[i] for i in order]
+
+
+def wrap_sharded(module: nn.Module, info: DistInfo) -> nn.Module:
+    """A copy of ``module`` sharded over the processes with FSDP2, each block (the members of
+    a ``layers`` list) its own unit: its weights, gradients and optimiser state are split,
+    and a block's weights are gathered only while it runs. ``module`` is left as it is;
+    :func:`gather_trained` copies the trained weights back. Unsharded when not distributed."""
+    if not info.enabled:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(module)
+    for name, child in sharded.named_modules():
+        if isinstance(child, nn.ModuleList) and name.rpartition(".")[2] == "layers":
+            for block in child:
+                fully_shard(block)
+    fully_shard(sharded)
+    return sharded
+
+
+def gather_trained(model: nn.Module, module: nn.Module) -> None:
+    """After training ``model`` made by :func:`wrap_sharded`: its whole weights, gathered
+    from every process, into ``module`` (on every process). Nothing to do for ``module``."""
+    if model is module:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    module.load_state_dict(full)
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:

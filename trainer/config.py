@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 ALGOS: tuple[str, ...] = ("ppo", "dpo", "kto")
+PARALLEL: tuple[str, ...] = ("ddp", "fsdp")
 
 
 def _check(section: Any, names: tuple[str, ...], ok: Callable[[Any], bool], rule: str) -> None:
@@ -231,6 +232,10 @@ class TrainerConfig:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda[:N]; under torchrun each rank takes its local GPU
     threads: int = 0  # CPU torch threads per process; 0 = cores / processes
+    # under torchrun: "ddp" (every process holds the whole policy) or "fsdp" (DPO and KTO
+    # update a copy sharded by block with FSDP2, for a policy whose weights, gradients and
+    # optimiser state do not fit one device); the reward model and PPO use DDP either way
+    parallel: str = "ddp"
 
     # KL reference: "first" = the policy active when this database's trainer first ran
     # (kept in trainer_state), "active" = each round's starting policy, or a version "vN"
@@ -267,6 +272,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         positive = ("min_new_feedback", "max_train_items", "max_new_tokens")
         _check(self, positive, lambda v: v >= 1, ">= 1")
         _check(self, ("temperature", "grad_clip"), lambda v: v > 0, "> 0")

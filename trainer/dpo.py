@@ -30,10 +30,12 @@ from trainer.common import (
     batched_sequence_logprobs,
     collate,
     encode_reply,
+    gather_trained,
     optimizer_step,
     sequence_logprobs,
     shard,
     wrap_ddp,
+    wrap_sharded,
 )
 from trainer.config import TrainerConfig
 from trainer.feedback import Pair, Thumb, prompt_key
@@ -221,21 +223,32 @@ def _trainable(
     job: PreferenceJob,
 ) -> tuple[list[torch.nn.Parameter], torch.nn.Module, torch.optim.Optimizer]:
     """What a preference trainer updates (LoRA adapters, or every weight), the model to run
-    (DDP-wrapped when distributed) and its optimiser."""
+    (when distributed: DDP-wrapped, or a sharded copy with ``parallel`` "fsdp") and its
+    optimiser."""
     policy, config = job.policy, job.config
     params = list(policy.parameters())
     if config.lora_rank:
         params = apply_lora(policy, config.lora_rank, config.lora_alpha)
-    model = wrap_ddp(policy, job.info)
-    return params, model, adamw(params, config.preference.lr, config.weight_decay)
+    if config.parallel == "fsdp":
+        model = wrap_sharded(policy, job.info)
+        params = [p for p in model.parameters() if p.requires_grad]  # the shards, if any
+    else:
+        model = wrap_ddp(policy, job.info)
+    return params, model.train(), adamw(params, config.preference.lr, config.weight_decay)
 
 
 def _finish(
-    job: PreferenceJob, report: PreferenceReport, losses: list[float], *series: list[float]
+    job: PreferenceJob,
+    model: torch.nn.Module,
+    report: PreferenceReport,
+    losses: list[float],
+    *series: list[float],
 ) -> list[float]:
-    """Fold LoRA back in, unfreeze, record the step count and first loss; returns the means
-    over the last (up to) 10 steps of ``losses`` and each of ``series``, averaged over the
-    processes (empty when no step ran)."""
+    """Gather a sharded copy's weights back, fold LoRA in, unfreeze, record the step count
+    and first loss; returns the means over the last (up to) 10 steps of ``losses`` and each
+    of ``series``, averaged over the processes (empty when no step ran)."""
+    if job.config.parallel == "fsdp":
+        gather_trained(model, job.policy)
     if job.config.lora_rank:
         merge_lora(job.policy)
     job.policy.requires_grad_(True)
@@ -292,7 +305,7 @@ def train_dpo(job: PreferenceJob, pairs: Sequence[Pair]) -> PreferenceReport:
             job.progress(
                 "dpo", step + 1, steps, f"loss {loss.item():.3f} margin {margins[-1]:+.3f}"
             )
-    tails = _finish(job, report, losses, margins, accs)
+    tails = _finish(job, model, report, losses, margins, accs)
     if tails:
         report.loss_last, report.reward_margin, report.accuracy = tails
     return report
@@ -331,7 +344,7 @@ def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
         zs.append(float(z))
         if job.progress is not None:
             job.progress("kto", step + 1, steps, f"loss {loss.item():.3f} z {zs[-1]:.3f}")
-    tails = _finish(job, report, losses, zs)
+    tails = _finish(job, model, report, losses, zs)
     if tails:
         report.loss_last, report.kl_ref_point = tails
     return report
