@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from sqlmodel import col, select
 
-from demo.measure import Probe, evaluate_served
+from demo.measure import Probe, evaluate_served, right_over_wrong
 from demo.phrasings import PHRASINGS
 from demo.rater import PREFERENCES, ScriptedRater
 from demo.report import DemoReport, VersionEval, round_summary, write_outputs
@@ -154,12 +154,12 @@ async def run_loop(
 ) -> DemoReport:
     report = DemoReport(cfg.preference, {k: str(v) for k, v in asdict(cfg).items()})
     rater = ScriptedRater(cfg.preference)
-    prompts = [
-        t.messages
-        for t in TaskGenerator(cfg.eval_seed, cfg.families, phrasing=cfg.phrasing).iter_tasks(
+    eval_tasks = list(
+        TaskGenerator(cfg.eval_seed, cfg.families, phrasing=cfg.phrasing).iter_tasks(
             cfg.eval_prompts, "heldout"
         )
-    ]
+    )
+    prompts = [t.messages for t in eval_tasks]
     started = time.monotonic()
     user_hdr = {"Authorization": f"Bearer {keys['eval']}"}
     probe_hdr = {"Authorization": f"Bearer {keys['probe']}"}
@@ -236,9 +236,17 @@ async def run_loop(
                         await asyncio.sleep(0.5)
                     run = finished_runs(engine)[-1]
                     summary = round_summary(run)
+                    if summary["reward_model_version"] is not None:
+                        summary["rm_right_over_wrong"] = right_over_wrong(
+                            cfg.data_dir / "reward_models",
+                            summary["reward_model_version"],
+                            eval_tasks,
+                        )
                     report.rounds.append(summary)
                     acc, n_held = summary["rm_heldout_accuracy"], summary["rm_heldout_pairs"]
                     acc_text = "-" if acc is None else f"{acc:.2f} of {n_held} pairs"
+                    if summary["rm_right_over_wrong"] is not None:
+                        acc_text += f", right over wrong {summary['rm_right_over_wrong']:.2f}"
                     kl = summary["kl_to_reference"]
                     step = summary["step_fraction"]
                     log(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any, TypedDict
 
 import httpx
 
 from demo.rater import ScriptedRater, is_correct, politeness
-from demo.tasks import TaskGenerator
+from demo.tasks import SAFETY_FAMILIES, Task, TaskGenerator
 
 
 class Figures(TypedDict):
@@ -134,3 +135,19 @@ class Probe:
             "errors": self.errors[:10],
             "versions": self.versions,
         }
+
+
+def right_over_wrong(reward_root: Path, version: str, tasks: list[Task]) -> float | None:
+    """The share of ``tasks`` (benign ones) on which reward model ``version`` scores the right
+    reply above the wrong one, both written in the same polite style: whether it tells right
+    from wrong apart from the users' taste. None when no task has a wrong reply."""
+    from trainer.reward import RewardRegistry
+
+    pairs = [t for t in tasks if t.family not in SAFETY_FAMILIES and "wrong" in t.replies]
+    if not pairs:
+        return None
+    rm, tok, _ = RewardRegistry(reward_root).load(version)
+    prompts = [t.messages for t in pairs]
+    right = rm.score(tok, prompts, [t.replies["courteous"] for t in pairs])
+    wrong = rm.score(tok, prompts, [t.replies["wrong"] for t in pairs])
+    return float((right > wrong).float().mean())

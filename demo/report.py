@@ -71,6 +71,9 @@ def round_summary(run: TrainingRun) -> dict[str, Any]:
         "thumbs": m.get("feedback", {}).get("thumbs"),
         "rm_heldout_accuracy": m.get("reward_model", {}).get("heldout_accuracy"),
         "rm_heldout_pairs": m.get("reward_model", {}).get("heldout_pairs"),
+        "reward_model_version": m.get("reward_model", {}).get("version"),
+        # filled in by the demo: the reward model on right-vs-wrong pairs of fresh prompts
+        "rm_right_over_wrong": None,
         "kl_to_reference": cand.get("kl"),
         "gate_correct_rate": [cand.get("correct_rate"), act.get("correct_rate")],
         "gate_reward": [cand.get("reward"), act.get("reward")],
