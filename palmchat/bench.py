@@ -69,6 +69,40 @@ def bench_engine(
     console.print_json(json.dumps({k: results[k] for k in ("engine", "targets") if k in results}))
 
 
+@bench_app.command("deployed")
+def bench_deployed(
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="Tiny models: every measurement in seconds on a CPU.")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when there is a GPU).")
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Interleaved rounds; every figure is their median.")
+    ] = 5,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("ops/bench/results"),
+) -> None:
+    """~1B PaLM and Llama-family models in bfloat16: decode vs the bandwidth roofline and HF.
+
+    Also prefill tokens/s and the time of one DPO/LoRA step (``python -m bench.deployed``
+    has the finer options: batch sizes, new tokens, threads).
+    """
+    openmp.serving_process()
+    import torch
+
+    from bench.deployed import report_table, run_deployed_benchmark
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise typer.BadParameter(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    results = run_deployed_benchmark(
+        size="tiny" if tiny else "1b", device=device, repeats=repeats, out_dir=out
+    )
+    console.print(report_table(results))
+
+
 @bench_app.command("guided")
 def bench_guided(
     batch: Annotated[int, typer.Option(min=1, help="Concurrent requests.")] = 32,

@@ -31,6 +31,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(dim=128, depth=2, heads=4, dim_head=32),
     "small": dict(dim=256, depth=6, heads=8, dim_head=32),
     "base": dict(dim=512, depth=8, heads=8, dim_head=64),
+    # ~1.0B parameters with a 32k vocabulary: for pretraining and benchmarks on a GPU
+    "1b": dict(dim=2048, depth=16, heads=16, dim_head=128),
 }
 
 
