@@ -227,7 +227,7 @@ def trainer(
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from shared.checkpoints import CheckpointError
-    from trainer.common import init_distributed
+    from trainer.common import close_distributed, init_distributed
     from trainer.loop import OnlineTrainer
     from trainer.metrics import TrainerMetrics
     from trainer.round import RoundResult
@@ -308,3 +308,5 @@ def trainer(
                     console.print("trainer stopped")
     except (CheckpointError, FileNotFoundError) as e:
         fail(str(e))
+    finally:
+        close_distributed(info)

@@ -171,6 +171,13 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def close_distributed(info: DistInfo) -> None:
+    """Leave the process group before the interpreter exits: its threads (and FSDP2's
+    communication state) torn down at exit instead abort a rank now and then."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def local_device(device: str, info: DistInfo) -> str:
     if device.startswith("cuda") and info.enabled:
         return f"cuda:{info.local_rank}"

@@ -39,7 +39,7 @@ from trainer.common import (
 )
 from trainer.config import TrainerConfig
 from trainer.feedback import Pair, Thumb, prompt_key
-from trainer.lora import apply_lora, merge_lora
+from trainer.lora import apply_lora, has_lora, merge_lora
 
 if TYPE_CHECKING:
     from trainer.reward import RewardModel
@@ -227,8 +227,9 @@ def _trainable(
     optimiser."""
     policy, config = job.policy, job.config
     params = list(policy.parameters())
-    if config.lora_rank:
-        params = apply_lora(policy, config.lora_rank, config.lora_alpha)
+    rank = config.lora_rank_for(policy.num_params())
+    if rank:
+        params = apply_lora(policy, rank, config.lora_alpha)
     if config.parallel == "fsdp":
         model = wrap_sharded(policy, job.info)
         params = [p for p in model.parameters() if p.requires_grad]  # the shards, if any
@@ -249,7 +250,7 @@ def _finish(
     of ``series``, averaged over the processes (empty when no step ran)."""
     if job.config.parallel == "fsdp":
         gather_trained(model, job.policy)
-    if job.config.lora_rank:
+    if has_lora(job.policy):
         merge_lora(job.policy)
     job.policy.requires_grad_(True)
     report.steps = len(losses)

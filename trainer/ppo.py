@@ -46,7 +46,7 @@ from trainer.common import (
     wrap_ddp,
 )
 from trainer.config import TrainerConfig
-from trainer.lora import apply_lora, merge_lora
+from trainer.lora import apply_lora, has_lora, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,9 @@ def train_ppo(
     ac = ActorCritic(policy, detach_critic=config.ppo.critic_detach)
     ac.to(device)
     params = list(ac.parameters())
-    if config.lora_rank:
-        params = apply_lora(ac.policy, config.lora_rank, config.lora_alpha)
+    rank = config.lora_rank_for(policy.num_params())
+    if rank:
+        params = apply_lora(ac.policy, rank, config.lora_alpha)
         params += list(ac.value_head.parameters())
     model = wrap_ddp(ac, info)
     opt = adamw(params, config.ppo.lr, config.weight_decay)
@@ -410,7 +411,7 @@ def train_ppo(
         report.history.append(row)
         scores_all.append(score_mean)
         log.info("ppo iteration %d: %s", it, {k: round(v, 4) for k, v in row.items()})
-    if config.lora_rank:
+    if has_lora(policy):
         merge_lora(policy)
     policy.requires_grad_(True)
     last = report.history[-1] if report.history else {}
