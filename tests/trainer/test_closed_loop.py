@@ -19,8 +19,8 @@ from trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.slow
 
-# the smallest lift that is clearly not noise: with 128 paired prompts the standard error of
-# a difference of two rates is ~6 points
+# the smallest lift that is clearly not noise: with 256 paired prompts the standard error of
+# a difference of two rates is ~4 points
 MIN_LIFT_POINTS = 15.0
 
 
@@ -36,7 +36,7 @@ def test_users_taste_is_learned_through_the_live_server(preference: str, tmp_pat
         rounds=5,
         minutes=10,
         chats_per_round=96,
-        eval_prompts=128,
+        eval_prompts=256,
         out_dir=tmp_path / "out",
     )
     report = run_demo(cfg, log=print)
