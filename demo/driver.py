@@ -237,7 +237,9 @@ async def run_loop(
                     run = finished_runs(engine)[-1]
                     summary = round_summary(run)
                     if summary["reward_model_version"] is not None:
-                        summary["rm_right_over_wrong"] = right_over_wrong(
+                        # off the event loop: the probe keeps streaming meanwhile
+                        summary["rm_right_over_wrong"] = await asyncio.to_thread(
+                            right_over_wrong,
                             cfg.data_dir / "reward_models",
                             summary["reward_model_version"],
                             eval_tasks,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.model import AttentionCache, attention, config_from_dict, require_positive
+from shared.model import AttentionCache, attention, require_positive, strict_from_dict
 
 # rope_scaling kinds computed here (transformers' rope_type names)
 ROPE_KINDS = ("default", "linear", "llama3")
@@ -83,7 +83,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        return config_from_dict(cls, data)
+        return strict_from_dict(cls, data)
 
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

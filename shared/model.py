@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, int]] = {
 ConfigT = TypeVar("ConfigT")
 
 
-def config_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+def strict_from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
     """``cls(**data)`` for a config dataclass, refusing keys it has no field for by name."""
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if unknown:
@@ -84,7 +84,7 @@ class PaLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
-        return config_from_dict(cls, data)
+        return strict_from_dict(cls, data)
 
     @property
     def ff_inner_dim(self) -> int:

@@ -55,11 +55,6 @@ class GuidedDecoding:
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _json_grammar(schema: dict[str, Any]) -> str:
-    layout = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
-    return str(llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout})))
-
-
 # ECMA-262's (JSON Schema's) and vLLM's meaning of the shorthand classes: ASCII, where
 # llguidance's regex engine would take any Unicode digit or letter
 _ASCII_CLASSES = {"d": "0-9", "w": "A-Za-z0-9_"}
@@ -89,6 +84,29 @@ def ascii_shorthands(pattern: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
+
+
+def _ascii_patterns(node: Any) -> Any:
+    """The schema with every ``pattern`` and ``patternProperties`` key read as ECMA-262 does."""
+    if isinstance(node, list):
+        return [_ascii_patterns(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str):
+            out[key] = ascii_shorthands(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {ascii_shorthands(k): _ascii_patterns(v) for k, v in value.items()}
+        else:
+            out[key] = _ascii_patterns(value)
+    return out
+
+
+def _json_grammar(schema: dict[str, Any]) -> str:
+    schema = _ascii_patterns(schema)
+    layout = {**JSON_LAYOUT, **schema.get("x-guidance", {})}
+    return str(llguidance.grammar_from("json_schema", json.dumps({**schema, "x-guidance": layout})))
 
 
 @lru_cache(maxsize=256)

@@ -84,11 +84,7 @@ def test_a_dpo_round_sharded_with_fsdp_trains_what_ddp_trains(
     }  # fmt: skip
     _torchrun_round(data_dir.root, "dpo", {**sets, "parallel": "ddp"})
     _torchrun_round(twin, "dpo", {**sets, "parallel": "fsdp"})
-    ddp = load_file(
-        str(PolicyRegistry(data_dir.root / "policies").path("v2") / "model.safetensors")
-    )
-    fsdp = load_file(str(PolicyRegistry(twin / "policies").path("v2") / "model.safetensors"))
-    seed = load_file(str(PolicyRegistry(twin / "policies").path("v1") / "model.safetensors"))
+    ddp, fsdp, seed = _weights(data_dir.root, "v2"), _weights(twin, "v2"), _weights(twin, "v1")
     assert ddp.keys() == fsdp.keys()
     moved = max((ddp[k] - seed[k]).abs().max().item() for k in ddp)
     assert moved > 1e-4  # the round trained something

@@ -63,6 +63,24 @@ def test_json_object_regex_and_choice(make_engine) -> None:
     assert picked <= set(choices) and picked
 
 
+def test_digit_and_word_shorthands_mean_ascii_in_regexes_and_schema_patterns(make_engine) -> None:
+    engine = make_engine()
+    regex = GuidedDecoding("regex", r"\d{3}-\w{2}")
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^\\d{4}$"}},
+        "required": ["code"],
+        "additionalProperties": False,
+    }
+    for guided in (regex, GuidedDecoding("json_schema", json.dumps(schema))):
+        params = SamplingParams(temperature=1.0, n=16, seed=5, max_tokens=40, guided=guided)
+        for c in engine.generate([PROMPT], params)[0]:
+            text = c.text if guided.kind == "regex" else json.loads(c.text)["code"]
+            # re.ASCII: Python's own \d and \w would also take any Unicode digit or letter
+            full = r"\d{3}-\w{2}" if guided.kind == "regex" else r"\d{4}"
+            assert re.fullmatch(full, text, re.ASCII), c.text
+
+
 def test_constrained_and_plain_rows_share_a_batch(make_engine) -> None:
     engine = make_engine()
     plain = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
