@@ -228,8 +228,9 @@ def shard(items: Sequence, info: DistInfo, seed: int) -> list:
 def wrap_sharded(module: nn.Module, info: DistInfo) -> nn.Module:
     """A copy of ``module`` sharded over the processes with FSDP2, each block (the members of
     a ``layers`` list) its own unit: its weights, gradients and optimiser state are split,
-    and a block's weights are gathered only while it runs. ``module`` is left as it is;
-    :func:`gather_trained` copies the trained weights back. Unsharded when not distributed."""
+    and a block's weights are gathered only while it runs. ``module`` waits on the CPU with
+    its weights as they were; :func:`gather_trained` copies the trained weights back and
+    returns it to the device. Unsharded when not distributed."""
     if not info.enabled:
         return module
     from torch.distributed.fsdp import fully_shard
@@ -240,6 +241,7 @@ def wrap_sharded(module: nn.Module, info: DistInfo) -> nn.Module:
             for block in child:
                 fully_shard(block)
     fully_shard(sharded)
+    module.to("cpu")  # the whole weights off the accelerator while the shards train
     return sharded
 
 
@@ -252,6 +254,7 @@ def gather_trained(model: nn.Module, module: nn.Module) -> None:
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     module.load_state_dict(full)
+    module.to(next(model.parameters()).device)  # back where it came from
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -279,9 +279,9 @@ def train_dpo(job: PreferenceJob, pairs: Sequence[Pair]) -> PreferenceReport:
     ref_c = _reference_logprobs(job, [c for c, _, _ in mine])
     ref_r = _reference_logprobs(job, [r for _, r, _ in mine])
     items = list(zip(mine, ref_c, ref_r, strict=True))
+    device = policy.device  # before _trainable: with FSDP the whole copy waits on the CPU
     params, model, opt = _trainable(job)
     losses, margins, accs = [], [], []
-    device = policy.device
     policy.train()
     for step, chunk in enumerate(_batches(items, steps, config.preference.batch_size, seed)):
         seqs = [x for (c, r, _), _, _ in chunk for x in (c, r)]
@@ -323,9 +323,9 @@ def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
         return report
     ref = _reference_logprobs(job, [e for e, _ in mine])
     items = list(zip(mine, ref, strict=True))
+    device = policy.device  # before _trainable: with FSDP the whole copy waits on the CPU
     params, model, opt = _trainable(job)
     losses, zs = [], []
-    device = policy.device
     policy.train()
     for step, chunk in enumerate(_batches(items, steps, config.preference.batch_size, seed)):
         batch = collate([e for (e, _), _ in chunk], tok.pad_id).to(device)

@@ -92,7 +92,7 @@ def _ascii_patterns(node: Any) -> Any:
         return [_ascii_patterns(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "pattern" and isinstance(value, str):
             out[key] = ascii_shorthands(value)
