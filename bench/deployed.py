@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import random
@@ -49,6 +48,7 @@ from bench.engine import (
     hf_llama,
     roofline,
 )
+from bench.engine_report import write_results
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling import SamplingParams
@@ -307,7 +307,7 @@ def run_deployed_benchmark(
     results["targets"] = targets(results)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if out_dir is not None:
-        write(results, out_dir)
+        write_results(results, out_dir, "deployed", plot=False)
     return results
 
 
@@ -375,16 +375,6 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             k: {"ratio": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in checks.items()
         }
     return out
-
-
-def write(results: dict[str, Any], out_dir: Path) -> Path:
-    """``deployed-{time}.json`` and the same as ``deployed-latest.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2) + "\n"
-    path = out_dir / f"deployed-{results['created_at'].replace(':', '').replace('+0000', '')}.json"
-    path.write_text(text)
-    (out_dir / "deployed-latest.json").write_text(text)
-    return path
 
 
 def report_table(r: dict[str, Any]) -> str:

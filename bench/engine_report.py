@@ -68,14 +68,18 @@ def markdown_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, Any], out_dir: Path, name: str = "engine") -> Path:
-    """``{name}-{time}.json``, and the same as ``{name}-latest.json`` with its PNG plot."""
+def write_results(
+    results: dict[str, Any], out_dir: Path, name: str = "engine", plot: bool = True
+) -> Path:
+    """``{name}-{time}.json``, and the same as ``{name}-latest.json`` (with its PNG plot of
+    the engine's contenders when ``plot``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = results["created_at"].replace(":", "").replace("+0000", "")
     path = out_dir / f"{name}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"{name}-latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, out_dir / f"{name}-latest.png")
+    if plot:
+        _plot(results, out_dir / f"{name}-latest.png")
     return path
 
 
