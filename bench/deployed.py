@@ -43,6 +43,7 @@ from bench.engine import (
     RESULTS_DIR,
     _timed_rounds,
     bench_prompts,
+    check_device,
     engine_sync,
     hf_generate,
     hf_llama,
@@ -439,11 +440,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every core)")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not device.startswith(("cpu", "cuda")):
-        parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     if args.repeats < 1 or min(args.batches) < 1 or (args.threads or 1) < 1:
         parser.error("--repeats, --batches and --threads must be positive")
     results = run_deployed_benchmark(

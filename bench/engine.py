@@ -43,6 +43,17 @@ from shared.tokenizer import ByteTokenizer
 RESULTS_DIR = Path("ops/bench/results")
 
 
+def check_device(device: str | None) -> str:
+    """The device a benchmark runs on (default: cuda when PyTorch sees a GPU, else cpu); a
+    ValueError names what is wrong with one it cannot use."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    return device
+
+
 def bench_policy(preset: str = "small", depth: int = 4, vocab: int = 2048, seed: int = 0) -> Policy:
     """Random weights of the seed policy's shape (the benchmark measures speed, not text)."""
     torch.manual_seed(seed)

@@ -49,15 +49,12 @@ def bench_engine(
     transformers' Llama generate.
     """
     openmp.serving_process()
-    from bench.engine import run_engine_benchmark
+    from bench.engine import check_device, run_engine_benchmark
 
-    if not device.startswith(("cpu", "cuda")):
-        raise typer.BadParameter(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    try:
+        device = check_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     results = run_engine_benchmark(
         new_tokens=new_tokens,
         include_hf=not no_hf,
@@ -88,15 +85,13 @@ def bench_deployed(
     has the finer options: batch sizes, new tokens, threads).
     """
     openmp.serving_process()
-    import torch
-
     from bench.deployed import report_table, run_deployed_benchmark
+    from bench.engine import check_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not device.startswith(("cpu", "cuda")):
-        raise typer.BadParameter(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter("--device cuda: this machine's PyTorch sees no CUDA GPU")
+    try:
+        device = check_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     results = run_deployed_benchmark(
         size="tiny" if tiny else "1b", device=device, repeats=repeats, out_dir=out
     )
