@@ -70,7 +70,6 @@ from trainer.config import TrainerConfig
 from trainer.lora import apply_lora
 
 BATCHES = (1, 8, 32, 64)
-LORA_RANK = 16
 # the targets of issue 25, on a GPU: batch-1 decode >= 70% of the roofline, batch 64 >= 2x HF
 TARGETS = {"batch1_pct_of_roofline": 70.0, "batch64_vs_hf": 2.0}
 
@@ -197,7 +196,7 @@ def dpo_step_fn(
     autocast = partial(torch.autocast, torch.device(device).type, dtype=dtype)
     with autocast():  # the reference is the base model: LoRA's update starts at zero
         ref = batched_sequence_logprobs(model, seqs, pad_id=0).to(device)
-    params = apply_lora(model, LORA_RANK, train.lora_alpha)
+    params = apply_lora(model, train.lora_auto_rank, train.lora_alpha)
     opt = adamw(params, train.preference.lr, train.weight_decay)
     model.train()
 
@@ -210,7 +209,7 @@ def dpo_step_fn(
 
     about = {
         "model": "llama",
-        "lora_rank": LORA_RANK,
+        "lora_rank": train.lora_auto_rank,
         "pairs": pairs,
         "tokens_per_sequence": length,
         "trainable_params": sum(p.numel() for p in params),
