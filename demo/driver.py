@@ -297,6 +297,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
         policy_poll_seconds=cfg.policy_poll_seconds,
         rate_limit_per_minute=10**6,
         rate_limit_burst=10**6,
+        # decisions are logged and counted, answers left as the policy gave them: the loop
+        # is measured on what the policy itself learns
+        moderation_mode="flag",
     )
     cfg.database_url = settings.database_url
     # the seed is installed here, so the server process finds a registry with a policy in it
@@ -331,6 +334,7 @@ class ServerProcess:
             "PALMCHAT_RATE_LIMIT_PER_MINUTE": str(self.settings.rate_limit_per_minute),
             "PALMCHAT_RATE_LIMIT_BURST": str(self.settings.rate_limit_burst),
             "PALMCHAT_LOG_LEVEL": "WARNING",
+            "PALMCHAT_MODERATION_MODE": self.settings.moderation_mode,
         }
         cmd = [sys.executable, "-m", "palmchat", "serve", "--host", "127.0.0.1"]
         with self.log_path.open("ab") as out:

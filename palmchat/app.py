@@ -12,6 +12,7 @@ from palmchat import (  # noqa: F401  (commands)
     admin,
     bench,
     evaluate,
+    moderation,
     serve,
     simulate,
     train,

@@ -1,4 +1,5 @@
-"""First-run set-up of a data dir: database migrations, the bundled seed policy, the active row.
+"""First-run set-up of a data dir: database migrations, the bundled seed policy, the active row,
+the bundled moderation classifier.
 
 Every process (server, trainer, CLI) calls :func:`prepare` so that ``palmchat up`` on a fresh
 machine needs no other step. It is idempotent and safe to run from several processes.
@@ -15,11 +16,13 @@ from sqlalchemy.engine import Engine
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.db import init_db
+from shared.moderation import ModerationRegistry
 from shared.policies import activate, active_version, register_version
 
 log = logging.getLogger(__name__)
 
 SEED_DIR = Path(__file__).parent / "seed" / "policy"
+SEED_MODERATION_DIR = Path(__file__).parent / "seed" / "moderation" / "v1"
 
 
 @dataclass
@@ -27,9 +30,12 @@ class Prepared:
     engine: Engine
     registry: PolicyRegistry
     active_version: str
+    moderation: ModerationRegistry
 
 
-def prepare(settings: Settings, seed_dir: Path = SEED_DIR) -> Prepared:
+def prepare(
+    settings: Settings, seed_dir: Path = SEED_DIR, moderation_seed: Path = SEED_MODERATION_DIR
+) -> Prepared:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = init_db(settings.database_url)
     registry = PolicyRegistry(settings.registry_dir)
@@ -46,4 +52,9 @@ def prepare(settings: Settings, seed_dir: Path = SEED_DIR) -> Prepared:
     if current is None:
         current = registry.versions()[0]
         activate(engine, registry, current)
-    return Prepared(engine=engine, registry=registry, active_version=current)
+    moderation = ModerationRegistry(settings.moderation_dir)
+    if not moderation.versions() and (moderation_seed / "manifest.json").is_file():
+        log.info(
+            "installed the bundled moderation classifier as %s", moderation.install(moderation_seed)
+        )
+    return Prepared(engine=engine, registry=registry, active_version=current, moderation=moderation)

@@ -297,12 +297,17 @@ def read_manifest(
 
 
 def verify_version_dir(
-    directory: Path, version: str, *, manifest_format: str = FORMAT, kind: str = POLICY
+    directory: Path,
+    version: str,
+    *,
+    manifest_format: str = FORMAT,
+    kind: str = POLICY,
+    files: tuple[str, ...] = (MODEL_FILE, TOKENIZER_FILE),
 ) -> dict[str, Any]:
-    """Check the weights and the tokenizer against the manifest (size, then sha256); return
-    the manifest."""
+    """Check ``files`` (the weights and the tokenizer) against the manifest (size, then
+    sha256); return the manifest."""
     manifest = read_manifest(directory, version, manifest_format=manifest_format, kind=kind)
-    for name in (MODEL_FILE, TOKENIZER_FILE):
+    for name in files:
         expected = manifest["files"].get(name)
         path = directory / name
         if not isinstance(expected, dict):

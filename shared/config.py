@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,25 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(60, description="Requests a key may send at once.")
     max_body_bytes: int = Field(1_000_000, description="Largest accepted request body.")
+    moderation_mode: Literal["off", "flag", "block"] = Field(
+        "block",
+        description="Chat moderation: off, flag (log and count only) or block (refuse a "
+        "flagged request, end a flagged reply with content_filter).",
+    )
+    moderation_fail: Literal["open", "closed"] = Field(
+        "open",
+        description="With no working classifier: open serves unchecked, closed refuses.",
+    )
+    moderation_url: str = Field(
+        "",
+        description="An external OpenAI-compatible moderation API (e.g. http://guard:8000/v1); "
+        "empty: palmchat's own classifier.",
+    )
+    moderation_api_key: str = Field("", description="Bearer key for moderation_url.")
+    moderation_dir: Path = Field(
+        default_factory=lambda data: data["data_dir"] / "moderation",
+        description="Moderation classifier registry; empty means <data_dir>/moderation.",
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

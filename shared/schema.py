@@ -34,6 +34,12 @@ SQLModel.metadata.naming_convention = {
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 POLICY_STATUSES: tuple[str, ...] = ("candidate", "active", "retired", "rejected")
 RUN_STATUSES: tuple[str, ...] = ("running", "published", "rejected", "failed")
+# what a user may say about an answer beyond a thumb (Open-Assistant's labels, and a refusal
+# that should not have been one)
+LABELS: tuple[str, ...] = (
+    "harmful", "untrue", "unhelpful", "spam", "pii", "hate_speech", "sexual_content",
+    "violence", "refusal_was_wrong",
+)  # fmt: skip
 
 
 def utcnow() -> datetime:
@@ -162,6 +168,14 @@ class Message(SQLModel, table=True):
     logprobs: Any | None = Field(default=None, sa_column=_json(nullable=True))
     latency_ms: float | None = None
     incomplete: bool = False
+    moderation: dict[str, Any] | None = Field(
+        default=None,
+        sa_column=_json(nullable=True),
+        description="The moderation decisions on the request and this reply.",
+    )
+    end_user: str | None = Field(
+        default=None, index=True, description="The request's ``user`` field (OpenAI's end-user id)."
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
@@ -184,6 +198,26 @@ class Feedback(SQLModel, table=True):
     user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
     rating: int
     reason: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utcnow}
+    )
+
+
+class Label(SQLModel, table=True):
+    """A label a user puts on a message (one vote per label), with an optional note."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("message_id", "user_id", "label"),
+        CheckConstraint(_in_list("label", LABELS), name="label"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="messages.id", ondelete="CASCADE", index=True)
+    user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    label: str
+    note: str | None = Field(default=None, sa_type=Text)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utcnow}

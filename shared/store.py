@@ -60,6 +60,7 @@ class LoggedChoice:
     finish_reason: str | None
     completion_tokens: int | None
     logprobs: Any | None = None
+    moderation: dict[str, Any] | None = None  # the request's and this reply's decisions
 
 
 # --------------------------------------------------------------------------- logging
@@ -192,6 +193,7 @@ def log_completion(
     incomplete: bool = False,
     conversation_id: str | None = None,
     new_conversation_id: str | None = None,
+    end_user: str | None = None,
 ) -> str:
     """Store a completion request and its choices; return the conversation id.
 
@@ -256,6 +258,8 @@ def log_completion(
                         logprobs=c.logprobs,
                         latency_ms=latency_ms,
                         incomplete=incomplete,
+                        moderation=c.moderation,
+                        end_user=end_user,
                     )
                 )
             s.flush()
@@ -318,6 +322,7 @@ def get_conversation(engine: Engine, user_id: int, conversation_id: str) -> dict
         ).all()
         fields: tuple[str, ...] = ("id", "parent_id", "role", "content", "policy_version")
         fields += ("completion_id", "choice_index", "finish_reason", "incomplete", "created_at")
+        fields += ("moderation",)
         return {
             "id": conv.id,
             "title": conv.title,

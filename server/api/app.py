@@ -33,6 +33,7 @@ from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
 from server.api.metrics import CountRequests, Metrics
+from server.api.moderation import LocalModerator, ModerationHook, Moderator, RemoteModerator
 from server.api.protocol import APIError
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import (
@@ -40,6 +41,7 @@ from server.api.routes import (
     completions,
     conversations,
     feedback,
+    moderations,
     policies,
     tokenize,
     web,
@@ -53,6 +55,7 @@ from shared.checkpoints import CheckpointError
 from shared.config import Settings
 from shared.db import ping
 from shared.keys import local_principal
+from shared.moderation import ModerationRegistry
 from shared.policies import active_version
 
 log = logging.getLogger(__name__)
@@ -171,6 +174,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         watcher.cancel()
+    if state.moderation is not None and isinstance(state.moderation.moderator, RemoteModerator):
+        await state.moderation.moderator.aclose()
         # logs of cut-off completions still being written, then what is left in the spool
         if serving.pending_writes:
             await asyncio.wait(set(serving.pending_writes), timeout=SHUTDOWN_WRITE_SECONDS)
@@ -219,6 +224,8 @@ def _serving(state: AppState) -> str | None:
 async def _watch_active_policy(state: AppState) -> None:
     while True:
         await asyncio.sleep(state.settings.policy_poll_seconds)
+        if state.moderation is not None:
+            await run_in_threadpool(state.moderation.refresh)  # a newly trained classifier
         try:
             await _sync_policy(state)
         except Exception as e:  # a DB hiccup must not kill the watcher
@@ -272,6 +279,7 @@ def create_app(
         triton_url=triton_url,
     )
     state = app.state.palmchat
+    state.moderation = moderation_hook(settings, prepared.moderation, state.metrics)
     state.spool = WriteSpool(
         settings.data_dir / "spool", prepared.engine, on_applied=writes.on_applied(state)
     )
@@ -283,6 +291,7 @@ def create_app(
     app.include_router(completions.router)
     app.include_router(conversations.router)
     app.include_router(feedback.router)
+    app.include_router(moderations.router)
     app.include_router(policies.router)
     app.include_router(ws.router)
     app.include_router(tokenize.router)
@@ -319,6 +328,27 @@ def create_app(
         return {"status": "ready", "policy_version": engine.version}
 
     return app
+
+
+def moderation_hook(
+    settings: Settings, registry: ModerationRegistry, metrics: Metrics
+) -> ModerationHook:
+    """The chat moderation hook the settings ask for: palmchat's own classifier (the latest in
+    the moderation registry) or the external server at ``moderation_url``."""
+    moderator: Moderator = (
+        RemoteModerator(settings.moderation_url, settings.moderation_api_key)
+        if settings.moderation_url
+        else LocalModerator(registry)
+    )
+    hook = ModerationHook(moderator, settings.moderation_mode, settings.moderation_fail, metrics)
+    hook.refresh()
+    if settings.moderation_mode != "off" and not moderator.version and not settings.moderation_url:
+        log.warning(
+            "no moderation classifier in %s: chats are served unchecked (moderation_fail=%s)",
+            registry.root,
+            settings.moderation_fail,
+        )
+    return hook
 
 
 def create_app_from_env() -> FastAPI:

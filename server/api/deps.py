@@ -23,6 +23,7 @@ from shared.keys import Principal, resolve_key
 
 if TYPE_CHECKING:
     from server.api.metrics import Metrics
+    from server.api.moderation import ModerationHook
     from server.api.serving import Backend
 
 
@@ -76,6 +77,7 @@ class AppState:
     # re-reads the active policy now (an admin route's change); set while the app runs
     on_policy_change: Callable[[], Awaitable[None]] | None = None
     policy_sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    moderation: ModerationHook | None = None  # the chat hook and /v1/moderations' classifier
 
     def check_rate(self, principal: Principal) -> Quota | None:
         """429 when ``principal``'s key is over its rate limit; else its quota (None: no

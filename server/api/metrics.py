@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -103,6 +103,31 @@ class Metrics:
         )
         self.swaps = Counter(
             "palmchat_policy_swaps", "Hot-swaps to a new policy version.", registry=r
+        )
+        self.moderation = Counter(
+            "palmchat_moderation",
+            "Moderation decisions on chat input and output, by flagged category ('none' when "
+            "nothing was flagged) and action (allow, flag, block).",
+            ["stage", "category", "action"],
+            registry=r,
+        )
+        self.moderation_errors = Counter(
+            "palmchat_moderation_errors",
+            "Moderation checks that got no verdict (no classifier, or the external one failed).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("input", "output", "api"):  # exposed from the start, so rates are 0
+            self.moderation_errors.labels(stage)
+        for stage in ("input", "output"):
+            self.moderation.labels(stage, "none", "allow")
+        self.moderation_seconds = seconds(
+            "moderation", "Time to classify one moderation batch.", TOKEN_BUCKETS
+        )
+        self.moderation_up = Gauge(
+            "palmchat_moderation_classifier_up",
+            "1 while a moderation classifier answers, 0 after a failed check or with none.",
+            registry=r,
         )
         r.register(EngineCollector(get_engine))
 

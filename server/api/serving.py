@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from server.api import writes
 from server.api.deps import AppState
+from server.api.moderation import Decision, Screen, refusal_deltas
 from server.api.protocol import (
     APIError,
     ChatCompletionChunk,
@@ -71,6 +72,25 @@ class EngineRun:
     started: float = field(default_factory=time.perf_counter)
     policy_version: str = ""
     candidates: list[CandidateState] = field(default_factory=list)
+    # moderation: the input's decision (a blocked request never reaches the engine) and the
+    # output checks of the candidates (None: not moderated)
+    input_decision: Decision | None = None
+    screen: Screen | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.input_decision is not None and self.input_decision.action == "block"
+
+    def moderation_of(self, index: int) -> dict[str, Any] | None:
+        """What the log stores with candidate ``index``: the input's and its reply's
+        decisions."""
+        if self.input_decision is None and self.screen is None:
+            return None
+        out = self.screen.decisions[index] if self.screen is not None else None
+        return {
+            "input": self.input_decision.to_dict() if self.input_decision else None,
+            "output": out.to_dict() if out is not None else None,
+        }
 
     @property
     def done(self) -> bool:
@@ -234,7 +254,20 @@ async def prepare(state: AppState, req: ChatCompletionRequest, who: Principal) -
     messages = _validated_messages(state, req)
     if req.conversation_id is not None:
         messages = await _continued(state, req, who, messages)
-    return prepare_completion(state, req, who, messages)
+    c = prepare_completion(state, req, who, messages)
+    await moderate_input(state, c)
+    return c
+
+
+async def moderate_input(state: AppState, c: Completion) -> None:
+    """Check the request's last user message and arm the output checks (moderation on)."""
+    hook = state.moderation
+    if hook is None or not hook.active:
+        return
+    last = next((m["content"] for m in reversed(c.messages) if m["role"] == "user"), "")
+    c.input_decision = await hook.check("input", last)
+    if not c.blocked:
+        c.screen = Screen(hook, len(c.candidates))
 
 
 def prepare_completion(
@@ -295,8 +328,13 @@ async def run_engine(state: AppState, c: EngineRun) -> AsyncGenerator[EngineDelt
     metrics = state.metrics
     stream = None
     try:
-        stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
-        async for delta in stream:
+        deltas: AsyncIterator[EngineDelta]
+        if c.blocked:
+            deltas = _replay(refusal_deltas(c.id, len(c.candidates), engine.version))
+        else:
+            stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
+            deltas = stream if c.screen is None else c.screen.run(stream)
+        async for delta in deltas:
             cand = c.candidates[delta.index]
             cand.text += delta.text
             cand.tokens += len(delta.token_ids)
@@ -317,8 +355,14 @@ async def run_engine(state: AppState, c: EngineRun) -> AsyncGenerator[EngineDelt
             429, str(e), type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
         ) from None
     finally:
-        if stream is not None and not c.done:
+        # a reply moderation ended is still running in the engine
+        if stream is not None and (not c.done or (c.screen is not None and c.screen.filtered)):
             stream.cancel()
+
+
+async def _replay(deltas: list[EngineDelta]) -> AsyncIterator[EngineDelta]:
+    for delta in deltas:
+        yield delta
 
 
 async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False) -> None:
@@ -333,6 +377,7 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
                 finish_reason=cand.finish_reason,
                 completion_tokens=cand.tokens,
                 logprobs=[lp.model_dump() for lp in cand.logprobs] if cand.logprobs else None,
+                moderation=c.moderation_of(i),
             )
         )
         for i, cand in enumerate(c.candidates)
@@ -382,6 +427,7 @@ async def log_to_db(state: AppState, c: Completion, *, incomplete: bool = False)
         "incomplete": incomplete or not c.done,
         "conversation_id": c.conversation_id,
         "new_conversation_id": new_conversation_id,
+        "end_user": c.request.user,
     }
     try:
         written = await writes.write(state, "completion", args)

@@ -25,6 +25,8 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     CANCELLED = "cancelled"
+    # set by the gateway's moderation (server/api/moderation.py), never by the engine
+    CONTENT_FILTER = "content_filter"
 
 
 @dataclass(slots=True)
