@@ -42,6 +42,7 @@ CATEGORIES: tuple[str, ...] = (
 FORMAT = "palmchat-moderation-1"
 _WORD_RE = re.compile(r"[a-z0-9']+")
 MIN_KNOWN_WORDS = 0.6  # share of a text's words seen in training before it can be flagged
+MIN_WORDS = 2  # and how many of three letters or more: one is too little to judge
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def features(text: str, config: FeatureConfig) -> list[int]:
 
 class ModerationModel(nn.Module):
     known: Tensor  # a buffer: which buckets training text reached
+
     def __init__(self, config: FeatureConfig, dim: int = 32, hidden: int = 64) -> None:
         super().__init__()
         self.config = config
@@ -108,11 +110,14 @@ class ModerationModel(nn.Module):
         return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
 
     def known_word_share(self, text: str) -> float:
-        """The share of ``text``'s words that training text contained (1.0 for no words)."""
+        """The share of ``text``'s words of three letters or more that training text
+        contained (0 with fewer than ``MIN_WORDS`` of them)."""
         words = _WORD_RE.findall(text.lower())
         if not words:
             return 0.0
-        return sum(w in self.vocabulary for w in words) / len(words)
+        words = [w for w in words if len(w) >= 3]  # "a", "do", "my" say little
+        known = sum(w in self.vocabulary for w in words)
+        return known / len(words) if known >= MIN_WORDS else 0.0
 
     def learn_vocabulary(self, texts: Sequence[str]) -> None:
         """Mark the buckets ``texts`` reach as known (bucket 0 stays unknown)."""
