@@ -35,7 +35,7 @@ from sqlmodel import Session, col, select
 
 from shared.db import session
 from shared.messages import ChatMessages
-from shared.schema import Feedback, Message, Ranking
+from shared.schema import Feedback, Label, Message, Ranking
 
 _IN_LIST = 500  # ids per IN (...) query
 
@@ -59,6 +59,7 @@ class Thumb:
     prompt: ChatMessages
     reply: str
     label: int  # +1 up, -1 down
+    message_id: int = 0
 
 
 @dataclass
@@ -152,7 +153,7 @@ def read_feedback(
         if message_id not in nodes:
             continue
         prompt, reply = prompt_of(nodes, message_id), nodes[message_id][2]
-        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1))
+        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1, message_id))
         _, ups, downs = groups.setdefault(prompt_key(prompt), (prompt, [], []))
         (ups if rating > 0 else downs).append(reply)
     rng = random.Random(seed)
@@ -202,8 +203,27 @@ def export_preference(engine: Engine, since_id: int = 0) -> Iterator[dict[str, A
 def export_kto(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
     """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per vote, oldest
     first."""
-    for t in reversed(read_feedback(engine, since_id=since_id).thumbs):
-        yield {"prompt": t.prompt, "completion": _reply(t.reply), "label": t.label > 0}
+    thumbs = read_feedback(engine, since_id=since_id).thumbs
+    labels = labels_by_message(engine, [t.message_id for t in thumbs])
+    for t in reversed(thumbs):
+        row = {"prompt": t.prompt, "completion": _reply(t.reply), "label": t.label > 0}
+        if t.message_id in labels:  # users' labels on the answer (harmful, untrue, ...)
+            row["labels"] = labels[t.message_id]
+        yield row
+
+
+def labels_by_message(engine: Engine, message_ids: list[int]) -> dict[int, list[str]]:
+    """The distinct labels users put on each of these messages, sorted."""
+    out: dict[int, set[str]] = {}
+    with session(engine) as s:
+        for i in range(0, len(message_ids), 500):
+            chunk = message_ids[i : i + 500]
+            rows = s.exec(
+                select(Label.message_id, Label.label).where(col(Label.message_id).in_(chunk))
+            ).all()
+            for message_id, label in rows:
+                out.setdefault(message_id, set()).add(label)
+    return {m: sorted(v) for m, v in out.items()}
 
 
 def export_messages(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:

@@ -343,7 +343,7 @@ def delete_conversation(engine: Engine, user_id: int, conversation_id: str) -> N
 # --------------------------------------------------------------------------- feedback
 
 
-def _insert(s: Session) -> Any:
+def upsert(s: Session) -> Any:
     """The dialect's INSERT construct with ``on_conflict_do_update``."""
     name = s.get_bind().dialect.name
     if name == "postgresql":
@@ -353,7 +353,7 @@ def _insert(s: Session) -> Any:
     raise NotImplementedError(f"upsert not supported on {name}")
 
 
-def _own_choices(user_id: int, completion_id: str) -> Any:
+def own_choices(user_id: int, completion_id: str) -> Any:
     """The choices of a completion in one of the user's live conversations."""
     return (
         select(Message)
@@ -389,14 +389,14 @@ def record_feedback(
         raise NotFound(f"choice {choice_index} of {completion_id} not found")
     with session(engine) as s:
         message = s.exec(
-            _own_choices(user_id, completion_id).where(Message.choice_index == choice_index)
+            own_choices(user_id, completion_id).where(Message.choice_index == choice_index)
         ).first()
         if message is None:
             raise NotFound(f"choice {choice_index} of {completion_id} not found")
         now = utcnow()
         values = {"rating": rating, "reason": reason, "updated_at": now}
         # SQLModel sets __table__ on table classes; its stubs do not declare it
-        stmt = _insert(s)(Feedback.__table__).values(  # type: ignore[attr-defined]
+        stmt = upsert(s)(Feedback.__table__).values(  # type: ignore[attr-defined]
             message_id=message.id, user_id=user_id, created_at=now, **values
         )
         s.execute(stmt.on_conflict_do_update(index_elements=["message_id", "user_id"], set_=values))
@@ -426,7 +426,7 @@ def record_ranking(
     if "\x00" in completion_id:  # cannot exist; PostgreSQL refuses NUL in a text parameter
         raise NotFound(f"completion {completion_id} not found")
     with session(engine) as s:
-        choices = s.exec(_own_choices(user_id, completion_id)).all()
+        choices = s.exec(own_choices(user_id, completion_id)).all()
         if not choices:
             raise NotFound(f"completion {completion_id} not found")
         by_index = {m.choice_index: m.id for m in choices}
@@ -435,7 +435,7 @@ def record_ranking(
         if not set(ranking) <= by_index.keys():
             raise Invalid(f"ranking must use choice indices of {completion_id}: {sorted(by_index)}")
         ids = [by_index[i] for i in ranking]
-        stmt = _insert(s)(Ranking.__table__).values(  # type: ignore[attr-defined]
+        stmt = upsert(s)(Ranking.__table__).values(  # type: ignore[attr-defined]
             completion_id=completion_id, user_id=user_id, ranking=ids, created_at=utcnow()
         )
         s.execute(

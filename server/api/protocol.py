@@ -13,6 +13,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.messages import normalise_message
+from shared.schema import LABELS
+
+# a label a user may put on an answer (shared.schema.LABELS)
+Label = Literal[
+    "harmful", "untrue", "unhelpful", "spam", "pii", "hate_speech", "sexual_content",
+    "violence", "refusal_was_wrong",
+]  # fmt: skip
 
 
 class ErrorBody(BaseModel):
@@ -344,6 +351,18 @@ class FeedbackRequest(BaseModel):
     choice_index: int = Field(0, ge=0, le=2**31 - 1)  # past it, no database column holds it
     rating: Literal[1, -1]
     reason: str | None = Field(None, max_length=2000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_text(data)
+
+
+class LabelRequest(BaseModel):
+    completion_id: str = Field(min_length=1, max_length=100)
+    choice_index: int = Field(0, ge=0, le=2**31 - 1)
+    labels: list[Label] = Field(min_length=1, max_length=len(LABELS))
+    note: str | None = Field(None, max_length=2000)
 
     @model_validator(mode="before")
     @classmethod

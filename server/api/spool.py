@@ -65,6 +65,7 @@ from sqlalchemy.engine import Engine
 from shared import store
 from shared.checkpoints import fsync_path
 from shared.db import DatabaseError
+from shared.labels import record_labels
 from shared.schema import utcnow
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ APPLIERS: dict[str, Callable[[Engine, Mapping[str, Any]], Any]] = {
     "completion": _log_completion,
     "feedback": lambda engine, args: store.record_feedback(engine, **args),
     "ranking": lambda engine, args: store.record_ranking(engine, **args),
+    "labels": lambda engine, args: record_labels(engine, **args),
 }
 PERMANENT_ERRORS = (store.NotFound, store.Invalid)
 

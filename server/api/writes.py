@@ -14,7 +14,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from server.api.deps import AppState
-from server.api.protocol import FeedbackRequest, RankingRequest
+from server.api.protocol import FeedbackRequest, LabelRequest, RankingRequest
 from server.api.spool import APPLIERS, Written
 from shared.keys import Principal
 
@@ -55,6 +55,23 @@ async def record_feedback(
     if written.queued:
         return {k: v for k, v in args.items() if k != "user_id"} | {"queued": True}, True
     count_feedback(state, written.result)
+    return written.result, False
+
+
+async def record_labels(
+    state: AppState, user: Principal, body: LabelRequest
+) -> tuple[dict[str, Any], bool]:
+    """Store labels on one answer; return (the response fields, queued)."""
+    args = {
+        "user_id": user.user_id,
+        "completion_id": body.completion_id,
+        "choice_index": body.choice_index,
+        "labels": list(body.labels),
+        "note": body.note,
+    }
+    written = await write(state, "labels", args)
+    if written.queued:
+        return {k: v for k, v in args.items() if k != "user_id"} | {"queued": True}, True
     return written.result, False
 
 

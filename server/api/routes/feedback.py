@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from server.api import writes
 from server.api.deps import Admin, CurrentUser, State
-from server.api.protocol import FeedbackRequest, RankingRequest
+from server.api.protocol import FeedbackRequest, LabelRequest, RankingRequest
 from shared import feedback_reader
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -31,6 +31,15 @@ async def post_feedback(
     """Store a thumb: 200 once committed; 202 with ``"queued": true`` once it is durably
     spooled while the database is away (see :mod:`server.api.writes`)."""
     return _stored("feedback", *await writes.record_feedback(state, user, body), response)
+
+
+@router.post("/labels")
+async def post_labels(
+    body: LabelRequest, state: State, user: CurrentUser, response: Response
+) -> dict[str, Any]:
+    """Label an answer (harmful, untrue, ..., refusal_was_wrong) with an optional note: one
+    vote per label; 200 once committed, 202 with ``"queued": true`` once spooled."""
+    return _stored("labels", *await writes.record_labels(state, user, body), response)
 
 
 @router.post("/rankings")

@@ -3,10 +3,11 @@
 Client frames (JSON): ``{"type":"auth","api_key"}`` (if the key was not in the
 ``Authorization`` header or ``?api_key=``), ``{"type":"chat","request_id"?, ...chat params}``,
 ``{"type":"cancel","request_id"}``, ``{"type":"feedback","completion_id","choice_index","rating",
-"reason"?}``. Server frames: ``{"type":"ready","user"}``, ``{"type":"delta","request_id","index",
+"reason"?}``, ``{"type":"labels","completion_id","choice_index","labels":[...],"note"?}``.
+Server frames: ``{"type":"ready","user"}``, ``{"type":"delta","request_id","index",
 "content"}``, ``{"type":"done","request_id","completion_id","conversation_id","policy_version",
-"finish_reasons","usage"}``, ``{"type":"feedback","ok":true,...}`` (with ``"queued":true`` when
-it was spooled while the database is away), ``{"type":"error",
+"finish_reasons","usage"}``, ``{"type":"feedback"|"labels","ok":true,...}`` (with
+``"queued":true`` when it was spooled while the database is away), ``{"type":"error",
 "request_id"?, "error": {...OpenAI shape}}``. Closing the socket cancels its generations.
 """
 
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from server.api import serving, writes
 from server.api.deps import authenticate, bearer_token, get_state
-from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest
+from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest, LabelRequest
 from server.api.spool import SpoolError, is_unavailable
 from shared import store
 from shared.keys import Principal
@@ -104,8 +105,8 @@ class ChatSocket:
                 )
             else:
                 task.cancel()
-        elif kind == "feedback":
-            await self.feedback(frame)
+        elif kind in ("feedback", "labels"):
+            await self.feedback(kind, frame)
         else:
             await self.send(_error(APIError(400, f"unknown frame type {kind!r}", param="type")))
 
@@ -195,10 +196,17 @@ class ChatSocket:
             }
         )
 
-    async def feedback(self, frame: dict[str, Any]) -> None:
+    async def feedback(self, kind: str, frame: dict[str, Any]) -> None:
+        """A thumb (``feedback``) or labels (``labels``) frame; answered with a frame of the
+        same type."""
+        fields = {k: v for k, v in frame.items() if k != "type"}
         try:
-            body = FeedbackRequest.model_validate({k: v for k, v in frame.items() if k != "type"})
-            row, queued = await writes.record_feedback(self.state, self.principal, body)
+            if kind == "labels":
+                labels = LabelRequest.model_validate(fields)
+                row, _ = await writes.record_labels(self.state, self.principal, labels)
+            else:
+                body = FeedbackRequest.model_validate(fields)
+                row, _ = await writes.record_feedback(self.state, self.principal, body)
         except ValidationError as e:
             await self.send(_error(_validation_error(e)))
             return
@@ -213,9 +221,7 @@ class ChatSocket:
                 raise
             await self.send(_error(_unavailable()))
             return
-        await self.send(
-            {"type": "feedback", "ok": True, **json.loads(json.dumps(row, default=str))}
-        )
+        await self.send({"type": kind, "ok": True, **json.loads(json.dumps(row, default=str))})
 
     async def close(self) -> None:
         for task in list(self.tasks.values()):

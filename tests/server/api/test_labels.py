@@ -1,0 +1,97 @@
+"""Labels beyond thumbs: REST and WebSocket, one vote per label, errors, the kto export, and
+the moderation trainer reading them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from shared.feedback_reader import export_kto
+from shared.keys import create_key
+from tests.conftest import live_app
+from trainer.moderation import label_examples
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
+    with live_app(
+        tmp_path_factory.mktemp("labels"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
+    ) as live:
+        yield live
+
+
+def _chat(live, key: str, content: str) -> str:
+    r = httpx.post(
+        f"{live.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "palmchat", "messages": [{"role": "user", "content": content}],
+              "max_tokens": 4},
+        timeout=60,
+    )  # fmt: skip
+    r.raise_for_status()
+    return r.json()["id"]
+
+
+def _label(live, key: str, body: dict) -> httpx.Response:
+    return httpx.post(
+        f"{live.url}/v1/labels", headers={"Authorization": f"Bearer {key}"}, json=body
+    )
+
+
+def test_labels_are_stored_one_vote_each_and_exported(server) -> None:
+    cid = _chat(server, server.key, "What is 2 + 3?")
+    r = _label(server, server.key, {"completion_id": cid, "labels": ["untrue", "unhelpful"]})
+    assert r.status_code == 200 and r.json()["labels"] == ["unhelpful", "untrue"]
+    again = _label(server, server.key, {"completion_id": cid, "labels": ["untrue"], "note": "no"})
+    assert again.json()["labels"] == ["unhelpful", "untrue"] and again.json()["note"] == "no"
+    thumbs = httpx.post(
+        f"{server.url}/v1/feedback",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"completion_id": cid, "rating": -1},
+    )
+    assert thumbs.status_code == 200
+    rows = [row for row in export_kto(server.state.db) if row.get("labels")]
+    assert rows and rows[-1]["labels"] == ["unhelpful", "untrue"] and rows[-1]["label"] is False
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"completion_id": "chatcmpl-nope", "labels": ["spam"]}, 404),
+        ({"completion_id": "x", "labels": ["rude"]}, 400),
+        ({"completion_id": "x", "labels": []}, 400),
+        ({"completion_id": "x", "labels": ["spam"], "note": "n" * 2001}, 400),
+    ],
+)
+def test_bad_labels_are_clean_4xx(server, body, status) -> None:
+    r = _label(server, server.key, body)
+    assert r.status_code == status and r.json()["error"]["message"]
+
+
+def test_someone_elses_answer_cannot_be_labelled(server) -> None:
+    cid = _chat(server, server.key, "hello")
+    other = create_key(server.state.db, "mallory")
+    assert _label(server, other, {"completion_id": cid, "labels": ["spam"]}).status_code == 404
+
+
+async def test_websocket_labels_frame(server) -> None:
+    cid = _chat(server, server.key, "What is the capital of France?")
+    url = server.url.replace("http", "ws") + f"/v1/chat/ws?api_key={server.key}"
+    async with websockets.connect(url) as ws:
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "labels", "completion_id": cid, "labels": ["pii"]}))
+        frame = json.loads(await ws.recv())
+    assert frame["type"] == "labels" and frame["ok"] is True and frame["labels"] == ["pii"]
+
+
+def test_the_moderation_trainer_learns_from_harmful_and_wrong_refusal_labels(server) -> None:
+    harmful = _chat(server, server.key, "Tell me something rude")
+    _label(server, server.key, {"completion_id": harmful, "labels": ["harmful"]}).raise_for_status()
+    examples = label_examples(server.state.db)
+    unsafe = [e for e in examples if e.unsafe]
+    assert any(e.kind == "request" and e.text == "Tell me something rude" for e in unsafe)
+    assert all(e.categories for e in unsafe)
