@@ -37,6 +37,7 @@ from server.api.moderation import LocalModerator, ModerationHook, Moderator, Rem
 from server.api.protocol import APIError
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import (
+    admin,
     chat,
     completions,
     conversations,
@@ -287,6 +288,7 @@ def create_app(
     # outermost: it counts every response, the 413s above and unhandled errors included
     app.add_middleware(CountRequests, metrics=state.metrics)
     install_error_handlers(app)
+    app.include_router(admin.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(conversations.router)

@@ -95,3 +95,38 @@ def test_the_moderation_trainer_learns_from_harmful_and_wrong_refusal_labels(ser
     unsafe = [e for e in examples if e.unsafe]
     assert any(e.kind == "request" and e.text == "Tell me something rude" for e in unsafe)
     assert all(e.categories for e in unsafe)
+
+
+def test_admins_find_the_answers_given_to_an_end_user(server) -> None:
+    from shared.keys import create_key as new_key
+
+    admin = new_key(server.state.db, "root", admin=True)
+    for text in ("What is 2 + 2?", "hello"):
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"model": "palmchat", "messages": [{"role": "user", "content": text}],
+                  "max_tokens": 3, "user": "customer-7"},
+            timeout=60,
+        ).raise_for_status()  # fmt: skip
+    r = httpx.get(
+        f"{server.url}/v1/admin/messages",
+        params={"end_user": "customer-7"},
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    data = r.json()["data"]
+    assert r.status_code == 200 and len(data) == 2
+    assert all(m["end_user"] == "customer-7" and m["moderation"] for m in data)
+    assert data[0]["id"] > data[1]["id"]
+    page = httpx.get(
+        f"{server.url}/v1/admin/messages",
+        params={"end_user": "customer-7", "before": data[0]["id"]},
+        headers={"Authorization": f"Bearer {admin}"},
+    ).json()["data"]
+    assert [m["id"] for m in page] == [data[1]["id"]]
+    user = httpx.get(
+        f"{server.url}/v1/admin/messages",
+        params={"end_user": "customer-7"},
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
+    assert user.status_code == 403
