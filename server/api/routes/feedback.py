@@ -14,6 +14,7 @@ from server.api import writes
 from server.api.deps import Admin, CurrentUser, State
 from server.api.protocol import FeedbackRequest, LabelRequest, RankingRequest
 from shared import feedback_reader
+from shared.oasst_export import export_oasst
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "preference": feedback_reader.export_preference,
     "kto": feedback_reader.export_kto,
     "messages": feedback_reader.export_messages,
+    "oasst": export_oasst,
 }
 
 
@@ -60,7 +62,7 @@ def _stored(kind: str, row: dict[str, Any], queued: bool, response: Response) ->
 async def export_feedback(
     state: State,
     _: Admin,
-    format: Annotated[Literal["preference", "kto", "messages"], Query()] = "preference",
+    format: Annotated[Literal["preference", "kto", "messages", "oasst"], Query()] = "preference",
 ) -> StreamingResponse:
     rows: Iterator[dict[str, Any]] = _EXPORTS[format](state.db)
 

@@ -130,3 +130,28 @@ def test_admins_find_the_answers_given_to_an_end_user(server) -> None:
         headers={"Authorization": f"Bearer {server.key}"},
     )
     assert user.status_code == 403
+
+
+def test_open_assistant_tree_export_carries_thumbs_and_labels(server) -> None:
+    from shared.keys import create_key as new_key
+
+    admin = new_key(server.state.db, "root2", admin=True)
+    cid = _chat(server, server.key, "What is 9 + 1?")
+    _label(server, server.key, {"completion_id": cid, "labels": ["spam"], "note": "ad"})
+    httpx.post(
+        f"{server.url}/v1/feedback",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"completion_id": cid, "rating": 1},
+    ).raise_for_status()
+    r = httpx.get(
+        f"{server.url}/v1/feedback/export",
+        params={"format": "oasst"},
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    trees = [json.loads(line) for line in r.text.splitlines()]
+    (tree,) = [t for t in trees if t["prompts"] and t["prompts"][0]["text"] == "What is 9 + 1?"]
+    (prompt,) = tree["prompts"]
+    (reply,) = prompt["replies"]
+    assert prompt["role"] == "prompter" and reply["role"] == "assistant"
+    assert reply["model_name"] == "v1" and reply["emojis"] == {"+1": 1}
+    assert reply["labels"] == {"spam": {"count": 1, "notes": ["ad"]}}
