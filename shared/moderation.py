@@ -43,6 +43,9 @@ FORMAT = "palmchat-moderation-1"
 _WORD_RE = re.compile(r"[a-z0-9']+")
 MIN_KNOWN_WORDS = 0.6  # share of a text's words seen in training before it can be flagged
 MIN_WORDS = 2  # and how many of three letters or more: one is too little to judge
+# a reply needs more: it is checked again and again as it streams, and an untrained policy's
+# noise must not be cut off
+MIN_REPLY_WORDS = 3
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class ModerationModel(nn.Module):
             ids.extend(grams or [0])  # nothing known: bucket 0, which training keeps empty
         return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
 
-    def known_word_share(self, text: str) -> float:
+    def known_word_share(self, text: str, min_words: int = 0) -> float:
         """The share of ``text``'s words of three letters or more that training text
         contained (0 with fewer than ``MIN_WORDS`` of them)."""
         words = _WORD_RE.findall(text.lower())
@@ -117,7 +120,7 @@ class ModerationModel(nn.Module):
             return 0.0
         words = [w for w in words if len(w) >= 3]  # "a", "do", "my" say little
         known = sum(w in self.vocabulary for w in words)
-        return known / len(words) if known >= MIN_WORDS else 0.0
+        return known / len(words) if known >= (min_words or MIN_WORDS) else 0.0
 
     def learn_vocabulary(self, texts: Sequence[str]) -> None:
         """Mark the buckets ``texts`` reach as known (bucket 0 stays unknown)."""
@@ -159,7 +162,9 @@ class Classifier:
         self.thresholds = {c: float(thresholds.get(c, 0.5)) for c in CATEGORIES}
         self.version = version
 
-    def classify(self, texts: Sequence[str]) -> list[Verdict]:
+    def classify(self, texts: Sequence[str], min_words: int = 0) -> list[Verdict]:
+        """Verdicts; ``min_words`` (default ``MIN_WORDS``) known words a text needs to be
+        judged at all."""
         if not texts:
             return []
         probs = self.model.probabilities(texts).tolist()
@@ -167,7 +172,7 @@ class Classifier:
         for text, row in zip(texts, probs, strict=True):
             scores = {c: round(float(p), 6) for c, p in zip(CATEGORIES, row, strict=True)}
             # a text mostly of words it never saw (noise, another language) is not judged
-            judged = self.model.known_word_share(text) >= MIN_KNOWN_WORDS
+            judged = self.model.known_word_share(text, min_words) >= MIN_KNOWN_WORDS
             cats = {c: judged and scores[c] >= self.thresholds[c] for c in CATEGORIES}
             out.append(Verdict(any(cats.values()), cats, scores))
         return out

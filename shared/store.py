@@ -214,6 +214,7 @@ def log_completion(
     if engine.dialect.name == "postgresql":  # see storable()
         messages = [{**m, "content": storable(engine, m["content"])} for m in messages]
         choices = [replace(c, text=storable(engine, c.text)) for c in choices]
+        end_user = storable(engine, end_user) if end_user is not None else None
     try:
         with session(engine) as s:
             existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()

@@ -23,7 +23,13 @@ import httpx
 
 from server.engine import Delta, FinishReason
 from shared.checkpoints import CheckpointError
-from shared.moderation import CATEGORIES, Classifier, ModerationRegistry, Verdict
+from shared.moderation import (
+    CATEGORIES,
+    MIN_REPLY_WORDS,
+    Classifier,
+    ModerationRegistry,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from server.api.metrics import Metrics
@@ -47,7 +53,7 @@ class Moderator(Protocol):
     @property
     def version(self) -> str: ...
 
-    async def classify(self, texts: Sequence[str]) -> list[Verdict]: ...
+    async def classify(self, texts: Sequence[str], min_words: int = 0) -> list[Verdict]: ...
 
 
 class LocalModerator:
@@ -73,13 +79,13 @@ class LocalModerator:
         except (CheckpointError, OSError, KeyError, RuntimeError) as e:
             log.error("refusing moderation classifier %s: %s; keeping %r", latest, e, self.version)
 
-    async def classify(self, texts: Sequence[str]) -> list[Verdict]:
+    async def classify(self, texts: Sequence[str], min_words: int = 0) -> list[Verdict]:
         classifier = self.classifier
         if classifier is None:
             raise ModerationUnavailable(f"no moderation classifier in {self.registry.root}")
         if sum(len(t) for t in texts) <= INLINE_CHARS:
-            return classifier.classify(texts)  # well under a millisecond: no thread hop
-        return await asyncio.to_thread(classifier.classify, texts)
+            return classifier.classify(texts, min_words)  # well under a millisecond
+        return await asyncio.to_thread(classifier.classify, texts, min_words)
 
 
 class RemoteModerator:
@@ -95,8 +101,8 @@ class RemoteModerator:
     def version(self) -> str:
         return self._version
 
-    async def classify(self, texts: Sequence[str]) -> list[Verdict]:
-        try:
+    async def classify(self, texts: Sequence[str], min_words: int = 0) -> list[Verdict]:
+        try:  # the external server applies its own rules: min_words is palmchat's
             r = await self.client.post(f"{self.url}/moderations", json={"input": list(texts)})
             r.raise_for_status()
             body = r.json()
@@ -148,13 +154,14 @@ class ModerationHook:
         return self.mode != "off"
 
     async def classify(self, texts: Sequence[str], stage: str = "api") -> list[Verdict]:
+        min_words = MIN_REPLY_WORDS if stage == "output" else 0
         """Verdicts for ``texts`` (the moderation endpoint); ModerationUnavailable when none
         can be given."""
         if self.moderator is None:
             raise ModerationUnavailable("moderation is not configured")
         started = time.perf_counter()
         try:
-            verdicts = await self.moderator.classify(texts)
+            verdicts = await self.moderator.classify(texts, min_words)
         except ModerationUnavailable:
             if self.metrics is not None:
                 self.metrics.moderation_errors.labels(stage).inc()

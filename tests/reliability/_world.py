@@ -54,6 +54,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/conversations/{conversation_id}"): OWNED,
     ("POST", "/v1/feedback"): OWNED,
     ("POST", "/v1/rankings"): OWNED,
+    ("POST", "/v1/labels"): OWNED,
+    ("POST", "/v1/moderations"): USER,
+    ("GET", "/v1/admin/messages"): ADMIN,
     ("WS", "/v1/chat/ws"): OWNED,
     ("GET", "/v1/feedback/export"): ADMIN,
     ("POST", "/v1/policies/{version}/activate"): ADMIN,
@@ -217,6 +220,7 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
         "/static/{name:path}": "/static/chat.js",
         "/docs/assets/{name}": "/docs/assets/swagger-ui.css",
         "/v1/models/{model:path}": "/v1/models/palmchat",
+        "/v1/admin/messages": "/v1/admin/messages?end_user=bob",
     }.get(path, path)
     body = {
         ("POST", "/v1/chat/completions"): {
@@ -227,6 +231,8 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
         },
         ("POST", "/v1/feedback"): {"completion_id": w.bob_cid, "choice_index": 0, "rating": -1},
         ("POST", "/v1/rankings"): {"completion_id": w.bob_cid, "ranking": [0, 1]},
+        ("POST", "/v1/labels"): {"completion_id": w.bob_cid, "labels": ["spam"]},
+        ("POST", "/v1/moderations"): {"input": "hi"},
         ("POST", "/v1/completions"): {"model": "palmchat", "prompt": "hi", "max_tokens": 2},
         ("POST", "/tokenize"): {"prompt": "hi"},
         ("POST", "/detokenize"): {"tokens": [5]},

@@ -89,6 +89,7 @@ def test_user_cannot_touch_another_users_data(world: World, reliability_report) 
     del_route = ("DELETE", "/v1/conversations/{conversation_id}")
     chat_route = ("POST", "/v1/chat/completions")
     fb_route, rank_route = ("POST", "/v1/feedback"), ("POST", "/v1/rankings")
+    label_route = ("POST", "/v1/labels")
 
     # lists: only alice's own conversations, however she pages
     for params in ({}, {"limit": 500}, {"before": "9999-01-01T00:00:00Z", "limit": 500}):
@@ -122,6 +123,9 @@ def test_user_cannot_touch_another_users_data(world: World, reliability_report) 
             )
         check.expect_404(
             rank_route, "POST", "/v1/rankings", json={"completion_id": guess, "ranking": [0, 1]}
+        )
+        check.expect_404(
+            label_route, "POST", "/v1/labels", json={"completion_id": guess, "labels": ["spam"]}
         )
     for conv in (w.bob_conv, w.bob_ws_conv):
         for stream in (False, True):

@@ -37,7 +37,9 @@ async def search_messages(
     _: Admin,
     end_user: Annotated[str, Query(min_length=1, max_length=256)],
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,  # an id column holds it
 ) -> dict[str, Any]:
+    if "\x00" in end_user:  # no stored id has one, and PostgreSQL refuses it in a parameter
+        return {"object": "list", "data": []}
     data = await run_in_threadpool(answers_to, state.db, end_user, limit, before)
     return {"object": "list", "data": data}
