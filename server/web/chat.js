@@ -3,6 +3,7 @@
 // the preferred one stored as a ranking).
 
 import { ApiError, api, apiErrorHandler, el, getKey, setupSignIn, thumbIcon } from "./api.js";
+import { reportControl } from "./report.js";
 import { buildTurns, historyOf } from "./conversation.js";
 
 const $ = (id) => document.getElementById(id);
@@ -281,6 +282,11 @@ function renderChoice(turn, choice) {
       choice.pick,
     ),
     choice.reasonForm,
+    reportControl(
+      `${turn.uid}-${choice.index}`,
+      () => (turn.completionId ? { completion_id: turn.completionId, choice_index: choice.index } : null),
+      { done: (message) => setStatus(message), fail: (e) => handleApiError(e, "Could not send your report") },
+    ),
   );
   renderChoiceText(turn, choice);
   return choice.el;
