@@ -33,7 +33,9 @@ def test_imported_qwen2_is_served_rated_trained_and_hot_swapped(
     assert done.returncode == 0, done.stderr
     assert "as v1 (status active)" in done.stdout
 
-    with live_app(data, tiny_seed_dir, user="alice") as live:
+    # flag, as the demo's loop runs: the first task is an unsafe request, and the loop must see
+    # (and be rated on) what the policy itself answers
+    with live_app(data, tiny_seed_dir, user="alice", moderation_mode="flag") as live:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=live.key, max_retries=0)
         rest = httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.key}"})
         tasks = list(TaskGenerator(0).iter_tasks(8, split="train"))
