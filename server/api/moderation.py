@@ -251,8 +251,7 @@ class Screen:
             if due:
                 decision = await self.hook.check("output", text)
                 self.checked[i] = len(text)
-                if self.decisions[i] is None or decision.flagged or delta.finish_reason:
-                    self.decisions[i] = _worst(self.decisions[i], decision)
+                self.decisions[i] = _worst(self.decisions[i], decision)
                 if decision.action == "block":
                     stopped[i] = True
                     last = self.held[i][-1]

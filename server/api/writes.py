@@ -44,34 +44,39 @@ async def record_feedback(
     state: AppState, user: Principal, body: FeedbackRequest
 ) -> tuple[dict[str, Any], bool]:
     """Store a thumb; return (the response fields, queued)."""
-    args = {
-        "user_id": user.user_id,
+    fields = {
         "completion_id": body.completion_id,
         "choice_index": body.choice_index,
         "rating": body.rating,
         "reason": body.reason,
     }
-    written = await write(state, "feedback", args)
-    if written.queued:
-        return {k: v for k, v in args.items() if k != "user_id"} | {"queued": True}, True
-    count_feedback(state, written.result)
-    return written.result, False
+    row, queued = await _write_for(state, user, "feedback", fields)
+    if not queued:
+        count_feedback(state, row)
+    return row, queued
 
 
 async def record_labels(
     state: AppState, user: Principal, body: LabelRequest
 ) -> tuple[dict[str, Any], bool]:
     """Store labels on one answer; return (the response fields, queued)."""
-    args = {
-        "user_id": user.user_id,
+    fields = {
         "completion_id": body.completion_id,
         "choice_index": body.choice_index,
         "labels": list(body.labels),
         "note": body.note,
     }
-    written = await write(state, "labels", args)
+    return await _write_for(state, user, kind="labels", fields=fields)
+
+
+async def _write_for(
+    state: AppState, user: Principal, kind: str, fields: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """Write ``fields`` as ``user``; (the stored row, False), or (the fields, True) with
+    ``"queued": true`` when the write was spooled."""
+    written = await write(state, kind, {"user_id": user.user_id, **fields})
     if written.queued:
-        return {k: v for k, v in args.items() if k != "user_id"} | {"queued": True}, True
+        return fields | {"queued": True}, True
     return written.result, False
 
 
