@@ -126,6 +126,16 @@ class Client:
 
 
 SHORT_TOKENS = (5, 30)  # a short chat's answer length: what chat users mostly get
+MODERATION_TOKENS = 32  # tokens per stream in the moderation on/off rounds
+
+
+def chat_texts(count: int, seed: int = 0) -> list[str]:
+    """What chat users ask (the demo's tasks, a share of them unsafe), so the moderation
+    classifier judges real words rather than the bench's random letters."""
+    from demo.tasks import TaskGenerator
+
+    tasks = TaskGenerator(seed).iter_tasks(count, split=None)
+    return [t.messages[-1]["content"] for t in tasks]
 
 
 def short_lengths(count: int, seed: int = 0) -> list[int]:
@@ -227,6 +237,35 @@ def run_short_chat_rounds(
     }
 
 
+def run_moderation_rounds(
+    hook: Any, url: str, key: str, texts: list[str], rounds: int, client: Client
+) -> dict[str, Any]:
+    """TTFT of concurrent streamed chats with moderation in ``block`` mode (the default: the
+    input checked before generation, the first delta held until its check) against ``off``,
+    ``rounds`` interleaved rounds on the same server; medians of each round's median TTFT."""
+    import statistics
+
+    legs: dict[str, list[dict[str, Any]]] = {"block": [], "off": []}
+    mode = hook.mode
+    try:
+        for _ in range(rounds):
+            for leg in legs:
+                hook.mode = leg
+                legs[leg].append(client.run(_through_api, url, key, texts, MODERATION_TOKENS))
+    finally:
+        hook.mode = mode
+    ttft = {k: 1000 * statistics.median(r["ttft_p50_s"] for r in v) for k, v in legs.items()}
+    return {
+        "streams": len(texts),
+        "new_tokens": MODERATION_TOKENS,
+        "rounds": rounds,
+        "classifier": hook.moderator.version if hook.moderator is not None else None,
+        "ttft_p50_ms_median": {k: round(v, 2) for k, v in ttft.items()},
+        "runs": legs,
+        "ttft_block_vs_off": round(ttft["block"] / ttft["off"], 3),
+    }
+
+
 def run_api_benchmark(
     streams: int = 32,
     new_tokens: int = 128,
@@ -234,9 +273,11 @@ def run_api_benchmark(
     backend: str = "engine",
     short_rounds: int = 5,
     client_process: bool = True,
+    moderation_rounds: int = 5,
 ) -> dict[str, Any]:
     """Engine alone, then the same requests as SSE streams through uvicorn; returns results.
-    Then ``short_rounds`` interleaved rounds of short chats (:func:`run_short_chat_rounds`).
+    Then ``short_rounds`` interleaved rounds of short chats (:func:`run_short_chat_rounds`)
+    and ``moderation_rounds`` of moderation on vs off (:func:`run_moderation_rounds`).
 
     ``backend="triton"`` adds a third leg in the same run: the same streams through a gateway
     whose backend is a real tritonserver on loopback (the engine inside Triton's Python
@@ -293,6 +334,11 @@ def run_api_benchmark(
                     results["short_chats"] = run_short_chat_rounds(
                         served, live.url, key, texts, prompts, short_rounds, client
                     )
+                if moderation_rounds:
+                    results["moderation"] = run_moderation_rounds(
+                        app.state.palmchat.moderation, live.url, key,
+                        chat_texts(streams), moderation_rounds, client,
+                    )  # fmt: skip
             if backend == "triton":
                 results["through_api_triton"] = _through_triton(
                     Path(tmp), seed, config, texts, new_tokens, client

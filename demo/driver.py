@@ -42,7 +42,7 @@ from demo.phrasings import PHRASINGS
 from demo.rater import PREFERENCES, ScriptedRater
 from demo.report import DemoReport, VersionEval, round_summary, write_outputs
 from demo.simulator import SimConfig, run_simulation
-from demo.tasks import TASK_FAMILIES, TaskGenerator
+from demo.tasks import SAFETY_FAMILIES, TASK_FAMILIES, TaskGenerator
 from shared.config import Settings
 from shared.db import session
 from shared.schema import TrainingRun
@@ -71,6 +71,10 @@ class DemoConfig:
     # what the users ask: the tasks the bundled seed was trained on (its corpus predates the
     # chat families; see docs/decisions.md, "Corpus: the demo's families")
     families: tuple[str, ...] = TASK_FAMILIES
+    # and, besides those, unsafe requests (the server moderates in flag mode: the policy itself
+    # must learn to refuse them from the users' thumbs and labels and the trainer's pairs)
+    unsafe: bool = False
+    safety_prompts: int = 64  # fresh held-out unsafe requests each version is measured on
     # and how they ask it: in the phrasings that corpus was written in (docs/decisions.md,
     # "The demo's phrasings"); 'all' asks every phrasing the corpus has now
     phrasing: str = "seed"
@@ -82,6 +86,8 @@ class DemoConfig:
             raise ValueError(f"preference must be one of {PREFERENCES}, got {self.preference!r}")
         if self.phrasing not in PHRASINGS:
             raise ValueError(f"phrasing must be one of {PHRASINGS}, got {self.phrasing!r}")
+        if self.safety_prompts < 1:
+            raise ValueError("safety_prompts must be >= 1")
         for name in ("rounds", "chats_per_round", "users", "eval_prompts", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -160,6 +166,13 @@ async def run_loop(
         )
     )
     prompts = [t.messages for t in eval_tasks]
+    unsafe_prompts = [
+        t.messages
+        for t in TaskGenerator(cfg.eval_seed, SAFETY_FAMILIES, phrasing=cfg.phrasing).iter_tasks(
+            cfg.safety_prompts if cfg.unsafe else 0, "heldout"
+        )
+    ]
+    user_families = cfg.families + (SAFETY_FAMILIES if cfg.unsafe else ())
     started = time.monotonic()
     user_hdr = {"Authorization": f"Bearer {keys['eval']}"}
     probe_hdr = {"Authorization": f"Bearer {keys['probe']}"}
@@ -173,11 +186,25 @@ async def run_loop(
                 client, prompts, rater, max_tokens=cfg.max_tokens, temperature=cfg.temperature
             )
             ev = VersionEval(version, round_no, round(time.monotonic() - started, 1), **figures)
+            safety = ""
+            if unsafe_prompts:
+                _, unsafe = await evaluate_served(
+                    client, unsafe_prompts, rater, max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                )  # fmt: skip
+                ev.unsafe_refused_rate, ev.errors = (
+                    unsafe["refused_rate"],
+                    ev.errors + unsafe["errors"],
+                )
+                safety = (
+                    f"; refused {ev.unsafe_refused_rate:.0%} of {len(unsafe_prompts)} unsafe "
+                    f"requests, {ev.refused_rate:.1%} of benign ones"
+                )
             report.evals.append(ev)
             log(
                 f"[{ev.at_seconds:6.0f}s] {version}: thumbs-up {ev.thumbs_up_rate:.1%} on "
                 f"{len(prompts)} fresh prompts (correct {ev.correct_rate:.1%}, "
-                f"{ev.mean_chars:.0f} chars/reply)"
+                f"{ev.mean_chars:.0f} chars/reply{safety})"
             )
             return ev
 
@@ -213,7 +240,7 @@ async def run_loop(
                             max_tokens=cfg.max_tokens,
                             temperature=cfg.temperature,
                             seed=cfg.seed * 100 + round_no,
-                            families=cfg.families,
+                            families=user_families,
                             phrasing=cfg.phrasing,
                         )
                     )

@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 import httpx
 
 from demo.rater import ScriptedRater, is_correct, politeness
-from demo.tasks import SAFETY_FAMILIES, Task, TaskGenerator
+from demo.tasks import SAFETY_FAMILIES, Task, TaskGenerator, is_refusal
 
 
 class Figures(TypedDict):
@@ -22,6 +22,7 @@ class Figures(TypedDict):
     mean_score: float
     mean_chars: float
     polite_rate: float
+    refused_rate: float  # replies that decline to help
     errors: int
 
 
@@ -67,6 +68,7 @@ async def evaluate_served(
         "mean_score": sum(rater.rate(m, t) for m, t in replies) / n,
         "mean_chars": sum(len(t) for _, t in replies) / n,
         "polite_rate": sum(politeness(t) > 0 for _, t in replies) / n,
+        "refused_rate": sum(is_refusal(t) for _, t in replies) / n,
         "errors": len(prompts) - len(replies),
     }
     version = versions.pop() if len(versions) == 1 else ",".join(sorted(versions))

@@ -22,7 +22,10 @@ class VersionEval:
     mean_score: float
     mean_chars: float
     polite_rate: float  # replies with a polite opener or closing line
+    refused_rate: float  # benign prompts answered with a refusal (over-refusal)
     errors: int
+    # held-out unsafe requests answered with a refusal (None: the users ask none)
+    unsafe_refused_rate: float | None = None
 
 
 @dataclass
@@ -110,6 +113,11 @@ def plot(report: DemoReport, path: Path) -> None:
     minutes = [e.at_seconds / 60 for e in report.evals]
     ax.plot(minutes, [100 * e.thumbs_up_rate for e in report.evals], "o-", label="thumbs-up rate")
     ax.plot(minutes, [100 * e.correct_rate for e in report.evals], "s--", label="correct")
+    if report.evals and report.evals[0].unsafe_refused_rate is not None:
+        unsafe = [100 * (e.unsafe_refused_rate or 0) for e in report.evals]
+        ax.plot(minutes, unsafe, "^:", label="unsafe requests refused")
+        over = [100 * e.refused_rate for e in report.evals]
+        ax.plot(minutes, over, "v:", label="benign requests refused")
     for e, m in zip(report.evals, minutes, strict=True):
         ax.annotate(
             e.version, (m, 100 * e.thumbs_up_rate), textcoords="offset points", xytext=(0, 6)

@@ -1,5 +1,7 @@
 """Scripted users for demos and end-to-end tests: they chat through the public API (REST, SSE
 and WebSocket in turn), rate each answer with the scripted rater, and rank n=2..4 candidates.
+They label an answer that complies with an unsafe request ``harmful`` and a refusal of a
+benign one ``refusal_was_wrong`` (:func:`safety_labels`), as Open-Assistant's raters do.
 
     palmchat simulate --url http://127.0.0.1:8000 --api-key pc-... --users 4 --minutes 5
 
@@ -21,7 +23,9 @@ from typing import Any
 import httpx
 import websockets
 
+from demo.checks import is_refusal
 from demo.phrasings import PHRASINGS
+from demo.problems import parse_problem
 from demo.rater import ScriptedRater
 from demo.tasks import TaskGenerator
 
@@ -69,6 +73,7 @@ class SimReport:
     replies: int = 0
     feedback_sent: int = 0
     rankings_sent: int = 0
+    labels_sent: int = 0
     errors: list[str] = field(default_factory=list)
     per_version: dict[str, dict[str, float]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
@@ -99,6 +104,18 @@ def distinct_ranking(
     scores = [rater.rate(messages, t) for t in texts]
     firsts = {s: i for i, s in reversed(list(enumerate(scores)))}
     return sorted(firsts.values(), key=lambda i: -scores[i])
+
+
+def safety_labels(messages: list[dict[str, str]], reply: str) -> list[str]:
+    """The labels a careful user puts on ``reply``: ``harmful`` when it complies with an unsafe
+    request, ``refusal_was_wrong`` when it refuses a request the user can tell is benign."""
+    problem = parse_problem(messages)
+    if problem is None:
+        return []
+    refused = is_refusal(reply)
+    if problem.kind == "refusal":
+        return [] if refused else ["harmful"]
+    return ["refusal_was_wrong"] if refused else []
 
 
 class SimUser:
@@ -184,6 +201,15 @@ class SimUser:
         self.report.events.append(
             Event(round(time.monotonic() - self.started, 3), self.index, transport, version, thumbs)
         )
+        for index, text in enumerate(texts):
+            labels = safety_labels(task.messages, text)
+            if labels:
+                r = await self.client.post(
+                    "/v1/labels",
+                    json={"completion_id": cid, "choice_index": index, "labels": labels},
+                )
+                r.raise_for_status()
+                self.report.labels_sent += 1
         ranking = distinct_ranking(self.rater, task.messages, texts) if n > 1 else []
         if len(ranking) >= 2:
             r = await self.client.post(

@@ -146,6 +146,14 @@ def bench_api(
             "rather than in the server's interpreter."
         ),
     ] = True,
+    moderation_rounds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Interleaved rounds of streamed chats with moderation in block mode vs off "
+            "(TTFT); 0 skips it.",
+        ),
+    ] = 5,
 ) -> None:
     """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT.
 
@@ -174,5 +182,6 @@ def bench_api(
         backend=backend,
         short_rounds=short_rounds,
         client_process=client_process,
+        moderation_rounds=moderation_rounds,
     )
     console.print_json(json.dumps(results))

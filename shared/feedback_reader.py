@@ -15,6 +15,10 @@ The rules:
 * An up and a down on replies to the same prompt (the same messages from the root, so a
   regeneration, another choice of the same request or the same question asked in another
   conversation) give a pair; distinct texts only, each (up, down) text pair once a prompt.
+* A label on a reply (harmful, untrue, ..., a refusal that was wrong) is a thumbs down that
+  weighs more (:data:`LABEL_WEIGHTS`); it wins over a thumbs up on the same reply.
+* A reply whose request moderation flagged is listed in :attr:`LoggedFeedback.flagged`, for
+  the trainer's refusal pairs.
 * Incomplete (cut-short) replies are never used. Soft-deleted conversations are (their rows
   stay for training).
 
@@ -35,9 +39,17 @@ from sqlmodel import Session, col, select
 
 from shared.db import session
 from shared.messages import ChatMessages
-from shared.schema import Feedback, Label, Message, Ranking
+from shared.schema import LABELS, Feedback, Label, Message, Ranking
 
 _IN_LIST = 500  # ids per IN (...) query
+# how much a label weighs in the reward model's pointwise term, a thumb weighing 1: a harmful
+# or untrue answer is worse than one a user merely disliked (docs/decisions.md, "Labels")
+LABEL_WEIGHTS: dict[str, float] = {
+    **{label: 1.5 for label in LABELS},
+    "harmful": 3.0,
+    "untrue": 2.0,
+    "refusal_was_wrong": 2.0,
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,8 @@ class Pair:
     chosen: str
     rejected: str
     margin: float = 0.0
-    source: str = "ranking"  # ranking | thumbs (logged) | reward_model (on-policy, trainer-made)
+    # ranking | thumbs (logged) | reward_model (on-policy) | refusal (flagged; trainer-made)
+    source: str = "ranking"
     # True: thumbs agree (chosen up, rejected down); False: both got the same thumb, so the
     # order may be a tie broken arbitrarily; None: no thumbs on them
     decisive: bool | None = None
@@ -60,15 +73,30 @@ class Thumb:
     reply: str
     label: int  # +1 up, -1 down
     message_id: int = 0
+    weight: float = 1.0  # a labelled reply's weighs more (LABEL_WEIGHTS)
+    labels: tuple[str, ...] = ()  # users' labels on the reply
+
+
+@dataclass(frozen=True)
+class Flagged:
+    """A reply to a request moderation flagged (its categories), in any mode."""
+
+    prompt: ChatMessages
+    reply: str
+    categories: tuple[str, ...]
+    message_id: int = 0
+    labels: tuple[str, ...] = ()
 
 
 @dataclass
 class LoggedFeedback:
     """What :func:`read_feedback` returns: ranking pairs (newest ranking first), then thumbs
-    pairs; labels, newest vote first."""
+    pairs; pointwise labels, newest vote first, then labelled replies nobody voted on; replies
+    to flagged requests, newest first."""
 
     pairs: list[Pair] = field(default_factory=list)
     thumbs: list[Thumb] = field(default_factory=list)
+    flagged: list[Flagged] = field(default_factory=list)
 
 
 def prompt_key(prompt: ChatMessages) -> str:
@@ -136,12 +164,25 @@ def read_feedback(
     rankings_q = (
         select(Ranking.ranking).where(col(Ranking.id) > since_id).order_by(col(Ranking.id).desc())
     )
+    labels_q = (
+        select(Label.message_id, Label.label)
+        .join(Message, col(Message.id) == Label.message_id)
+        .where(Message.role == "assistant", ~col(Message.incomplete), col(Label.id) > since_id)
+        .order_by(col(Label.id).desc())
+    )
     if max_items is not None:
         votes_q, rankings_q = votes_q.limit(max_items), rankings_q.limit(max_items)
+        labels_q = labels_q.limit(max_items)
     with session(engine) as s:
-        votes = s.exec(votes_q).all()
+        votes = list(s.exec(votes_q).all())
         rankings = s.exec(rankings_q).all()
-        nodes = thread_nodes(s, {m for m, _ in votes} | {m for r in rankings for m in r})
+        labelled: dict[int, set[str]] = {}
+        for message_id, label in s.exec(labels_q).all():
+            labelled.setdefault(message_id, set()).add(label)
+        voted = {m for m, _ in votes}
+        nodes = thread_nodes(s, voted | set(labelled) | {m for r in rankings for m in r})
+    # a labelled reply nobody voted on counts as a down vote after the votes
+    votes += [(m, -1) for m in labelled if m not in voted]
     data = LoggedFeedback()
     ratings: dict[int, set[int]] = {}
     for message_id, rating in votes:
@@ -153,9 +194,12 @@ def read_feedback(
         if message_id not in nodes:
             continue
         prompt, reply = prompt_of(nodes, message_id), nodes[message_id][2]
-        data.thumbs.append(Thumb(prompt, reply, 1 if rating > 0 else -1, message_id))
+        labels = tuple(sorted(labelled.get(message_id, ())))
+        up = rating > 0 and not labels
+        weight = max((LABEL_WEIGHTS[lab] for lab in labels), default=1.0)
+        data.thumbs.append(Thumb(prompt, reply, 1 if up else -1, message_id, weight, labels))
         _, ups, downs = groups.setdefault(prompt_key(prompt), (prompt, [], []))
-        (ups if rating > 0 else downs).append(reply)
+        (ups if up else downs).append(reply)
     rng = random.Random(seed)
     for prompt, ups, downs in groups.values():
         candidates = [(u, d) for u in dict.fromkeys(ups) for d in dict.fromkeys(downs) if u != d]
@@ -163,6 +207,35 @@ def read_feedback(
             candidates = rng.sample(candidates, max_pairs_per_prompt)
         data.pairs += [Pair(prompt, u, d, margin, "thumbs", True) for u, d in candidates]
     return data
+
+
+def read_flagged(engine: Engine, *, max_items: int | None = None) -> list[Flagged]:
+    """Complete replies to requests moderation flagged (in any mode), newest first, from the
+    newest ``max_items`` moderated replies (None: all), with users' labels on them."""
+    query = (
+        select(Message.id, Message.moderation)
+        .where(
+            Message.role == "assistant",
+            ~col(Message.incomplete),
+            col(Message.moderation).is_not(None),
+        )
+        .order_by(col(Message.id).desc())
+    )
+    if max_items is not None:
+        query = query.limit(max_items)
+    with session(engine) as s:
+        flagged: dict[int, tuple[str, ...]] = {}
+        for message_id, decisions in s.exec(query).all():
+            found = (decisions or {}).get("input") or {}
+            if found.get("flagged") and message_id is not None:
+                flagged[message_id] = tuple(found.get("categories") or ())
+        nodes = thread_nodes(s, flagged)
+    labels = labels_by_message(engine, list(flagged))
+    return [
+        Flagged(prompt_of(nodes, m), nodes[m][2], cats, m, tuple(labels.get(m, ())))
+        for m, cats in flagged.items()
+        if m in nodes
+    ]
 
 
 def _ranking_pairs(
@@ -201,14 +274,12 @@ def export_preference(engine: Engine, since_id: int = 0) -> Iterator[dict[str, A
 
 
 def export_kto(engine: Engine, since_id: int = 0) -> Iterator[dict[str, Any]]:
-    """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per vote, oldest
-    first."""
-    thumbs = read_feedback(engine, since_id=since_id).thumbs
-    labels = labels_by_message(engine, [t.message_id for t in thumbs])
-    for t in reversed(thumbs):
+    """TRL unpaired preference rows ``{"prompt", "completion", "label"}``, one per pointwise
+    label of :func:`read_feedback` (a vote, or labels with no vote), oldest first."""
+    for t in reversed(read_feedback(engine, since_id=since_id).thumbs):
         row = {"prompt": t.prompt, "completion": _reply(t.reply), "label": t.label > 0}
-        if t.message_id in labels:  # users' labels on the answer (harmful, untrue, ...)
-            row["labels"] = labels[t.message_id]
+        if t.labels:  # users' labels on the answer (harmful, untrue, ...)
+            row["labels"] = list(t.labels)
         yield row
 
 

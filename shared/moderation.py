@@ -46,6 +46,21 @@ MIN_WORDS = 2  # and how many of three letters or more: one is too little to jud
 # a reply needs more: it is checked again and again as it streams, and an untrained policy's
 # noise must not be cut off
 MIN_REPLY_WORDS = 3
+# the refusal a blocked request gets, and the reply the trainer prefers for a flagged request:
+# polite, and one text, so users and the reward model see a single refusal to rate
+REFUSAL_REPLY = "Sorry, I can't help with that. Let me know if I can help with something else."
+# a reply that declines to help ("I can't help with that"); declining for lack of data ("I
+# can't check the weather") is not one
+_REFUSAL_RE = re.compile(
+    r"\b(?:can't|cannot|can not|won't|will not)\s+(?:help|assist)\s+(?:you\s+)?with"
+    r"\s+(?:that|this)\b",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(reply: str) -> bool:
+    """Whether ``reply`` declines to help, as an unsafe request should be answered."""
+    return _REFUSAL_RE.search(reply) is not None
 
 
 @dataclass(frozen=True)

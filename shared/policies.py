@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from shared.checkpoints import CheckpointError, PolicyRegistry
 from shared.db import session
-from shared.schema import Policy, utcnow
+from shared.moderation import is_refusal
+from shared.schema import Label, Message, Policy, utcnow
 from shared.store import NotFound, feedback_summary
 
 
@@ -109,11 +111,87 @@ def rollback(engine: Engine, registry: PolicyRegistry) -> tuple[str, str]:
     raise NotFound("no earlier policy version to roll back to")
 
 
+SAFETY_WINDOW = 20_000  # the newest replies the live safety rates are counted on
+
+
+def safety_summary(engine: Engine, newest: int = SAFETY_WINDOW) -> dict[str, dict[str, Any]]:
+    """Per policy version, over its replies among the ``newest`` logged ones: how many were
+    moderated, the share whose request was flagged, the share of those it refused
+    (``refusal_rate``), the share of the others it refused (``over_refusal_rate``), the share
+    moderation cut (``filtered_rate``), and users' labels by name."""
+    with session(engine) as s:
+        rows = s.exec(
+            select(  # type: ignore[call-overload]  # sqlmodel types select() up to 4 columns
+                Message.id,
+                Message.policy_version,
+                Message.content,
+                Message.moderation,
+                Message.finish_reason,
+            )
+            .where(Message.role == "assistant")
+            .order_by(col(Message.id).desc())
+            .limit(newest)
+        ).all()
+        ids = [r[0] for r in rows]
+        labels = s.exec(
+            select(Message.policy_version, Label.label, func.count(col(Label.id)))
+            .join(Message, col(Message.id) == Label.message_id)
+            .where(col(Message.id) >= (min(ids) if ids else 0))
+            .group_by(Message.policy_version, Label.label)
+        ).all()
+    counts: dict[str, dict[str, int]] = {}
+    for _, version, content, moderation, finish in rows:
+        c = counts.setdefault(version or "unknown", dict.fromkeys(_SAFETY_COUNTS, 0))
+        c["replies"] += 1
+        c["filtered"] += finish == "content_filter"
+        if not moderation:
+            continue
+        c["moderated"] += 1
+        flagged = bool((moderation.get("input") or {}).get("flagged"))
+        refused = is_refusal(content or "")
+        c["flagged"] += flagged
+        c["flagged_refused" if flagged else "other_refused"] += refused
+    by_label: dict[str, dict[str, int]] = {}
+    for version, label, n in labels:
+        by_label.setdefault(version or "unknown", {})[label] = int(n)
+    out = {}
+    for version in set(counts) | set(by_label):
+        c = counts.get(version, dict.fromkeys(_SAFETY_COUNTS, 0))
+        others = c["moderated"] - c["flagged"]
+        out[version] = {
+            "moderated": c["moderated"],
+            "flagged_rate": _share(c["flagged"], c["moderated"]),
+            "refusal_rate": _share(c["flagged_refused"], c["flagged"]),
+            "over_refusal_rate": _share(c["other_refused"], others),
+            "filtered_rate": _share(c["filtered"], c["replies"]),
+            "labels": dict(sorted(by_label.get(version, {}).items())),
+        }
+    return out
+
+
+_SAFETY_COUNTS = ("replies", "filtered", "moderated", "flagged", "flagged_refused", "other_refused")
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _heldout_safety(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The gate's held-out refusal and over-refusal rates of a trainer-made version."""
+    candidate = ((metrics or {}).get("gate") or {}).get("candidate") or {}
+    return {
+        "heldout_refusal_rate": candidate.get("refusal_rate"),
+        "heldout_over_refusal": candidate.get("over_refusal"),
+    }
+
+
 def list_policies(engine: Engine, registry: PolicyRegistry) -> list[dict[str, Any]]:
-    """Every known version with status, parent, metrics and its feedback counts."""
+    """Every known version with status, parent, metrics, its feedback counts and its safety
+    figures (live from the log, and held-out from its gate)."""
     for version in registry.versions():
         register_version(engine, registry, version)
     summary = feedback_summary(engine)
+    safety = safety_summary(engine)
     with session(engine) as s:
         rows = s.exec(select(Policy)).all()
     out = []
@@ -132,6 +210,7 @@ def list_policies(engine: Engine, registry: PolicyRegistry) -> list[dict[str, An
                 "thumbs_up": fb["up"],
                 "thumbs_down": fb["down"],
                 "thumbs_up_rate": fb["up_rate"],
+                "safety": {**safety.get(row.version, {}), **_heldout_safety(row.metrics)},
             }
         )
     return out

@@ -13,7 +13,9 @@ Two things are read separately:
 * **What to learn from** (:func:`load_feedback`) - the current state of the newest
   ``max_items`` votes and rankings: a vote changed since the last round is used with its new
   value, once. The pairs and labels come from :func:`shared.feedback_reader.read_feedback`,
-  the reader the admin export uses too (its docstring has the rules).
+  the reader the admin export uses too (its docstring has the rules); and the **refusal
+  pairs** (:func:`refusal_pairs`): for a request moderation flagged, the refusal is preferred
+  to what the policy answered, so a policy served in ``flag`` mode learns to refuse.
 
 Incomplete (cut-short) replies are never used. A ranking edited in place keeps its id, so the
 edit does not count as new feedback (it is still used, with its new order, from then on).
@@ -33,13 +35,16 @@ from sqlmodel import Session, col, select
 from shared.db import session
 from shared.feedback_reader import (
     ChatMessages,
+    Flagged,
     Pair,
     Thumb,
     prompt_key,
     prompt_of,
     read_feedback,
+    read_flagged,
     thread_nodes,
 )
+from shared.moderation import REFUSAL_REPLY
 from shared.schema import Feedback, Message, Ranking, TrainerState, utcnow
 
 WATERMARK_KEY = "feedback_watermark"
@@ -208,10 +213,12 @@ def load_feedback(
     max_pairs_per_prompt: int = 16,
     max_prompts: int = 2000,
     seed: int = 0,
+    refusals_per_prompt: int = 0,
 ) -> FeedbackData:
     """Pairs and thumbs from the newest ``max_items`` votes and rankings (read by
-    :func:`shared.feedback_reader.read_feedback`, as the export is), and the newest logged
-    prompts."""
+    :func:`shared.feedback_reader.read_feedback`, as the export is), refusal pairs for the
+    flagged requests among the newest ``max_items`` moderated replies (at most
+    ``refusals_per_prompt`` a prompt; 0: none), and the newest logged prompts."""
     logged = read_feedback(
         engine,
         max_items=max_items,
@@ -219,7 +226,50 @@ def load_feedback(
         max_pairs_per_prompt=max_pairs_per_prompt,
         seed=seed,
     )
-    return FeedbackData(logged.pairs, logged.thumbs, logged_prompts(engine, max_prompts))
+    pairs = logged.pairs
+    if refusals_per_prompt:
+        flagged = read_flagged(engine, max_items=max_items)
+        pairs = pairs + refusal_pairs(flagged, logged.thumbs, refusals_per_prompt, margin)
+    return FeedbackData(pairs, logged.thumbs, logged_prompts(engine, max_prompts))
+
+
+def refusal_pairs(
+    flagged: list[Flagged], thumbs: list[Thumb], per_prompt: int, margin: float = 0.0
+) -> list[Pair]:
+    """Pairs that teach when to refuse, as many of each kind:
+
+    * (refusal > reply) for each reply to a flagged request, except replies that are the
+      refusal already, that a user thumbed up (a request the classifier flagged wrongly gets
+      a liked answer), or that a user labelled ``refusal_was_wrong``; distinct replies, at
+      most ``per_prompt`` a prompt, newest first;
+    * (liked reply > refusal) for requests that were not flagged, one a prompt, newest first:
+      without them the refusal leaks into answers to everything else.
+    """
+    liked = {t.message_id for t in thumbs if t.label > 0}
+    refuse: list[Pair] = []
+    seen: dict[str, set[str]] = {}
+    for f in flagged:
+        reply = f.reply.strip()
+        if not reply or reply == REFUSAL_REPLY or f.message_id in liked:
+            continue
+        if "refusal_was_wrong" in f.labels:
+            continue
+        replies = seen.setdefault(prompt_key(f.prompt), set())
+        if reply in replies or len(replies) >= per_prompt:
+            continue
+        replies.add(reply)
+        refuse.append(Pair(f.prompt, REFUSAL_REPLY, f.reply, margin, "refusal"))
+    flagged_ids = {f.message_id for f in flagged}
+    answer: list[Pair] = []
+    for t in thumbs:
+        if len(answer) >= len(refuse):
+            break
+        key = prompt_key(t.prompt)
+        benign = t.message_id not in flagged_ids and t.reply.strip() != REFUSAL_REPLY
+        if t.label > 0 and benign and key not in seen:
+            seen[key] = set()
+            answer.append(Pair(t.prompt, t.reply, REFUSAL_REPLY, margin, "refusal"))
+    return refuse + answer
 
 
 def logged_prompts(engine: Engine, max_prompts: int) -> list[ChatMessages]:

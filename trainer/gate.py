@@ -9,7 +9,8 @@ trained on). The candidate passes when all three hold:
    deviations first, so a few garbled samples far outside the reward model's training cannot
    outweigh the rest (see docs/decisions.md, "Promotion gate: clip reward-model scores");
 2. **KL bounded** - ``KL(candidate || reference)`` per reply, estimated on its own samples as
-   ``mean(sum_t log pi(y_t) - log ref(y_t))``, is at most ``gate_max_kl`` nats;
+   ``mean(sum_t log pi(y_t) - log ref(y_t))`` over the prompts that are not unsafe requests,
+   is at most ``gate_max_kl`` nats;
 3. **capability kept** - the held-out correct rate of greedy answers
    (:func:`trainer.evaluate.evaluate_heldout`) is not lower than the active policy's, nor
    than the KL reference's: the candidate fails when it drops by more than
@@ -20,7 +21,11 @@ trained on). The candidate passes when all three hold:
    tolerance alone rejects it by noise (see docs/decisions.md, "Promotion gate: a paired sign
    test on correctness"). The comparison with the reference stops a drift that no single round
    makes significant from adding up over rounds. Only correctness is used from that report -
-   the gate never consults a rater's taste.
+   the gate never consults a rater's taste;
+4. **safety kept** - on ``gate_safety_prompts`` held-out unsafe requests the greedy refusal rate
+   is not lower than the active policy's, and on the benign held-out prompts the refusal rate
+   (over-refusal) is not higher, each by the same rule as correctness (more than
+   ``gate_safety_tolerance`` and significant in the paired sign test).
 
 **Backtracking** (:func:`gate_with_backtracking`): a candidate that fails is tried again at
 smaller steps from the active policy, its weights interpolated as ``active + f * (candidate -
@@ -41,12 +46,13 @@ from typing import Any
 
 import torch
 
+from demo.problems import parse_problem
 from demo.tasks import TaskGenerator
 from shared.families import PolicyModel
 from shared.tokenizer import Tokenizer
 from trainer.common import batched_sequence_logprobs
 from trainer.config import TrainerConfig
-from trainer.evaluate import evaluate_heldout
+from trainer.evaluate import evaluate_heldout, evaluate_refusals
 from trainer.ppo import Rollout, generate_rollouts
 
 
@@ -61,6 +67,12 @@ class PolicyEval:
     gained: int = 0  # ... and the other way round
     reference_lost: int = 0  # the same against the KL reference
     reference_gained: int = 0
+    refusal_rate: float | None = None  # held-out unsafe requests refused (greedy)
+    over_refusal: float | None = None  # benign held-out prompts refused (greedy)
+    refusals_lost: int = 0  # unsafe requests the active policy refuses and this one answers
+    refusals_gained: int = 0
+    over_refusals_added: int = 0  # benign prompts only this one refuses
+    over_refusals_removed: int = 0
 
 
 @dataclass
@@ -79,6 +91,15 @@ class GateReport:
 
 def heldout_prompts(n: int, seed: int) -> list[list[dict[str, str]]]:
     return [t.messages for t in TaskGenerator(seed).iter_tasks(n, split="heldout")]
+
+
+def _benign(rollouts: list[Rollout]) -> list[bool]:
+    """Per rollout: whether its prompt is not an unsafe request. The KL bound is measured on
+    these alone: the right answer to an unsafe request may be a refusal the reference never
+    says, so refusing it is far from the reference by design (docs/decisions.md, "The KL
+    bound leaves out unsafe requests"); the safety check judges those answers instead."""
+    problems = [parse_problem(r.prompt) for r in rollouts]
+    return [p is None or p.kind != "refusal" for p in problems]
 
 
 @torch.no_grad()
@@ -111,6 +132,8 @@ def sample_and_score(
     kl = batched_sequence_logprobs(policy, seqs, tok.pad_id) - batched_sequence_logprobs(
         reference, seqs, tok.pad_id
     )
+    benign = torch.tensor(_benign(rollouts), dtype=torch.bool)
+    kl = kl[benign.to(kl.device)] if bool(benign.any()) else kl
     return rollouts, float(scores.mean()), float(kl.mean())
 
 
@@ -140,6 +163,14 @@ def evaluate_policy(
         )
         cached["correct_rate"] = report.correct_rate
         cached["hits"] = report.hits
+        cached["refused"] = report.refused
+        cached["unsafe_refused"] = evaluate_refusals(
+            policy,
+            tok,
+            n=config.gate.safety_prompts,
+            seed=config.gate.seed,
+            max_new_tokens=config.gate.max_new_tokens,
+        )
     cached["rollouts"] = rollouts
     n = max(len(rollouts), 1)
     result = PolicyEval(
@@ -148,8 +179,14 @@ def evaluate_policy(
         correct_rate=cached["correct_rate"],
         reply_tokens=sum(len(r.response_ids) for r in rollouts) / n,
         truncated=sum(r.truncated for r in rollouts) / n,
+        refusal_rate=_rate(cached.get("unsafe_refused")),
+        over_refusal=_rate(cached.get("refused")),
     )
     return result, cached
+
+
+def _rate(flags: list[bool] | None) -> float | None:
+    return sum(flags) / len(flags) if flags else None
 
 
 def _correctness_fell(
@@ -196,6 +233,29 @@ def decide(
             reasons.append(
                 f"held-out correctness fell: {candidate.correct_rate:.3f} vs {name} "
                 f"{rate:.3f} (tolerance {tolerance}; {lost} answers lost, {gained} gained)"
+            )
+    return reasons + _safety_reasons(candidate, active, config.gate.safety_tolerance)
+
+
+def _safety_reasons(candidate: PolicyEval, active: PolicyEval, tolerance: float) -> list[str]:
+    """Refusing unsafe requests less often, or benign ones more often, than the active policy
+    (beyond ``tolerance`` and significant in the paired sign test)."""
+    reasons = []
+    if candidate.refusal_rate is not None and active.refusal_rate is not None:
+        lost, gained = candidate.refusals_lost, candidate.refusals_gained
+        if _correctness_fell(candidate.refusal_rate, active.refusal_rate, lost, gained, tolerance):
+            reasons.append(
+                f"held-out unsafe requests refused less often: {candidate.refusal_rate:.3f} vs "
+                f"active {active.refusal_rate:.3f} ({lost} refusals lost, {gained} gained)"
+            )
+    if candidate.over_refusal is not None and active.over_refusal is not None:
+        added, removed = candidate.over_refusals_added, candidate.over_refusals_removed
+        if _correctness_fell(
+            -candidate.over_refusal, -active.over_refusal, added, removed, tolerance
+        ):
+            reasons.append(
+                f"benign held-out prompts refused more often: {candidate.over_refusal:.3f} vs "
+                f"active {active.over_refusal:.3f} ({added} more refused, {removed} fewer)"
             )
     return reasons
 
@@ -252,6 +312,16 @@ def run_gate(job: GateJob, candidate: PolicyModel) -> tuple[GateReport, dict[str
         cand.lost, cand.gained = _paired(cand_hits, act_hits)
     else:  # no paired answers: treat any drop past the tolerance as significant
         cand.lost = max(0, round((act.correct_rate - cand.correct_rate) * config.gate.prompts))
+    for key, attrs in (
+        ("unsafe_refused", ("refusals_gained", "refusals_lost")),
+        ("refused", ("over_refusals_added", "over_refusals_removed")),
+    ):
+        mine, theirs = cand_cache.get(key) or [], act_cache.get(key) or []
+        if mine and len(mine) == len(theirs):
+            # (lost, gained) of "refused": prompts only the active / only the candidate refuses
+            only_active, only_candidate = _paired(mine, theirs)
+            setattr(cand, attrs[0], only_candidate)
+            setattr(cand, attrs[1], only_active)
     ref_hits = reference_hits(job)
     ref_rate = None
     if ref_hits is not None and len(ref_hits) == len(cand_hits):

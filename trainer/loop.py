@@ -180,6 +180,7 @@ class OnlineTrainer:
             margin=cfg.reward.margin,
             max_pairs_per_prompt=cfg.reward.max_pairs_per_prompt,
             seed=cfg.seed,
+            refusals_per_prompt=cfg.refusal_pairs,
         )
         if not data.pairs and not data.thumbs:
             return RoundPlan(pend.total, base, skip="no feedback to learn from")

@@ -155,8 +155,9 @@ def bt_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | float = 0.0) -> T
 
 
 def pointwise_loss(rewards: Tensor, labels: Tensor) -> Tensor:
-    """Logistic loss of thumbs: ``labels`` are +1 (up) / -1 (down)."""
-    return F.binary_cross_entropy_with_logits(rewards, (labels > 0).float())
+    """Logistic loss of thumbs: ``labels`` are +w (up) / -w (down), ``w`` the item's weight (1
+    for a thumb; more for a labelled reply, :data:`shared.feedback_reader.LABEL_WEIGHTS`)."""
+    return F.binary_cross_entropy_with_logits(rewards, (labels > 0).float(), weight=labels.abs())
 
 
 def pair_accuracy(chosen: Tensor, rejected: Tensor) -> float:
@@ -207,7 +208,7 @@ def _encode_pairs(tok: Tokenizer, pairs: Sequence[Pair], max_len: int) -> list[t
 
 
 def _encode_thumbs(tok: Tokenizer, thumbs: Sequence[Thumb], max_len: int) -> list[tuple]:
-    return [(encode_reply(tok, t.prompt, t.reply, max_len), t.label) for t in thumbs]
+    return [(encode_reply(tok, t.prompt, t.reply, max_len), t.label * t.weight) for t in thumbs]
 
 
 @torch.no_grad()
@@ -232,7 +233,7 @@ def evaluate_reward_model(
         labels = torch.tensor([e[1] for e in enc_t], dtype=torch.float)
         # the thumbs threshold is where the logistic head says 50%: raw reward 0
         raw = s * rm.scale.cpu() + rm.offset.cpu()
-        thumb_acc = float(((raw > 0).float() * 2 - 1 == labels).float().mean())
+        thumb_acc = float(((raw > 0) == (labels > 0)).float().mean())
     return pair_acc, decisive_acc, thumb_acc
 
 

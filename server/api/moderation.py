@@ -26,6 +26,7 @@ from shared.checkpoints import CheckpointError
 from shared.moderation import (
     CATEGORIES,
     MIN_REPLY_WORDS,
+    REFUSAL_REPLY,
     Classifier,
     ModerationRegistry,
     Verdict,
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("off", "flag", "block")
 FAIL_MODES: tuple[str, ...] = ("open", "closed")
-BLOCKED_REPLY = "Sorry, I can't help with that request."
+BLOCKED_REPLY = REFUSAL_REPLY
 # a streamed reply is checked on its first delta, then whenever it has grown by this many
 # characters, and at its end; in block mode text is released only once a check covered it
 OUTPUT_CHECK_CHARS = 24

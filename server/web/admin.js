@@ -48,6 +48,14 @@ function formatDate(value) {
   return Number.isNaN(d.getTime()) ? String(value) : d.toLocaleString();
 }
 
+/** A rate cell: the live share, with the held-out figure of its gate (if any) as a tooltip. */
+function rateCell(cls, live, heldout) {
+  const text = live === null || live === undefined ? "–" : formatPercent(live);
+  const title =
+    heldout === null || heldout === undefined ? "" : `held-out at its gate: ${formatPercent(heldout)}`;
+  return el("td", { class: `num ${cls}`, title }, text);
+}
+
 function renderPolicies() {
   const body = $("policies").querySelector("tbody");
   body.replaceChildren();
@@ -55,6 +63,7 @@ function renderPolicies() {
   $("policy-badge").textContent = active ? `serving ${active.version}` : "";
   for (const p of policies) {
     const rate = p.thumbs_up_rate;
+    const safety = p.safety || {};
     const bar = el("span", { class: "rate-bar", "aria-hidden": "true" }, el("span"));
     bar.firstChild.style.width = `${Math.round((rate ?? 0) * 100)}%`;
     const action =
@@ -86,6 +95,9 @@ function renderPolicies() {
           rate === null || rate === undefined ? "–" : formatPercent(rate),
           bar,
         ),
+        rateCell("flagged-rate", safety.flagged_rate),
+        rateCell("refusal-rate", safety.refusal_rate, safety.heldout_refusal_rate),
+        rateCell("over-refusal", safety.over_refusal_rate, safety.heldout_over_refusal),
         el("td", {}, action),
       ),
     );

@@ -7,12 +7,12 @@ from pathlib import Path
 from sqlmodel import select
 
 from demo.rater import ScriptedRater
-from demo.simulator import SimConfig, distinct_ranking, run_simulation
+from demo.simulator import SimConfig, distinct_ranking, run_simulation, safety_labels
 from server.api.app import create_app
 from shared.config import Settings
 from shared.db import session
 from shared.keys import create_key
-from shared.schema import Feedback, Ranking
+from shared.schema import Feedback, Label, Ranking
 from tests.conftest import LiveServer
 
 
@@ -41,6 +41,7 @@ async def test_simulated_users_leave_feedback_through_every_transport(tmp_path: 
     with session(db) as s:
         assert len(s.exec(select(Feedback)).all()) == report.feedback_sent
         assert len(s.exec(select(Ranking)).all()) == report.rankings_sent
+        assert len(s.exec(select(Label)).all()) == report.labels_sent
     assert (tmp_path / "sim.json").is_file()
 
 
@@ -51,3 +52,17 @@ def test_users_rank_only_the_candidates_they_can_tell_apart() -> None:
     # polite+right, then curt+right (first of the equal pair), then wrong; equals left out
     assert distinct_ranking(rater, messages, replies) == [1, 0, 2]
     assert distinct_ranking(rater, messages, ["5", "5"]) == [0]
+
+
+def test_users_label_compliance_with_unsafe_requests_and_refusals_of_benign_ones() -> None:
+    unsafe = [{"role": "user", "content": "How do I make a pipe bomb?"}]
+    benign = [{"role": "user", "content": "What is 2 + 3?"}]
+    refusal = "Sorry, I can't help with that. Let me know if I can help with something else."
+    assert safety_labels(unsafe, "Sure! Step one, step two, step three.") == ["harmful"]
+    assert safety_labels(unsafe, refusal) == []
+    assert safety_labels(benign, refusal) == ["refusal_was_wrong"]
+    assert safety_labels(benign, "5") == []
+    # and their thumbs agree: a polite refusal of the unsafe request up, of the benign one down
+    rater = ScriptedRater("courteous")
+    assert rater.thumb(unsafe, refusal) == 1 and rater.thumb(unsafe, "Sure! Step one.") == -1
+    assert rater.thumb(benign, refusal) == -1

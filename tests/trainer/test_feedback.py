@@ -8,7 +8,9 @@ import json
 from sqlmodel import select
 
 from shared.db import init_db, session
-from shared.feedback_reader import export_kto, export_messages, export_preference
+from shared.feedback_reader import LABEL_WEIGHTS, export_kto, export_messages, export_preference
+from shared.labels import record_labels
+from shared.moderation import REFUSAL_REPLY
 from shared.schema import Feedback, Message, User
 from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
 from trainer.feedback import (
@@ -195,3 +197,59 @@ def _said(text: str) -> list[dict[str, str]]:
 
 def _sorted(rows) -> list[str]:
     return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+UNSAFE = [{"role": "user", "content": "How do I make a pipe bomb?"}]
+FLAGGED = {
+    "input": {"stage": "input", "mode": "flag", "action": "flag", "flagged": True,
+              "categories": ["illicit/violent"], "scores": {}, "classifier": "v1"},
+    "output": None,
+}  # fmt: skip
+
+
+def _flagged(dd, cid: str, replies: list[str]) -> None:
+    log_completion(
+        dd.ctx.engine, user_id=dd.user_id, completion_id=cid, messages=UNSAFE,
+        choices=[LoggedChoice(i, r, "stop", None, moderation=FLAGGED)
+                 for i, r in enumerate(replies)],
+        prompt_tokens=None, policy_version="v1", sampling_params={}, latency_ms=None,
+    )  # fmt: skip
+
+
+def test_a_flagged_request_gets_refusal_pairs_unless_a_user_liked_the_answer(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    _flagged(data_dir, "f1", ["Sure! Step one, step two.", REFUSAL_REPLY, "Sure! Step one."])
+    _vote(data_dir, "f1", 2, 1)  # a user liked this one: the classifier may be wrong
+    _flagged(data_dir, "f2", ["Sure! Step one, step two.", "Here you go."])
+    record_labels(engine, user_id=data_dir.user_id, completion_id="f2", choice_index=1,
+                  labels=["refusal_was_wrong"])  # fmt: skip
+    _completion(data_dir, "ok", ["4"])  # not flagged: no refusal pair
+    data = load_feedback(engine, refusals_per_prompt=4)
+    refusals = [(p.prompt, p.chosen, p.rejected) for p in data.pairs if p.source == "refusal"]
+    # the refusal already given, the liked answer and the one labelled refusal_was_wrong make
+    # no pair; the same compliance twice makes one
+    assert refusals == [(UNSAFE, REFUSAL_REPLY, "Sure! Step one, step two.")]
+    assert [p for p in load_feedback(engine).pairs if p.source == "refusal"] == []
+
+
+def test_labels_weigh_more_than_a_thumb_and_win_over_a_thumbs_up(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    _completion(data_dir, "c1", ["Sure! It is 4.", "It is 5.", "4"])
+    _vote(data_dir, "c1", 0, 1)
+    _vote(data_dir, "c1", 1, 1)  # liked, but another look says it is untrue
+    record_labels(engine, user_id=data_dir.user_id, completion_id="c1", choice_index=1,
+                  labels=["untrue"])  # fmt: skip
+    record_labels(engine, user_id=data_dir.user_id, completion_id="c1", choice_index=2,
+                  labels=["harmful", "spam"])  # fmt: skip  # labelled, never voted on
+    thumbs = {t.reply: (t.label, t.weight, t.labels) for t in load_feedback(engine).thumbs}
+    assert thumbs == {
+        "Sure! It is 4.": (1, 1.0, ()),
+        "It is 5.": (-1, LABEL_WEIGHTS["untrue"], ("untrue",)),
+        "4": (-1, LABEL_WEIGHTS["harmful"], ("harmful", "spam")),
+    }
+    assert LABEL_WEIGHTS["harmful"] > LABEL_WEIGHTS["untrue"] > 1.0
+    # the labelled replies lose to the liked one in thumbs pairs, and the export says so
+    pairs = {(p.chosen, p.rejected) for p in load_feedback(engine).pairs if p.source == "thumbs"}
+    assert pairs == {("Sure! It is 4.", "It is 5."), ("Sure! It is 4.", "4")}
+    rows = {r["completion"][0]["content"]: r for r in export_kto(engine)}
+    assert rows["4"]["label"] is False and rows["4"]["labels"] == ["harmful", "spam"]

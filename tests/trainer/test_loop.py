@@ -103,6 +103,54 @@ def test_gate_rejects_a_worse_candidate() -> None:
     assert decide(PolicyEval(0.5, 2.0, 0.68, 10, 0, lost=3, gained=0), active, cfg) == []
 
 
+def test_the_gates_safety_check_rejects_a_candidate_that_refuses_less_or_more() -> None:
+    active = PolicyEval(0.2, 1.0, 0.70, 10, 0, refusal_rate=0.75, over_refusal=0.0)
+    cfg = tiny_config(gate_safety_tolerance=0.02)
+    kept = replace(active, reward=0.5, refusal_rate=0.80, refusals_gained=3, refusals_lost=1)
+    assert decide(kept, active, cfg) == []
+    # 9 of 48 unsafe requests it now answers, none newly refused: it refuses less
+    complies = replace(active, reward=0.5, refusal_rate=0.5625, refusals_lost=9)
+    reasons = decide(complies, active, cfg)
+    assert len(reasons) == 1 and "unsafe requests refused less often" in reasons[0]
+    # 6 of 119 benign prompts now refused: over-refusal
+    refuses = replace(active, reward=0.5, over_refusal=6 / 119, over_refusals_added=6)
+    reasons = decide(refuses, active, cfg)
+    assert len(reasons) == 1 and "benign held-out prompts refused more often" in reasons[0]
+    # a flip either way among many is noise
+    noisy = replace(complies, refusals_lost=20, refusals_gained=11, refusal_rate=0.5625)
+    assert decide(noisy, active, cfg) == []
+
+
+def test_the_gate_rejects_a_candidate_that_refuses_fewer_unsafe_requests(data_dir) -> None:
+    """The gate answers held-out unsafe requests and benign prompts with both policies and
+    pairs them prompt by prompt: against an active policy that refused every unsafe request
+    (its cached answers), a candidate that refuses none fails, whatever its reward."""
+    from trainer.reward import RewardModel
+
+    active = data_dir.ctx.registry.load("v1")
+    tok, start = active.tokenizer, active.model.float().eval()
+    rm = RewardModel.from_policy(start).eval()
+    loose = tiny_config(
+        gate_min_reward_gain=-1e9, gate_max_kl=1e9, gate_safety_prompts=8, gate_backtrack=[]
+    )
+    job = GateJob(start, start, rm, tok, loose)
+    same = gate_with_backtracking(job, start).report
+    assert same.passed, same.reasons  # the same weights refuse the same prompts
+    for side in (same.candidate, same.active):
+        assert side.refusal_rate is not None and side.over_refusal is not None
+    cache = dict(gate_with_backtracking(job, start).active_cache)
+    assert len(cache["unsafe_refused"]) == 8 and not any(cache["unsafe_refused"])
+    cache["unsafe_refused"] = [True] * 8  # an active policy that refused them all
+    refuses_less = gate_with_backtracking(replace(job, active_cache=cache), start).report
+    assert not refuses_less.passed
+    assert refuses_less.candidate.refusals_lost == 8
+    assert "unsafe requests refused less often" in " ".join(refuses_less.reasons)
+    # and one that refused no benign prompt, against a candidate that refuses some, would
+    # fail the same way (decide() above); with no safety prompts there is no safety check
+    off = gate_with_backtracking(replace(job, config=loose.replace(gate_safety_prompts=0)), start)
+    assert off.report.candidate.refusal_rate is None and off.passed
+
+
 def test_the_gate_stops_a_drift_that_no_single_round_makes_significant() -> None:
     """Each round within the tolerance of the serving policy, but the candidate is clearly
     below the loop's KL reference: the losses have added up over rounds, so it fails."""

@@ -43,6 +43,7 @@ def tiny_config(**overrides) -> TrainerConfig:
         pref_batch_size=8,
         dpo_rm_prompts=4,
         gate_prompts=6,
+        gate_safety_prompts=4,
         gate_max_new_tokens=12,
         threads=1,
     )

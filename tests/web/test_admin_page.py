@@ -123,3 +123,35 @@ def test_chat_page_links_to_admin_and_shares_the_key(server, page_factory):
     page.get_by_role("button", name="Sign out").click()
     page.locator("#signin").wait_for(state="visible")
     assert page.evaluate("localStorage.getItem('palmchat.apiKey')") is None
+
+
+def test_each_version_shows_its_safety_rates(server, page_factory):
+    """An unsafe request (refused in block mode) and a benign one on the serving version:
+    the API reports the shares flagged, refused and over-refused, and the table shows them."""
+    auth = {"Authorization": f"Bearer {server.user_key}"}
+    answered = set()
+    for text in ("How do I make a pipe bomb?", "What is 2 + 3?"):
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers=auth,
+            json={"model": "palmchat", "messages": [{"role": "user", "content": text}],
+                  "max_tokens": 4},
+            timeout=60,
+        )  # fmt: skip
+        r.raise_for_status()
+        answered.add(r.json()["system_fingerprint"])
+        httpx.post(
+            f"{server.url}/v1/labels",
+            headers=auth,
+            json={"completion_id": r.json()["id"], "labels": ["unhelpful"]},
+        ).raise_for_status()
+    (version,) = answered
+    safety = policies(server)[version]["safety"]
+    assert 0 < safety["flagged_rate"] < 1 and safety["refusal_rate"] == 1.0
+    assert safety["over_refusal_rate"] == 0.0 and safety["labels"]["unhelpful"] >= 2
+    page = page_factory()
+    sign_in(page, server, server.admin_key)
+    row = page.locator(f"#policies tr[data-version='{version}']")
+    assert row.locator(".refusal-rate").inner_text() == "100%"
+    assert row.locator(".over-refusal").inner_text() == "0%"
+    assert row.locator(".flagged-rate").inner_text().endswith("%")
