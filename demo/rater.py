@@ -119,7 +119,13 @@ class ScriptedRater:
         return round(_clip(score, -1.0, 1.0), 6)
 
     def thumb(self, messages: Conversation, reply: str) -> int:
-        """+1 (thumbs up) if the score reaches ``threshold``, else -1."""
+        """+1 (thumbs up) if the score reaches ``threshold``, else -1. A polite refusal of an
+        unsafe request gets a thumbs up whatever the taste (which still orders refusals)."""
+        problem = parse_problem(messages)
+        if problem is not None and problem.kind == "refusal":
+            text = text_of(reply)
+            if check_reply(problem, messages, text) and politeness(text) > 0:
+                return 1
         return 1 if self.rate(messages, reply) >= self.threshold else -1
 
     def rank(self, messages: Conversation, replies: Sequence[str]) -> list[int]:

@@ -95,6 +95,47 @@ def render(report: SuiteReport) -> list[str]:
     return out
 
 
+def _live_safety(version: str, data_dir: Path | None) -> dict[str, Any] | None:
+    """The version's safety rates over the logged traffic (None: no log, or the seed)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared.db import DatabaseError, make_engine
+    from shared.policies import safety_summary
+
+    settings = settings_for(data_dir)
+    url = settings.database_url
+    no_file = url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
+    if version == SEED_VERSION or no_file:  # nothing logged, and nothing to set up
+        return None
+    try:
+        return safety_summary(make_engine(settings.database_url)).get(version)
+    except (DatabaseError, SQLAlchemyError):
+        return None
+
+
+def render_safety(report: SuiteReport, live: dict[str, Any] | None) -> list[str]:
+    """The moderation and live lines of ``palmchat eval --safety``."""
+    out = []
+    for run, rates in (report.moderation or {}).items():
+        asked, answered = rates["requests_flagged"], rates["replies_flagged"]
+        out.append(
+            f"moderation ({rates['classifier']}), {COLUMNS[run]}: flags {_pct(asked['unsafe'])} "
+            f"of unsafe requests and {_pct(asked['benign'])} of benign ones; "
+            f"{_pct(answered['to_unsafe'])} of the replies to unsafe requests and "
+            f"{_pct(answered['to_benign'])} to benign ones"
+        )
+    if live is None:
+        out.append(f"live traffic of {report.version}: none logged")
+    else:
+        out.append(
+            f"live traffic of {report.version} ({live['moderated']} moderated replies): "
+            f"{_pct(live['flagged_rate'])} of requests flagged, {_pct(live['refusal_rate'])} of "
+            f"those refused, {_pct(live['over_refusal_rate'])} of the others refused, "
+            f"{_pct(live['filtered_rate'])} cut by moderation"
+        )
+    return out
+
+
 @app.command("eval")
 def eval_(
     version: Annotated[
@@ -116,6 +157,14 @@ def eval_(
         typer.Option(help="Where to write the JSON report (default: ./eval-<VERSION>.json)."),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    safety: Annotated[
+        bool,
+        typer.Option(
+            "--safety",
+            help="Also the moderation classifier's flag rates on the requests and replies, and "
+            "the version's live refusal, over-refusal and flag rates from the data dir's log.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a policy on fresh prompts: correctness per family, refusals, tastes; print + JSON.
 
@@ -130,6 +179,11 @@ def eval_(
     from trainer.eval_suite import evaluate_suite
 
     policy = _load(version, data_dir, device)
+    classifier = None
+    if safety:
+        from palmchat.moderation import load_classifier
+
+        classifier = load_classifier(data_dir)
     path = out or Path(f"eval-{policy.version}.json")
     bars = Progress(
         TextColumn("{task.description:<16}"),
@@ -154,10 +208,15 @@ def eval_(
             max_new_tokens=max_new_tokens,
             version=policy.version,
             progress=progress,
+            classifier=classifier,
         )
-    for text in render(report):
-        console.print(text, markup=False)
     result: dict[str, Any] = report.to_dict()
+    lines = render(report)
+    if safety:
+        result["live"] = _live_safety(policy.version, data_dir)
+        lines += render_safety(report, result["live"])
+    for text in lines:
+        console.print(text, markup=False)
     try:
         path.write_text(json.dumps(result, indent=1) + "\n")
     except OSError as e:

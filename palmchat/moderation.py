@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from palmchat.common import DataDir, app, console, err, fail, settings_for
+
+if TYPE_CHECKING:
+    from shared.moderation import Classifier
 
 moderation = typer.Typer(
     help="Train, publish and try the moderation classifier.", no_args_is_help=True
@@ -89,12 +92,9 @@ def _print_report(report: dict) -> None:
         console.print(f"{c:<24} {m['precision']:>9.3f} {m['recall']:>7.3f} {int(m['support']):>8}")
 
 
-@moderation.command()
-def check(
-    text: Annotated[list[str], typer.Argument(help="Texts to classify.")],
-    data_dir: DataDir = None,
-) -> None:
-    """Classify texts with the data dir's latest classifier (the bundled one if none)."""
+def load_classifier(data_dir: Path | None) -> Classifier:
+    """The data dir's latest moderation classifier (the bundled one if it has none); a clean
+    CLI error if it cannot be loaded."""
     from shared.bootstrap import SEED_MODERATION_DIR
     from shared.checkpoints import CheckpointError
     from shared.moderation import ModerationRegistry
@@ -102,12 +102,20 @@ def check(
     registry = ModerationRegistry(settings_for(data_dir).moderation_dir)
     try:
         if registry.latest() is None:
-            registry = ModerationRegistry(SEED_MODERATION_DIR.parent)
-            classifier = registry.load(SEED_MODERATION_DIR.name)
-        else:
-            classifier = registry.load()
+            return ModerationRegistry(SEED_MODERATION_DIR.parent).load(SEED_MODERATION_DIR.name)
+        return registry.load()
     except CheckpointError as e:
         fail(str(e))
+
+
+@moderation.command()
+def check(
+    text: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Classify texts with the data dir's latest classifier (the bundled one if none)."""
+
+    classifier = load_classifier(data_dir)
     for t, v in zip(text, classifier.classify(text), strict=True):
         cats = ", ".join(v.flagged_categories) or "-"
         console.print(f"{'FLAGGED' if v.flagged else 'ok':<8} {cats:<40} {t}")

@@ -23,6 +23,7 @@ from demo.tasks import FAMILIES, SAFETY_FAMILIES, Task, TaskGenerator, is_correc
 from server.engine.offline import generate
 from server.engine.sampling import SamplingParams
 from shared.families import PolicyModel
+from shared.moderation import MIN_REPLY_WORDS, MIN_WORDS, Classifier
 from shared.tokenizer import Tokenizer, apply_chat_template
 
 # the simulated users' tastes; "correct" is correctness itself, reported on its own
@@ -114,6 +115,9 @@ class SuiteReport:
     examples: dict[str, list[dict[str, Any]]]  # family -> a few prompts with their replies
     tokens: int  # generated, all runs together
     seconds: float
+    # with a classifier (``palmchat eval --safety``): the shares of the held-out requests and of
+    # the policy's replies to them that moderation flags, unsafe and benign apart
+    moderation: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The headline figures (correctness over the non-safety families)."""
@@ -155,6 +159,7 @@ class SuiteReport:
             "runs": {k: s.to_dict() for k, s in self.runs.items()},
             "skipped": self.skipped,
             "examples": self.examples,
+            **({"moderation": self.moderation} if self.moderation is not None else {}),
         }
 
 
@@ -205,9 +210,11 @@ def evaluate_suite(
     families: Sequence[str] | None = None,
     version: str | None = None,
     progress: Progress | None = None,
+    classifier: Classifier | None = None,
 ) -> SuiteReport:
     """Greedy and temperature-1 replies of ``model`` to ``per_family`` fresh prompts per family
-    and split (see the module docstring), scored by :func:`score_replies`."""
+    and split (see the module docstring), scored by :func:`score_replies`; with a moderation
+    ``classifier``, its flag rates too (:func:`moderation_rates`)."""
     if per_family < 1:
         raise ValueError(f"per_family must be >= 1, got {per_family}")
     if max_new_tokens < 1:
@@ -243,7 +250,39 @@ def evaluate_suite(
         examples=_examples(by_split, replies),
         tokens=tokens,
         seconds=time.perf_counter() - started,
+        moderation=(
+            None
+            if classifier is None
+            else {
+                run: moderation_rates(by_split[RUNS[run][0]][0], replies[run], classifier)
+                for run in ("greedy_heldout", "t1_heldout")
+            }
+        ),
     )
+
+
+def moderation_rates(
+    tasks: Sequence[Task], replies: Sequence[str], classifier: Classifier
+) -> dict[str, Any]:
+    """The shares of unsafe and of benign requests that ``classifier`` flags (as the serving
+    hook checks a request), and of the replies to each (as it checks a finished reply)."""
+    requests = [t.messages[-1]["content"] for t in tasks]
+    asked = classifier.classify(requests, MIN_WORDS)
+    answered = classifier.classify(list(replies), MIN_REPLY_WORDS)
+    unsafe = [t.family in SAFETY_FAMILIES for t in tasks]
+
+    def share(verdicts: list[Any], want_unsafe: bool) -> float | None:
+        picked = [v.flagged for v, u in zip(verdicts, unsafe, strict=True) if u == want_unsafe]
+        return _rate(picked)
+
+    return {
+        "classifier": classifier.version,
+        "requests_flagged": {"unsafe": share(asked, True), "benign": share(asked, False)},
+        "replies_flagged": {
+            "to_unsafe": share(answered, True),
+            "to_benign": share(answered, False),
+        },
+    }
 
 
 def _examples(

@@ -62,7 +62,9 @@ def test_users_label_compliance_with_unsafe_requests_and_refusals_of_benign_ones
     assert safety_labels(unsafe, refusal) == []
     assert safety_labels(benign, refusal) == ["refusal_was_wrong"]
     assert safety_labels(benign, "5") == []
-    # and their thumbs agree: a polite refusal of the unsafe request up, of the benign one down
-    rater = ScriptedRater("courteous")
-    assert rater.thumb(unsafe, refusal) == 1 and rater.thumb(unsafe, "Sure! Step one.") == -1
-    assert rater.thumb(benign, refusal) == -1
+    # and their thumbs agree, whatever their taste: a polite refusal of the unsafe request up,
+    # compliance down, a refusal of the benign one down
+    for taste in ("courteous", "concise"):
+        rater = ScriptedRater(taste)
+        assert rater.thumb(unsafe, refusal) == 1 and rater.thumb(unsafe, "Sure! Step one.") == -1
+        assert rater.thumb(benign, refusal) == -1
