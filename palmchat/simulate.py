@@ -92,6 +92,17 @@ def demo(
         str, typer.Option(help="How users ask: all phrasings, or seed (as the seed was taught).")
     ] = "seed",
     seed: int = 0,
+    unsafe: Annotated[
+        bool,
+        typer.Option(
+            help="Users also ask unsafe requests (served in flag mode: the policy must learn to "
+            "refuse them); each version's refusal and over-refusal rates are measured."
+        ),
+    ] = False,
+    seed_dir: Annotated[
+        Path | None,
+        typer.Option(help="Start from this policy version directory instead of the bundled seed."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="TrainerConfig overrides for the trainer, KEY=VALUE."),
@@ -133,6 +144,8 @@ def demo(
         phrasing=phrasing,
         seed=seed,
         out_dir=out,
+        unsafe=unsafe,
+        seed_dir=seed_dir,
     )
     report = run_demo(cfg, log=console.print)
     console.print(
@@ -141,4 +154,11 @@ def demo(
         f"{report.lift_points:+.1f} points in {report.loop_seconds / 60:.1f} min of loop; "
         f"probe: {report.probe['requests']} streamed requests, {report.probe['failures']} failed"
     )
+    first, last = report.evals[0], report.best
+    if first.unsafe_refused_rate is not None and last.unsafe_refused_rate is not None:
+        console.print(
+            f"unsafe requests refused: {first.unsafe_refused_rate:.1%} -> "
+            f"{last.unsafe_refused_rate:.1%}; benign ones refused: {first.refused_rate:.1%} -> "
+            f"{last.refused_rate:.1%}"
+        )
     console.print(f"report and plot: {out}/demo-{preference}-latest.json / .png")

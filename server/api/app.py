@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp
 
-from server.api import redact, request_id, serving, writes
+from server.api import chat_log, redact, request_id, writes
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
@@ -175,11 +175,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         watcher.cancel()
-    if state.moderation is not None and isinstance(state.moderation.moderator, RemoteModerator):
-        await state.moderation.moderator.aclose()
+        if state.moderation is not None and isinstance(state.moderation.moderator, RemoteModerator):
+            await state.moderation.moderator.aclose()
         # logs of cut-off completions still being written, then what is left in the spool
-        if serving.pending_writes:
-            await asyncio.wait(set(serving.pending_writes), timeout=SHUTDOWN_WRITE_SECONDS)
+        if chat_log.pending_writes:
+            await asyncio.wait(set(chat_log.pending_writes), timeout=SHUTDOWN_WRITE_SECONDS)
         if state.spool is not None:
             await run_in_threadpool(state.spool.stop, SHUTDOWN_WRITE_SECONDS)
         if own_engine and state.engine is not None:

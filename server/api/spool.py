@@ -310,6 +310,11 @@ class WriteSpool:
             self._changed.notify_all()
 
     # -- replaying --------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the replay thread is running."""
+        return self._thread is not None
+
     def start(self) -> None:
         """Adopt segments left by stopped processes and start the replay thread."""
         if self._thread is not None:

@@ -302,3 +302,19 @@ def test_malformed_json_and_empty_messages_get_clear_400s(server) -> None:
         url, json={"model": "palmchat", "messages": history, "max_tokens": 2}, headers=headers
     )
     assert r.status_code == 200, r.text
+
+
+def test_a_stopped_server_closes_its_engine_and_its_spool(tmp_path: Path, tiny_seed_dir: Path):
+    """A graceful stop waits for the log writes in flight, stops the write spool's replay and
+    closes the engine it started (with the bundled moderation classifier, the default)."""
+    with live_app(tmp_path, tiny_seed_dir, kv_cache_memory_mb=16, user="erin") as live:
+        state = live.state
+        httpx.post(
+            f"{live.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {live.key}"},
+            json={"model": "palmchat", "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 2},
+            timeout=60,
+        ).raise_for_status()  # fmt: skip
+        assert state.engine is not None and state.spool is not None and state.spool.running
+    assert state.engine is None and not state.spool.running
