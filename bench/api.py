@@ -130,11 +130,13 @@ MODERATION_TOKENS = 32  # tokens per stream in the moderation on/off rounds
 
 
 def chat_texts(count: int, seed: int = 0) -> list[str]:
-    """What chat users ask (the demo's tasks, a share of them unsafe), so the moderation
-    classifier judges real words rather than the bench's random letters."""
-    from demo.tasks import TaskGenerator
+    """What chat users ask (the demo's benign tasks), so the moderation classifier judges real
+    words rather than the bench's random letters; none is blocked, so both legs generate
+    the same work."""
+    from demo.tasks import FAMILIES, SAFETY_FAMILIES, TaskGenerator
 
-    tasks = TaskGenerator(seed).iter_tasks(count, split=None)
+    benign = [f for f in FAMILIES if f not in SAFETY_FAMILIES]
+    tasks = TaskGenerator(seed, benign).iter_tasks(count, split=None)
     return [t.messages[-1]["content"] for t in tasks]
 
 

@@ -116,7 +116,9 @@ def trainer_command(cfg: DemoConfig) -> list[str]:
         "--seed",
         str(cfg.seed),
     ]
-    overrides = {"settle_seconds": 0.5, **cfg.trainer_set}
+    # the measurements and the probe are the demo's, not users': nothing to learn from
+    ignore = [f"demo-{name}" for name in ("eval", "probe")]
+    overrides = {"settle_seconds": 0.5, "ignore_users": ignore, **cfg.trainer_set}
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     return cmd

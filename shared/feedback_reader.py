@@ -17,8 +17,8 @@ The rules:
   conversation) give a pair; distinct texts only, each (up, down) text pair once a prompt.
 * A label on a reply (harmful, untrue, ..., a refusal that was wrong) is a thumbs down that
   weighs more (:data:`LABEL_WEIGHTS`); it wins over a thumbs up on the same reply.
-* A reply whose request moderation flagged is listed in :attr:`LoggedFeedback.flagged`, for
-  the trainer's refusal pairs.
+* :func:`read_moderated` lists the replies moderation checked, flagged or not, for the
+  trainer's refusal pairs (they are the trainer's own, so no export holds them).
 * Incomplete (cut-short) replies are never used. Soft-deleted conversations are (their rows
   stay for training).
 
@@ -39,7 +39,7 @@ from sqlmodel import Session, col, select
 
 from shared.db import session
 from shared.messages import ChatMessages
-from shared.schema import LABELS, Feedback, Label, Message, Ranking
+from shared.schema import LABELS, Conversation, Feedback, Label, Message, Ranking, User
 
 _IN_LIST = 500  # ids per IN (...) query
 # how much a label weighs in the reward model's pointwise term, a thumb weighing 1: a harmful
@@ -78,12 +78,14 @@ class Thumb:
 
 
 @dataclass(frozen=True)
-class Flagged:
-    """A reply to a request moderation flagged (its categories), in any mode."""
+class Moderated:
+    """A reply whose request moderation checked (in any mode): flagged or not, in which
+    categories, and users' labels on it."""
 
     prompt: ChatMessages
     reply: str
-    categories: tuple[str, ...]
+    flagged: bool
+    categories: tuple[str, ...] = ()
     message_id: int = 0
     labels: tuple[str, ...] = ()
 
@@ -91,12 +93,10 @@ class Flagged:
 @dataclass
 class LoggedFeedback:
     """What :func:`read_feedback` returns: ranking pairs (newest ranking first), then thumbs
-    pairs; pointwise labels, newest vote first, then labelled replies nobody voted on; replies
-    to flagged requests, newest first."""
+    pairs; pointwise labels, newest vote first, then labelled replies nobody voted on."""
 
     pairs: list[Pair] = field(default_factory=list)
     thumbs: list[Thumb] = field(default_factory=list)
-    flagged: list[Flagged] = field(default_factory=list)
 
 
 def prompt_key(prompt: ChatMessages) -> str:
@@ -164,8 +164,9 @@ def read_feedback(
     rankings_q = (
         select(Ranking.ranking).where(col(Ranking.id) > since_id).order_by(col(Ranking.id).desc())
     )
+    # replies labelled but not voted on: the newest ``max_items`` labels past ``since_id``
     labels_q = (
-        select(Label.message_id, Label.label)
+        select(Label.message_id)
         .join(Message, col(Message.id) == Label.message_id)
         .where(Message.role == "assistant", ~col(Message.incomplete), col(Label.id) > since_id)
         .order_by(col(Label.id).desc())
@@ -176,13 +177,13 @@ def read_feedback(
     with session(engine) as s:
         votes = list(s.exec(votes_q).all())
         rankings = s.exec(rankings_q).all()
-        labelled: dict[int, set[str]] = {}
-        for message_id, label in s.exec(labels_q).all():
-            labelled.setdefault(message_id, set()).add(label)
         voted = {m for m, _ in votes}
-        nodes = thread_nodes(s, voted | set(labelled) | {m for r in rankings for m in r})
-    # a labelled reply nobody voted on counts as a down vote after the votes
-    votes += [(m, -1) for m in labelled if m not in voted]
+        unvoted = [m for m in dict.fromkeys(s.exec(labels_q).all()) if m not in voted]
+        nodes = thread_nodes(s, voted | set(unvoted) | {m for r in rankings for m in r})
+    # every label on a voted reply counts, however old; a labelled reply nobody voted on is a
+    # down vote after the votes
+    labelled = labels_by_message(engine, [*voted, *unvoted])
+    votes += [(m, -1) for m in unvoted]
     data = LoggedFeedback()
     ratings: dict[int, set[int]] = {}
     for message_id, rating in votes:
@@ -209,11 +210,16 @@ def read_feedback(
     return data
 
 
-def read_flagged(engine: Engine, *, max_items: int | None = None) -> list[Flagged]:
-    """Complete replies to requests moderation flagged (in any mode), newest first, from the
-    newest ``max_items`` moderated replies (None: all), with users' labels on them."""
+def read_moderated(
+    engine: Engine, *, max_items: int | None = None, ignore_users: Sequence[str] = ()
+) -> list[Moderated]:
+    """The newest ``max_items`` complete replies whose request moderation checked (None: all),
+    newest first, leaving out the conversations of the users named in ``ignore_users``
+    (monitoring probes, evaluations: traffic to learn nothing from)."""
     query = (
         select(Message.id, Message.moderation)
+        .join(Conversation, col(Conversation.id) == Message.conversation_id)
+        .join(User, col(User.id) == Conversation.user_id)
         .where(
             Message.role == "assistant",
             ~col(Message.incomplete),
@@ -221,19 +227,22 @@ def read_flagged(engine: Engine, *, max_items: int | None = None) -> list[Flagge
         )
         .order_by(col(Message.id).desc())
     )
+    if ignore_users:
+        query = query.where(col(User.name).not_in(list(ignore_users)))
     if max_items is not None:
         query = query.limit(max_items)
     with session(engine) as s:
-        flagged: dict[int, tuple[str, ...]] = {}
+        checked: dict[int, tuple[bool, tuple[str, ...]]] = {}
         for message_id, decisions in s.exec(query).all():
             found = (decisions or {}).get("input") or {}
-            if found.get("flagged") and message_id is not None:
-                flagged[message_id] = tuple(found.get("categories") or ())
-        nodes = thread_nodes(s, flagged)
-    labels = labels_by_message(engine, list(flagged))
+            if found and message_id is not None:
+                cats = tuple(found.get("categories") or ())
+                checked[message_id] = (bool(found.get("flagged")), cats)
+        nodes = thread_nodes(s, checked)
+    labels = labels_by_message(engine, list(checked))
     return [
-        Flagged(prompt_of(nodes, m), nodes[m][2], cats, m, tuple(labels.get(m, ())))
-        for m, cats in flagged.items()
+        Moderated(prompt_of(nodes, m), nodes[m][2], flagged, cats, m, tuple(labels.get(m, ())))
+        for m, (flagged, cats) in checked.items()
         if m in nodes
     ]
 

@@ -111,14 +111,15 @@ def rollback(engine: Engine, registry: PolicyRegistry) -> tuple[str, str]:
     raise NotFound("no earlier policy version to roll back to")
 
 
-SAFETY_WINDOW = 20_000  # the newest replies the live safety rates are counted on
+SAFETY_WINDOW = 5_000  # the newest replies the live safety rates are counted on
 
 
 def safety_summary(engine: Engine, newest: int = SAFETY_WINDOW) -> dict[str, dict[str, Any]]:
     """Per policy version, over its replies among the ``newest`` logged ones: how many were
-    moderated, the share whose request was flagged, the share of those it refused
-    (``refusal_rate``), the share of the others it refused (``over_refusal_rate``), the share
-    moderation cut (``filtered_rate``), and users' labels by name."""
+    moderated, the shares whose request was flagged and blocked (answered by the server's
+    refusal), the share of the flagged requests it answered itself that it refused
+    (``refusal_rate``), the share of the other requests it refused (``over_refusal_rate``),
+    the share moderation cut (``filtered_rate``), and users' labels by name."""
     with session(engine) as s:
         rows = s.exec(
             select(  # type: ignore[call-overload]  # sqlmodel types select() up to 4 columns
@@ -146,30 +147,38 @@ def safety_summary(engine: Engine, newest: int = SAFETY_WINDOW) -> dict[str, dic
         c["filtered"] += finish == "content_filter"
         if not moderation:
             continue
+        checked = moderation.get("input") or {}
         c["moderated"] += 1
-        flagged = bool((moderation.get("input") or {}).get("flagged"))
+        c["flagged"] += bool(checked.get("flagged"))
+        if checked.get("action") == "block":  # the server refused: nothing the policy said
+            c["blocked"] += 1
+            continue
         refused = is_refusal(content or "")
-        c["flagged"] += flagged
-        c["flagged_refused" if flagged else "other_refused"] += refused
+        key = "flagged" if checked.get("flagged") else "other"
+        c[f"{key}_answered"] += 1
+        c[f"{key}_refused"] += refused
     by_label: dict[str, dict[str, int]] = {}
     for version, label, n in labels:
         by_label.setdefault(version or "unknown", {})[label] = int(n)
     out = {}
     for version in set(counts) | set(by_label):
         c = counts.get(version, dict.fromkeys(_SAFETY_COUNTS, 0))
-        others = c["moderated"] - c["flagged"]
         out[version] = {
             "moderated": c["moderated"],
             "flagged_rate": _share(c["flagged"], c["moderated"]),
-            "refusal_rate": _share(c["flagged_refused"], c["flagged"]),
-            "over_refusal_rate": _share(c["other_refused"], others),
+            "blocked_rate": _share(c["blocked"], c["moderated"]),
+            "refusal_rate": _share(c["flagged_refused"], c["flagged_answered"]),
+            "over_refusal_rate": _share(c["other_refused"], c["other_answered"]),
             "filtered_rate": _share(c["filtered"], c["replies"]),
             "labels": dict(sorted(by_label.get(version, {}).items())),
         }
     return out
 
 
-_SAFETY_COUNTS = ("replies", "filtered", "moderated", "flagged", "flagged_refused", "other_refused")
+_SAFETY_COUNTS = (
+    "replies", "filtered", "moderated", "flagged", "blocked",
+    "flagged_answered", "flagged_refused", "other_answered", "other_refused",
+)  # fmt: skip
 
 
 def _share(part: int, whole: int) -> float | None:

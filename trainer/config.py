@@ -257,6 +257,9 @@ class TrainerConfig:
     # a flagged request's reply (unless a user liked it) loses to the refusal in a pair
     # (trainer.feedback.refusal_pairs); 0 = none, N = at most N such pairs a prompt
     refusal_pairs: int = 4
+    # users (API key names) whose conversations the trainer takes no prompts or refusal pairs
+    # from: monitoring probes, evaluations
+    ignore_users: list[str] = field(default_factory=list)
 
     # -- shared by the reward model, PPO and DPO/KTO ----------------------------------------
     # -1 = by the policy's size: LoRA of rank lora_auto_rank above lora_auto_params

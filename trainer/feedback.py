@@ -24,6 +24,7 @@ edit does not count as new feedback (it is still used, with its new order, from 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,17 +36,17 @@ from sqlmodel import Session, col, select
 from shared.db import session
 from shared.feedback_reader import (
     ChatMessages,
-    Flagged,
+    Moderated,
     Pair,
     Thumb,
     prompt_key,
     prompt_of,
     read_feedback,
-    read_flagged,
+    read_moderated,
     thread_nodes,
 )
-from shared.moderation import REFUSAL_REPLY
-from shared.schema import Feedback, Message, Ranking, TrainerState, utcnow
+from shared.moderation import REFUSAL_REPLY, is_refusal
+from shared.schema import Conversation, Feedback, Message, Ranking, TrainerState, User, utcnow
 
 WATERMARK_KEY = "feedback_watermark"
 
@@ -214,11 +215,13 @@ def load_feedback(
     max_prompts: int = 2000,
     seed: int = 0,
     refusals_per_prompt: int = 0,
+    ignore_users: Sequence[str] = (),
 ) -> FeedbackData:
     """Pairs and thumbs from the newest ``max_items`` votes and rankings (read by
-    :func:`shared.feedback_reader.read_feedback`, as the export is), refusal pairs for the
-    flagged requests among the newest ``max_items`` moderated replies (at most
-    ``refusals_per_prompt`` a prompt; 0: none), and the newest logged prompts."""
+    :func:`shared.feedback_reader.read_feedback`, as the export is), refusal pairs from the
+    newest ``max_items`` moderated replies (at most ``refusals_per_prompt`` a prompt; 0:
+    none), and the newest logged prompts; the conversations of ``ignore_users`` give no
+    refusal pairs and no prompts."""
     logged = read_feedback(
         engine,
         max_items=max_items,
@@ -228,59 +231,77 @@ def load_feedback(
     )
     pairs = logged.pairs
     if refusals_per_prompt:
-        flagged = read_flagged(engine, max_items=max_items)
-        pairs = pairs + refusal_pairs(flagged, logged.thumbs, refusals_per_prompt, margin)
-    return FeedbackData(pairs, logged.thumbs, logged_prompts(engine, max_prompts))
+        moderated = read_moderated(engine, max_items=max_items, ignore_users=ignore_users)
+        pairs = pairs + refusal_pairs(moderated, logged.thumbs, refusals_per_prompt, margin)
+    prompts = logged_prompts(engine, max_prompts, ignore_users)
+    return FeedbackData(pairs, logged.thumbs, prompts)
 
 
 def refusal_pairs(
-    flagged: list[Flagged], thumbs: list[Thumb], per_prompt: int, margin: float = 0.0
+    moderated: list[Moderated], thumbs: list[Thumb], per_prompt: int, margin: float = 0.0
 ) -> list[Pair]:
     """Pairs that teach when to refuse, as many of each kind:
 
-    * (refusal > reply) for each reply to a flagged request, except replies that are the
-      refusal already, that a user thumbed up (a request the classifier flagged wrongly gets
-      a liked answer), or that a user labelled ``refusal_was_wrong``; distinct replies, at
-      most ``per_prompt`` a prompt, newest first;
-    * (liked reply > refusal) for requests that were not flagged, one a prompt, newest first:
-      without them the refusal leaks into answers to everything else.
+    * (refusal > reply) for the replies to a flagged request that do not refuse, at most
+      ``per_prompt`` distinct ones a prompt, newest first; none for a prompt where a user
+      liked an answer that does not refuse (the classifier may be wrong) or labelled a reply
+      ``refusal_was_wrong``;
+    * (liked answer > refusal) for requests moderation checked and did not flag, one a prompt,
+      newest first, on answers that do not refuse: without them the refusal leaks into
+      answers to everything else.
     """
     liked = {t.message_id for t in thumbs if t.label > 0}
+    flagged = [m for m in moderated if m.flagged]
+    spared = {
+        prompt_key(m.prompt)
+        for m in flagged
+        if (m.message_id in liked and not is_refusal(m.reply)) or "refusal_was_wrong" in m.labels
+    }
     refuse: list[Pair] = []
     seen: dict[str, set[str]] = {}
-    for f in flagged:
-        reply = f.reply.strip()
-        if not reply or reply == REFUSAL_REPLY or f.message_id in liked:
+    for m in flagged:
+        key, reply = prompt_key(m.prompt), m.reply.strip()
+        if not reply or is_refusal(reply) or key in spared:
             continue
-        if "refusal_was_wrong" in f.labels:
-            continue
-        replies = seen.setdefault(prompt_key(f.prompt), set())
+        replies = seen.setdefault(key, set())
         if reply in replies or len(replies) >= per_prompt:
             continue
         replies.add(reply)
-        refuse.append(Pair(f.prompt, REFUSAL_REPLY, f.reply, margin, "refusal"))
-    flagged_ids = {f.message_id for f in flagged}
+        refuse.append(Pair(m.prompt, REFUSAL_REPLY, m.reply, margin, "refusal"))
     answer: list[Pair] = []
-    for t in thumbs:
+    flagged_keys = {prompt_key(m.prompt) for m in flagged}
+    for m in moderated:
         if len(answer) >= len(refuse):
             break
-        key = prompt_key(t.prompt)
-        benign = t.message_id not in flagged_ids and t.reply.strip() != REFUSAL_REPLY
-        if t.label > 0 and benign and key not in seen:
-            seen[key] = set()
-            answer.append(Pair(t.prompt, t.reply, REFUSAL_REPLY, margin, "refusal"))
+        key = prompt_key(m.prompt)
+        if m.flagged or m.message_id not in liked or is_refusal(m.reply):
+            continue
+        if key in flagged_keys or key in seen:
+            continue
+        seen[key] = set()
+        answer.append(Pair(m.prompt, m.reply, REFUSAL_REPLY, margin, "refusal"))
     return refuse + answer
 
 
-def logged_prompts(engine: Engine, max_prompts: int) -> list[ChatMessages]:
-    """Distinct prompts (ending in a user turn) of the newest replies, newest first."""
+def logged_prompts(
+    engine: Engine, max_prompts: int, ignore_users: Sequence[str] = ()
+) -> list[ChatMessages]:
+    """Distinct prompts (ending in a user turn) of the newest replies, newest first, except
+    in the conversations of ``ignore_users``."""
+    query = (
+        select(col(Message.id))
+        .where(Message.role == "assistant", col(Message.parent_id).is_not(None))
+        .order_by(col(Message.id).desc())
+        .limit(max_prompts * 4)
+    )
+    if ignore_users:
+        query = (
+            query.join(Conversation, col(Conversation.id) == Message.conversation_id)
+            .join(User, col(User.id) == Conversation.user_id)
+            .where(col(User.name).not_in(list(ignore_users)))
+        )
     with session(engine) as s:
-        recent: list[int] = s.exec(
-            select(col(Message.id))
-            .where(Message.role == "assistant", col(Message.parent_id).is_not(None))
-            .order_by(col(Message.id).desc())
-            .limit(max_prompts * 4)
-        ).all()  # type: ignore[assignment]  # ids of stored rows are never None
+        recent: list[int] = s.exec(query).all()  # type: ignore[assignment]  # ids of stored rows are never None
         nodes = thread_nodes(s, recent)
     prompts: list[ChatMessages] = []
     seen: set[str] = set()

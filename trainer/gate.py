@@ -163,7 +163,8 @@ def evaluate_policy(
         )
         cached["correct_rate"] = report.correct_rate
         cached["hits"] = report.hits
-        cached["refused"] = report.refused
+        # no safety prompts: no safety check at all (over-refusal included)
+        cached["refused"] = report.refused if config.gate.safety_prompts else []
         cached["unsafe_refused"] = evaluate_refusals(
             policy,
             tok,

@@ -181,6 +181,7 @@ class OnlineTrainer:
             max_pairs_per_prompt=cfg.reward.max_pairs_per_prompt,
             seed=cfg.seed,
             refusals_per_prompt=cfg.refusal_pairs,
+            ignore_users=cfg.ignore_users,
         )
         if not data.pairs and not data.thumbs:
             return RoundPlan(pend.total, base, skip="no feedback to learn from")

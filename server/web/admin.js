@@ -49,11 +49,13 @@ function formatDate(value) {
 }
 
 /** A rate cell: the live share, with the held-out figure of its gate (if any) as a tooltip. */
-function rateCell(cls, live, heldout) {
-  const text = live === null || live === undefined ? "–" : formatPercent(live);
-  const title =
-    heldout === null || heldout === undefined ? "" : `held-out at its gate: ${formatPercent(heldout)}`;
-  return el("td", { class: `num ${cls}`, title }, text);
+function rateCell(cls, live, heldout, blocked) {
+  const known = (x) => x !== null && x !== undefined;
+  const text = known(live) ? formatPercent(live) : "–";
+  const notes = [];
+  if (known(heldout)) notes.push(`held-out at its gate: ${formatPercent(heldout)}`);
+  if (known(blocked)) notes.push(`blocked by moderation: ${formatPercent(blocked)}`);
+  return el("td", { class: `num ${cls}`, title: notes.join("; ") }, text);
 }
 
 function renderPolicies() {
@@ -95,7 +97,7 @@ function renderPolicies() {
           rate === null || rate === undefined ? "–" : formatPercent(rate),
           bar,
         ),
-        rateCell("flagged-rate", safety.flagged_rate),
+        rateCell("flagged-rate", safety.flagged_rate, null, safety.blocked_rate),
         rateCell("refusal-rate", safety.refusal_rate, safety.heldout_refusal_rate),
         rateCell("over-refusal", safety.over_refusal_rate, safety.heldout_over_refusal),
         el("td", {}, action),

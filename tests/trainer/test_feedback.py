@@ -25,13 +25,17 @@ from trainer.feedback import (
 PROMPT = [{"role": "user", "content": "What is 2 plus 2?"}]
 
 
-def _completion(dd, cid: str, replies: list[str], prompt=PROMPT, incomplete=False) -> None:
+def _completion(
+    dd, cid: str, replies: list[str], prompt=PROMPT, incomplete=False, moderation=None
+) -> None:
     log_completion(
         dd.ctx.engine,
         user_id=dd.user_id,
         completion_id=cid,
         messages=prompt,
-        choices=[LoggedChoice(i, r, "stop", None) for i, r in enumerate(replies)],
+        choices=[
+            LoggedChoice(i, r, "stop", None, moderation=moderation) for i, r in enumerate(replies)
+        ],
         prompt_tokens=None,
         policy_version="v1",
         sampling_params={},
@@ -207,9 +211,13 @@ FLAGGED = {
 }  # fmt: skip
 
 
-def _flagged(dd, cid: str, replies: list[str]) -> None:
+WEATHER = [{"role": "user", "content": "How do I kill the weather app?"}]
+WAY = [{"role": "user", "content": "How do I shoot past the traffic?"}]
+
+
+def _flagged(dd, cid: str, replies: list[str], prompt=UNSAFE) -> None:
     log_completion(
-        dd.ctx.engine, user_id=dd.user_id, completion_id=cid, messages=UNSAFE,
+        dd.ctx.engine, user_id=dd.user_id, completion_id=cid, messages=prompt,
         choices=[LoggedChoice(i, r, "stop", None, moderation=FLAGGED)
                  for i, r in enumerate(replies)],
         prompt_tokens=None, policy_version="v1", sampling_params={}, latency_ms=None,
@@ -218,18 +226,52 @@ def _flagged(dd, cid: str, replies: list[str]) -> None:
 
 def test_a_flagged_request_gets_refusal_pairs_unless_a_user_liked_the_answer(data_dir) -> None:
     engine = data_dir.ctx.engine
-    _flagged(data_dir, "f1", ["Sure! Step one, step two.", REFUSAL_REPLY, "Sure! Step one."])
-    _vote(data_dir, "f1", 2, 1)  # a user liked this one: the classifier may be wrong
-    _flagged(data_dir, "f2", ["Sure! Step one, step two.", "Here you go."])
-    record_labels(engine, user_id=data_dir.user_id, completion_id="f2", choice_index=1,
+    _flagged(
+        data_dir, "f1", ["Sure! Step one, step two.", REFUSAL_REPLY, "I can't help with that."]
+    )
+    _vote(data_dir, "f1", 1, 1)  # a liked refusal: the compliance still loses to the refusal
+    _flagged(data_dir, "f1b", ["Sure! Step one, step two.", "Sure! Step one."])
+    _flagged(data_dir, "f2", ["It is sunny.", "Here you go."], prompt=WEATHER)
+    _vote(data_dir, "f2", 0, 1)  # a user liked an answer: the classifier may be wrong
+    _flagged(data_dir, "f3", ["Go left.", REFUSAL_REPLY], prompt=WAY)
+    record_labels(engine, user_id=data_dir.user_id, completion_id="f3", choice_index=1,
                   labels=["refusal_was_wrong"])  # fmt: skip
-    _completion(data_dir, "ok", ["4"])  # not flagged: no refusal pair
+    checked = {"input": {"flagged": False, "categories": [], "action": "allow"}, "output": None}
+    for cid, replies in (("ok", ["4"]), ("ok2", ["Four."])):
+        _completion(data_dir, cid, replies, moderation=checked)
+    _vote(data_dir, "ok", 0, 1)
+    _vote(data_dir, "ok2", 0, 1)
+    _completion(data_dir, "unchecked", ["5"], prompt=[{"role": "user", "content": "2 + 3?"}])
+    _vote(data_dir, "unchecked", 0, 1)
     data = load_feedback(engine, refusals_per_prompt=4)
     refusals = [(p.prompt, p.chosen, p.rejected) for p in data.pairs if p.source == "refusal"]
-    # the refusal already given, the liked answer and the one labelled refusal_was_wrong make
-    # no pair; the same compliance twice makes one
-    assert refusals == [(UNSAFE, REFUSAL_REPLY, "Sure! Step one, step two.")]
+    # the refusals (any wording) make no pair; the same compliance twice makes one; a prompt
+    # with a liked answer or a refusal_was_wrong label makes none; and as many liked answers
+    # to checked, unflagged prompts beat the refusal, one a prompt
+    assert refusals == [
+        (UNSAFE, REFUSAL_REPLY, "Sure! Step one."),
+        (UNSAFE, REFUSAL_REPLY, "Sure! Step one, step two."),
+        (PROMPT, "Four.", REFUSAL_REPLY),
+    ]
     assert [p for p in load_feedback(engine).pairs if p.source == "refusal"] == []
+
+
+def test_ignored_users_give_no_refusal_pairs_and_no_prompts(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    with session(engine) as s:
+        probe = User(name="probe")
+        s.add(probe)
+        s.flush()
+        probe_id = probe.id
+    log_completion(
+        engine, user_id=probe_id, completion_id="p1", messages=UNSAFE,
+        choices=[LoggedChoice(0, "Sure! Step one.", "stop", None, moderation=FLAGGED)],
+        prompt_tokens=None, policy_version="v1", sampling_params={}, latency_ms=None,
+    )  # fmt: skip
+    everyone = load_feedback(engine, refusals_per_prompt=4)
+    assert [p.source for p in everyone.pairs] == ["refusal"] and everyone.prompts == [UNSAFE]
+    ignored = load_feedback(engine, refusals_per_prompt=4, ignore_users=["probe"])
+    assert ignored.pairs == [] and ignored.prompts == []
 
 
 def test_labels_weigh_more_than_a_thumb_and_win_over_a_thumbs_up(data_dir) -> None:

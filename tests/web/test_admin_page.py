@@ -126,8 +126,9 @@ def test_chat_page_links_to_admin_and_shares_the_key(server, page_factory):
 
 
 def test_each_version_shows_its_safety_rates(server, page_factory):
-    """An unsafe request (refused in block mode) and a benign one on the serving version:
-    the API reports the shares flagged, refused and over-refused, and the table shows them."""
+    """An unsafe request (blocked: the server's refusal, not the policy's) and a benign one on
+    the serving version: the API reports the shares flagged, blocked and over-refused, and
+    the table shows them."""
     auth = {"Authorization": f"Bearer {server.user_key}"}
     answered = set()
     for text in ("How do I make a pipe bomb?", "What is 2 + 3?"):
@@ -147,11 +148,15 @@ def test_each_version_shows_its_safety_rates(server, page_factory):
         ).raise_for_status()
     (version,) = answered
     safety = policies(server)[version]["safety"]
-    assert 0 < safety["flagged_rate"] < 1 and safety["refusal_rate"] == 1.0
+    assert 0 < safety["flagged_rate"] < 1 and safety["blocked_rate"] == safety["flagged_rate"]
+    assert safety["refusal_rate"] is None  # every flagged request was blocked
     assert safety["over_refusal_rate"] == 0.0 and safety["labels"]["unhelpful"] >= 2
     page = page_factory()
     sign_in(page, server, server.admin_key)
     row = page.locator(f"#policies tr[data-version='{version}']")
-    assert row.locator(".refusal-rate").inner_text() == "100%"
+    assert row.locator(".refusal-rate").inner_text() == "–"
     assert row.locator(".over-refusal").inner_text() == "0%"
-    assert row.locator(".flagged-rate").inner_text().endswith("%")
+    flagged = row.locator(".flagged-rate")
+    assert flagged.inner_text().endswith("%") and "blocked by moderation" in (
+        flagged.get_attribute("title") or ""
+    )
