@@ -43,7 +43,8 @@ from shared.schema import LABELS, Conversation, Feedback, Label, Message, Rankin
 
 _IN_LIST = 500  # ids per IN (...) query
 # how much a label weighs in the reward model's pointwise term, a thumb weighing 1: a harmful
-# or untrue answer is worse than one a user merely disliked (docs/decisions.md, "Labels")
+# or untrue answer is worse than one a user merely disliked (docs/decisions.md,
+# "Safety in the loop: labels, refusal pairs, and the gate")
 LABEL_WEIGHTS: dict[str, float] = {
     **{label: 1.5 for label in LABELS},
     "harmful": 3.0,
