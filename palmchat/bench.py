@@ -17,6 +17,16 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
+def _checked_device(device: str | None) -> str:
+    """The --device value as the benchmarks take it, or a clean usage error."""
+    from bench.engine import check_device
+
+    try:
+        return check_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @bench_app.command("engine")
 def bench_engine(
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request.")] = 256,
@@ -49,12 +59,9 @@ def bench_engine(
     transformers' Llama generate.
     """
     openmp.serving_process()
-    from bench.engine import check_device, run_engine_benchmark
+    from bench.engine import run_engine_benchmark
 
-    try:
-        device = check_device(device)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    device = _checked_device(device)
     results = run_engine_benchmark(
         new_tokens=new_tokens,
         include_hf=not no_hf,
@@ -86,12 +93,8 @@ def bench_deployed(
     """
     openmp.serving_process()
     from bench.deployed import report_table, run_deployed_benchmark
-    from bench.engine import check_device
 
-    try:
-        device = check_device(device)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    device = _checked_device(device)
     results = run_deployed_benchmark(
         size="tiny" if tiny else "1b", device=device, repeats=repeats, out_dir=out
     )

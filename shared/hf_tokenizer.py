@@ -33,6 +33,15 @@ from shared.tokenizer import _BYTE_OF_CHAR, Tokenizer, TokenizerError, checked_m
 
 # the special tokens a template may name, as transformers passes them
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# the keyword arguments a saved tokenizer restores (beside the HF tokenizer's own JSON)
+_SAVED_OPTIONS = (
+    "chat_template",
+    "num_tokens",
+    "template_tokens",
+    "end_token",
+    "stop_tokens",
+    "pad_token",
+)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # stands in for control text inside a message while its chat is rendered (supplementary
 # private use: no tokenizer has a token for it)
@@ -295,7 +304,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 
-    def _to_json(self) -> dict[str, Any]:
+    def _to_json(self) -> dict[str, Any]:  # keys: hf_tokenizer and _SAVED_OPTIONS
         return {
             "num_tokens": self.num_tokens,
             "chat_template": self.chat_template,
@@ -310,14 +319,6 @@ class HuggingFaceTokenizer(Tokenizer):
     def from_json(cls, data: Mapping[str, Any]) -> HuggingFaceTokenizer:
         """The tokenizer :meth:`save` wrote (``load_tokenizer`` reads the wrapper)."""
         try:
-            return cls(
-                data["hf_tokenizer"],
-                chat_template=data["chat_template"],
-                num_tokens=data["num_tokens"],
-                template_tokens=data["template_tokens"],
-                end_token=data["end_token"],
-                stop_tokens=data["stop_tokens"],
-                pad_token=data["pad_token"],
-            )
+            return cls(data["hf_tokenizer"], **{k: data[k] for k in _SAVED_OPTIONS})
         except ChatTemplateError as e:
             raise TokenizerError(str(e)) from None

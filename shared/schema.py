@@ -179,7 +179,17 @@ class Message(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class Feedback(SQLModel, table=True):
+class _UserVote(SQLModel):
+    """The columns a user's vote on a message carries: who, and when it was cast and changed."""
+
+    user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utcnow}
+    )
+
+
+class Feedback(_UserVote, table=True):
     """A thumbs up (+1) or down (-1) by a user on a message.
 
     One row per (message, user): a second vote must update the existing row. A trainer
@@ -195,16 +205,11 @@ class Feedback(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     message_id: int = Field(foreign_key="messages.id", ondelete="CASCADE")
-    user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
     rating: int
     reason: str | None = Field(default=None, sa_type=Text)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    updated_at: datetime = Field(
-        default_factory=utcnow, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utcnow}
-    )
 
 
-class Label(SQLModel, table=True):
+class Label(_UserVote, table=True):
     """A label a user puts on a message (one vote per label), with an optional note."""
 
     __tablename__ = "labels"
@@ -215,13 +220,8 @@ class Label(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     message_id: int = Field(foreign_key="messages.id", ondelete="CASCADE", index=True)
-    user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
     label: str
     note: str | None = Field(default=None, sa_type=Text)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    updated_at: datetime = Field(
-        default_factory=utcnow, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utcnow}
-    )
 
 
 class Ranking(SQLModel, table=True):

@@ -82,6 +82,15 @@ def _storable_text(data: Any) -> Any:
     return data
 
 
+class StorableRequest(BaseModel):
+    """A request body whose text goes into the conversation log: lone surrogates are refused."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return _storable_text(data)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -171,45 +180,31 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(StorableRequest):
+    """What the chat and the text completion requests share: the model and the sampling
+    fields (OpenAI's, then vLLM's extras; see server.engine.SamplingParams)."""
+
     model_config = ConfigDict(extra="allow")  # extras are refused by unsupported_reason
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
     n: int = Field(1, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # OpenAI's: token id (as a string) -> bias in [-100, 100] added to its logit
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    conversation_id: str | None = None
+    top_k: int = Field(0, ge=0)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end token
-    # OpenAI's: token id (as a string) -> bias in [-100, 100] added to its logit
-    logit_bias: dict[str, float] | None = None
-    # vLLM's sampling extras (see server.engine.SamplingParams)
     min_tokens: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
-    # structured outputs: OpenAI's response_format, and vLLM's guided_* extras
-    response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
-    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any) -> Any:
-        return _storable_text(data)
 
     @field_validator("stop")
     @classmethod
@@ -236,6 +231,20 @@ class ChatCompletionRequest(BaseModel):
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"biases must be in [-100, 100], got {value!r} for {key}")
         return v
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    conversation_id: str | None = None
+    # structured outputs: OpenAI's response_format, and vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -346,38 +355,26 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class FeedbackRequest(BaseModel):
+class AnswerRef(StorableRequest):
+    """One answer: a completion and the index of its choice."""
+
     completion_id: str = Field(min_length=1, max_length=100)
     choice_index: int = Field(0, ge=0, le=2**31 - 1)  # past it, no database column holds it
+
+
+class FeedbackRequest(AnswerRef):
     rating: Literal[1, -1]
     reason: str | None = Field(None, max_length=2000)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any) -> Any:
-        return _storable_text(data)
 
-
-class LabelRequest(BaseModel):
-    completion_id: str = Field(min_length=1, max_length=100)
-    choice_index: int = Field(0, ge=0, le=2**31 - 1)
+class LabelRequest(AnswerRef):
     labels: list[Label] = Field(min_length=1, max_length=len(LABELS))
     note: str | None = Field(None, max_length=2000)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any) -> Any:
-        return _storable_text(data)
 
-
-class RankingRequest(BaseModel):
+class RankingRequest(StorableRequest):
     completion_id: str = Field(min_length=1, max_length=100)
     ranking: list[int] = Field(min_length=2, max_length=16)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any) -> Any:
-        return _storable_text(data)
 
     @field_validator("ranking")
     @classmethod

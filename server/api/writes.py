@@ -44,13 +44,7 @@ async def record_feedback(
     state: AppState, user: Principal, body: FeedbackRequest
 ) -> tuple[dict[str, Any], bool]:
     """Store a thumb; return (the response fields, queued)."""
-    fields = {
-        "completion_id": body.completion_id,
-        "choice_index": body.choice_index,
-        "rating": body.rating,
-        "reason": body.reason,
-    }
-    row, queued = await _write_for(state, user, "feedback", fields)
+    row, queued = await _write_for(state, user, "feedback", body.model_dump())
     if not queued:
         count_feedback(state, row)
     return row, queued
@@ -60,13 +54,14 @@ async def record_labels(
     state: AppState, user: Principal, body: LabelRequest
 ) -> tuple[dict[str, Any], bool]:
     """Store labels on one answer; return (the response fields, queued)."""
-    fields = {
-        "completion_id": body.completion_id,
-        "choice_index": body.choice_index,
-        "labels": list(body.labels),
-        "note": body.note,
-    }
-    return await _write_for(state, user, kind="labels", fields=fields)
+    return await _write_for(state, user, "labels", body.model_dump())
+
+
+async def record_ranking(
+    state: AppState, user: Principal, body: RankingRequest
+) -> tuple[dict[str, Any], bool]:
+    """Store a ranking; return (the response fields, queued)."""
+    return await _write_for(state, user, "ranking", body.model_dump())
 
 
 async def _write_for(
@@ -77,15 +72,4 @@ async def _write_for(
     written = await write(state, kind, {"user_id": user.user_id, **fields})
     if written.queued:
         return fields | {"queued": True}, True
-    return written.result, False
-
-
-async def record_ranking(
-    state: AppState, user: Principal, body: RankingRequest
-) -> tuple[dict[str, Any], bool]:
-    """Store a ranking; return (the response fields, queued)."""
-    args = {"user_id": user.user_id, "completion_id": body.completion_id, "ranking": body.ranking}
-    written = await write(state, "ranking", args)
-    if written.queued:
-        return {"completion_id": body.completion_id, "ranking": body.ranking, "queued": True}, True
     return written.result, False

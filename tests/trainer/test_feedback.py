@@ -44,6 +44,15 @@ def _completion(
     )
 
 
+def _new_user(engine, name: str) -> int:
+    with session(engine) as s:
+        user = User(name=name)
+        s.add(user)
+        s.flush()
+        assert user.id is not None
+        return user.id
+
+
 def _vote(dd, cid: str, index: int, rating: int) -> None:
     record_feedback(
         dd.ctx.engine, user_id=dd.user_id, completion_id=cid, choice_index=index, rating=rating
@@ -156,11 +165,7 @@ def test_messages_of_the_log_are_walked_from_the_root(data_dir) -> None:
 
 def test_the_export_of_a_database_is_what_the_trainer_loads_from_it(data_dir) -> None:
     engine = data_dir.ctx.engine
-    with session(engine) as s:
-        bob = User(name="bob")
-        s.add(bob)
-        s.flush()
-        bob_id = bob.id
+    bob_id = _new_user(engine, "bob")
     _completion(data_dir, "c1", ["Sure! It is 4.", "4", "4", "five"])
     record_ranking(engine, user_id=data_dir.user_id, completion_id="c1", ranking=[0, 1, 2])
     _vote(data_dir, "c1", 0, -1)
@@ -258,11 +263,7 @@ def test_a_flagged_request_gets_refusal_pairs_unless_a_user_liked_the_answer(dat
 
 def test_ignored_users_give_no_refusal_pairs_and_no_prompts(data_dir) -> None:
     engine = data_dir.ctx.engine
-    with session(engine) as s:
-        probe = User(name="probe")
-        s.add(probe)
-        s.flush()
-        probe_id = probe.id
+    probe_id = _new_user(engine, "probe")
     log_completion(
         engine, user_id=probe_id, completion_id="p1", messages=UNSAFE,
         choices=[LoggedChoice(0, "Sure! Step one.", "stop", None, moderation=FLAGGED)],

@@ -14,20 +14,6 @@ from server.api.app import create_app
 from shared.config import Settings
 from tests.conftest import LiveServer, live_app
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(
-        tmp_path_factory.mktemp("chat"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
-    ) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
-
-
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
 

@@ -16,20 +16,6 @@ from tests.conftest import live_app, ok_or_429
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(
-        tmp_path_factory.mktemp("completions"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
-    ) as live:
-        live.auth = {"Authorization": f"Bearer {live.key}"}
-        yield live
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
-
-
 def greedy(client: openai.OpenAI, prompt, *, ignore_eos: bool = False, **params):
     """A greedy completion; ``ignore_eos`` (vLLM's) goes in the SDK's ``extra_body``."""
     if ignore_eos:

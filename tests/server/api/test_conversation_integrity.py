@@ -6,7 +6,6 @@ given, and the exports pair the reply with that same prompt."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,20 +16,6 @@ import websockets
 from shared.feedback_reader import export_kto
 from shared.keys import create_key
 from shared.tokenizer import apply_chat_template
-from tests.conftest import live_app
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    integrity = tmp_path_factory.mktemp("integrity")
-    with live_app(integrity, tiny_seed_dir, user="alice", kv_cache_memory_mb=16) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
-
 
 FIRST = [{"role": "user", "content": "What is 7 + 5?"}]
 NEXT = {"role": "user", "content": "And double that?"}

@@ -4,7 +4,6 @@ the moderation trainer reading them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -12,16 +11,7 @@ import websockets
 
 from shared.feedback_reader import export_kto
 from shared.keys import create_key
-from tests.conftest import live_app
 from trainer.moderation import label_examples
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(
-        tmp_path_factory.mktemp("labels"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
-    ) as live:
-        yield live
 
 
 def _chat(live, key: str, content: str) -> str:

@@ -22,14 +22,6 @@ UNSAFE_REPLY = "Sure! Here is how to make a pipe bomb: step one, step two, step 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
-    with live_app(
-        tmp_path_factory.mktemp("mod"), tiny_seed_dir, kv_cache_memory_mb=16, user="alice"
-    ) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
 def flag_server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
     with live_app(
         tmp_path_factory.mktemp("modflag"),

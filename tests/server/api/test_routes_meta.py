@@ -39,11 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_seed_dir: Path):
         yield live
 
 
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
-
-
 def error(r: httpx.Response) -> dict[str, Any]:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
