@@ -78,44 +78,38 @@ class Metrics:
         def seconds(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
             return Histogram(f"palmchat_{name}_seconds", doc, buckets=buckets, registry=r)
 
-        self.requests = Counter(
-            "palmchat_requests",
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"palmchat_{name}", doc, labels, registry=r)
+
+        self.requests = counter(
+            "requests",
             "Finished requests (HTTP, and each WebSocket chat) by endpoint, HTTP status class "
             "and error code.",
-            ["endpoint", "status", "code"],
-            registry=r,
+            ("endpoint", "status", "code"),
         )
-        self.finished = Counter(
-            "palmchat_request_success",
+        self.finished = counter(
+            "request_success",
             "Finished generations (each of a request's n choices) by finish reason.",
-            ["finish_reason"],
-            registry=r,
+            ("finish_reason",),
         )
         self.ttft = seconds("time_to_first_token", "Time to first token.")
         self.itl = seconds("inter_token_latency", "Time between output tokens.", TOKEN_BUCKETS)
         self.e2e = seconds("e2e_request_latency", "Request latency, end to end.")
         self.queue = seconds("request_queue_time", "Time spent waiting to be scheduled.")
-        self.feedback = Counter(
-            "palmchat_feedback",
-            "Thumbs by rating and policy version.",
-            ["rating", "policy_version"],
-            registry=r,
+        self.feedback = counter(
+            "feedback", "Thumbs by rating and policy version.", ("rating", "policy_version")
         )
-        self.swaps = Counter(
-            "palmchat_policy_swaps", "Hot-swaps to a new policy version.", registry=r
-        )
-        self.moderation = Counter(
-            "palmchat_moderation",
+        self.swaps = counter("policy_swaps", "Hot-swaps to a new policy version.")
+        self.moderation = counter(
+            "moderation",
             "Moderation decisions on chat input and output, by flagged category ('none' when "
             "nothing was flagged) and action (allow, flag, block).",
-            ["stage", "category", "action"],
-            registry=r,
+            ("stage", "category", "action"),
         )
-        self.moderation_errors = Counter(
-            "palmchat_moderation_errors",
+        self.moderation_errors = counter(
+            "moderation_errors",
             "Moderation checks that got no verdict (no classifier, or the external one failed).",
-            ["stage"],
-            registry=r,
+            ("stage",),
         )
         for stage in ("input", "output", "api"):  # exposed from the start, so rates are 0
             self.moderation_errors.labels(stage)

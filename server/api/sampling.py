@@ -10,6 +10,21 @@ from server.api.protocol import APIError
 from server.engine import GuidedDecoding, SamplingParams
 from shared.tokenizer import Tokenizer
 
+# request fields that SamplingParams takes as they are, under the same name
+SAME_NAMED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "repetition_penalty",
+    "min_p",
+    "min_tokens",
+)
+
 
 def sampling_params(
     req: Any,
@@ -37,22 +52,12 @@ def sampling_params(
             )
     try:
         return SamplingParams(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
+            **{name: getattr(req, name) for name in SAME_NAMED},
             max_tokens=max_tokens,
             stop=tuple(req.stop or ()),
-            seed=req.seed,
-            n=req.n,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            ignore_eos=req.ignore_eos,
-            repetition_penalty=req.repetition_penalty,
             logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
-            min_p=req.min_p,
-            min_tokens=req.min_tokens,
             stop_token_ids=tuple(req.stop_token_ids or ()),
             guided=guided,
         )
