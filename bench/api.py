@@ -8,12 +8,13 @@ time-to-first-token p50/p95 as seen by the HTTP client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,27 +217,40 @@ def run_short_chat_rounds(
     prompts: list[list[int]],
     rounds: int,
     client: Client,
+    process: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Short chats (5-30 token answers), ``rounds`` interleaved rounds of: the engine alone,
-    all through the API at once, and the API one at a time; medians of requests/s."""
+    all through the API at once, and the API one at a time; with ``process`` (the URL and
+    key of a second server whose engine core runs in its own process) the same two API legs
+    through it. Medians of requests/s."""
     import statistics
 
     lengths = short_lengths(len(texts))
-    legs: dict[str, list[dict[str, Any]]] = {"engine": [], "api": [], "api_sequential": []}
+    servers = {"api": (url, key)}
+    if process is not None:
+        servers["api_process"] = process
+    legs: dict[str, list[dict[str, Any]]] = {"engine": []}
     for _ in range(rounds):
         legs["engine"].append(asyncio.run(_short_engine(front, prompts, lengths)))
-        legs["api"].append(client.run(_short_api, url, key, texts, lengths, True))
-        legs["api_sequential"].append(client.run(_short_api, url, key, texts, lengths, False))
+        for name, (at, with_key) in servers.items():
+            for concurrent, leg in ((True, name), (False, f"{name}_sequential")):
+                run = client.run(_short_api, at, with_key, texts, lengths, concurrent)
+                legs.setdefault(leg, []).append(run)
     median = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in legs.items()}
-    return {
+    out = {
         "requests": len(texts),
         "answer_tokens": list(SHORT_TOKENS),
         "rounds": rounds,
         "requests_per_s_median": {k: round(v, 2) for k, v in median.items()},
         "runs": legs,
-        "api_vs_engine": round(median["api"] / median["engine"], 3),
-        "api_concurrent_vs_sequential": round(median["api"] / median["api_sequential"], 2),
     }
+    for name in servers:
+        prefix = "api" if name == "api" else name
+        out[f"{prefix}_vs_engine"] = round(median[name] / median["engine"], 3)
+        out[f"{prefix}_concurrent_vs_sequential"] = round(
+            median[name] / median[f"{name}_sequential"], 2
+        )
+    return out
 
 
 def run_moderation_rounds(
@@ -323,18 +337,24 @@ def run_api_benchmark(
         settings = Settings(
             data_dir=Path(tmp) / "data", rate_limit_per_minute=0, log_level="WARNING"
         )
-        served = AsyncEngine(LLMEngine(policy, config))
+        # on the same version the server's database makes active, so it never tries a swap
+        served = AsyncEngine(LLMEngine.from_registry(registry, "v1", config))
         app = create_app(settings, seed_dir=seed, engine=served)
         client = Client(client_process)
         try:
-            with LiveServer(app) as live:
+            # a second server, its engine core in a process of its own, idles while the
+            # first is measured, and the other way round
+            with LiveServer(app) as live, _process_server(Path(tmp), seed) as process:
                 key = create_key(app.state.palmchat.db, "bench")
-                client.run(_through_api, live.url, key, texts[:2], 4)  # warm-up
-                results["through_api"] = client.run(_through_api, live.url, key, texts, new_tokens)
+                for leg, (url, with_key) in (("", (live.url, key)), ("_process", process)):
+                    client.run(_through_api, url, with_key, texts[:2], 4)  # warm-up
+                    results[f"through_api{leg}"] = client.run(
+                        _through_api, url, with_key, texts, new_tokens
+                    )
                 if short_rounds:
                     # the engine-alone leg drives the server's own engine (idle between legs)
                     results["short_chats"] = run_short_chat_rounds(
-                        served, live.url, key, texts, prompts, short_rounds, client
+                        served, live.url, key, texts, prompts, short_rounds, client, process
                     )
                 if moderation_rounds:
                     results["moderation"] = run_moderation_rounds(
@@ -348,9 +368,11 @@ def run_api_benchmark(
         finally:
             served.shutdown()
             client.close()
-    results["api_vs_engine"] = round(
-        results["through_api"]["tokens_per_s"] / results["engine_alone"]["tokens_per_s"], 3
-    )
+    for leg in ("", "_process"):
+        results[f"api{leg}_vs_engine"] = round(
+            results[f"through_api{leg}"]["tokens_per_s"] / results["engine_alone"]["tokens_per_s"],
+            3,
+        )
     if backend == "triton":
         results["triton_vs_in_process"] = round(
             results["through_api_triton"]["tokens_per_s"] / results["through_api"]["tokens_per_s"],
@@ -363,6 +385,19 @@ def run_api_benchmark(
         (out_dir / f"api-{stamp}.json").write_text(text)
         (out_dir / "api-latest.json").write_text(text)
     return results
+
+
+@contextlib.contextmanager
+def _process_server(tmp: Path, seed: Path) -> Iterator[tuple[str, str]]:
+    """A second gateway on loopback whose engine core runs in its own process; (URL, key)."""
+    from server.api.app import create_app
+    from server.api.live import LiveServer
+    from shared.keys import create_key
+
+    settings = Settings(data_dir=tmp / "data-process", rate_limit_per_minute=0, log_level="WARNING")
+    app = create_app(settings, seed_dir=seed, backend="process")
+    with LiveServer(app) as live:
+        yield live.url, create_key(app.state.palmchat.db, "bench")
 
 
 def _through_triton(

@@ -31,7 +31,7 @@ def _serve(
     settings: Settings,
     *,
     auth: bool,
-    backend: Literal["engine", "triton"] = "engine",
+    backend: Literal["engine", "process", "triton"] = "engine",
     triton_url: str | None = None,
 ) -> None:
     import uvicorn
@@ -122,8 +122,10 @@ def serve(
     backend: Annotated[
         str,
         typer.Option(
-            help="engine: run the policy in this process; triton: use a Triton Inference "
-            "Server (see `palmchat triton`) over gRPC streaming."
+            help="engine: run the policy in this process; process: run the engine core in a "
+            "process of its own (the gateway's event loop and the step loop then do not share "
+            "one interpreter); triton: use a Triton Inference Server (see `palmchat triton`) "
+            "over gRPC streaming."
         ),
     ] = "engine",
     triton_url: Annotated[
@@ -139,8 +141,8 @@ def serve(
     """
     openmp.serving_process()
     setup_logging()
-    if backend not in ("engine", "triton"):
-        fail(f"--backend must be engine or triton, got {backend!r}")
+    if backend not in ("engine", "process", "triton"):
+        fail(f"--backend must be engine, process or triton, got {backend!r}")
     host_part, sep, port_part = triton_url.rpartition(":")
     if backend == "triton" and (not sep or not host_part or not port_part.isdigit()):
         fail(f"--triton-url must be HOST:PORT, got {triton_url!r}")
@@ -148,7 +150,7 @@ def serve(
     if backend == "triton":
         _serve(settings, auth=not no_auth, backend="triton", triton_url=triton_url)
     else:
-        _serve(settings, auth=not no_auth)
+        _serve(settings, auth=not no_auth, backend="process" if backend == "process" else "engine")
 
 
 @app.command()

@@ -265,6 +265,13 @@ class PolicyRegistry(VersionDirectory):
     def manifest(self, version: str) -> dict[str, Any]:
         return read_manifest(self.path(version), version)
 
+    def tokenizer(self, version: str) -> Tokenizer:
+        """The tokenizer of ``version`` alone (a gateway that runs no model needs only it)."""
+        try:
+            return load_tokenizer(self.path(version) / TOKENIZER_FILE)
+        except (TokenizerError, OSError) as e:
+            raise CheckpointError(version, str(e), TOKENIZER_FILE) from None
+
     def load(
         self, version: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> Policy:

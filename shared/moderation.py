@@ -11,6 +11,7 @@ manifest, sha256 and atomic publish as policy versions.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Sequence
@@ -91,11 +92,21 @@ def features(text: str, config: FeatureConfig) -> list[int]:
     grams: list[str] = []
     for n in range(1, config.word_ngrams + 1):
         grams.extend("w " + " ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    ids = [zlib.crc32(g.encode()) % config.buckets for g in grams]
     for word in words:
-        marked = f"<{word}>"
-        for n in range(config.char_min, config.char_max + 1):
-            grams.extend("c " + marked[i : i + n] for i in range(len(marked) - n + 1))
-    return [zlib.crc32(g.encode()) % config.buckets for g in grams] or [0]
+        ids.extend(_char_buckets(word, config.char_min, config.char_max, config.buckets))
+    return ids or [0]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _char_buckets(word: str, char_min: int, char_max: int, buckets: int) -> tuple[int, ...]:
+    """The bucket ids of one word's character n-grams (cached: chat words repeat)."""
+    marked = f"<{word}>"
+    return tuple(
+        zlib.crc32(("c " + marked[i : i + n]).encode()) % buckets
+        for n in range(char_min, char_max + 1)
+        for i in range(len(marked) - n + 1)
+    )
 
 
 class ModerationModel(nn.Module):

@@ -38,15 +38,21 @@ def tiny_seed_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @contextmanager
 def live_app(
-    data_dir: Path, seed_dir: Path, *, user: str | None = None, **settings: Any
+    data_dir: Path,
+    seed_dir: Path,
+    *,
+    user: str | None = None,
+    backend: str = "engine",
+    **settings: Any,
 ) -> Iterator[LiveServer]:
     """A palmchat app with these settings on a real loopback server; ``live.state`` is its
-    ``AppState``; with ``user``, ``live.key`` is a new API key of that user."""
+    ``AppState``; with ``user``, ``live.key`` is a new API key of that user; ``backend`` as
+    ``create_app`` takes it."""
     from server.api.app import create_app
     from shared.config import Settings
     from shared.keys import create_key
 
-    app = create_app(Settings(data_dir=data_dir, **settings), seed_dir=seed_dir)
+    app = create_app(Settings(data_dir=data_dir, **settings), seed_dir=seed_dir, backend=backend)
     with LiveServer(app) as live:
         live.state = app.state.palmchat
         if user is not None:

@@ -50,7 +50,7 @@ from server.api.routes import (
 )
 from server.api.serving import Backend
 from server.api.spool import WriteSpool, is_unavailable
-from server.engine import AsyncEngine, EngineConfig, LLMEngine
+from server.engine import AsyncEngine, EngineConfig, LLMEngine, ProcessEngine
 from shared.bootstrap import SEED_DIR, prepare
 from shared.checkpoints import CheckpointError
 from shared.config import Settings
@@ -196,6 +196,8 @@ async def _start_backend(state: AppState) -> Backend:
 
         assert state.triton_url is not None  # create_app checked
         return await TritonBackend(state.triton_url, state.registry, engine=config).connect(version)
+    if state.backend == "process":  # palmchat serve --backend process
+        return await ProcessEngine(state.registry, config).start(version)
     return AsyncEngine(LLMEngine.from_registry(state.registry, version, config))
 
 
@@ -242,7 +244,7 @@ def create_app(
     auth: bool = True,
     seed_dir: Path = SEED_DIR,
     engine: Backend | None = None,
-    backend: Literal["engine", "triton"] = "engine",
+    backend: Literal["engine", "process", "triton"] = "engine",
     triton_url: str | None = None,
 ) -> FastAPI:
     """Build the app over the data dir / database named by ``settings``.

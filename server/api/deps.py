@@ -71,7 +71,7 @@ class AppState:
     rate_limiter: RateLimiter | None = None
     # the in-process engine or Triton; None until the app starts one (or is given one)
     engine: Backend | None = None
-    backend: Literal["engine", "triton"] = "engine"  # what the app starts
+    backend: Literal["engine", "process", "triton"] = "engine"  # what the app starts
     triton_url: str | None = None  # with backend "triton": HOST:PORT of its gRPC endpoint
     started_at: float = 0.0
     # re-reads the active policy now (an admin route's change); set while the app runs

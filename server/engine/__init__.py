@@ -20,6 +20,7 @@ from server.engine import openmp  # noqa: F401  (sets OMP_WAIT_POLICY before tor
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine, RequestStream
     from server.engine.config import EngineConfig
+    from server.engine.core_process import ProcessEngine
     from server.engine.guided import GrammarError, GuidedDecoding
     from server.engine.llm_engine import EngineOverloaded, LLMEngine
     from server.engine.outputs import Delta, DeltaStream, RequestMetrics
@@ -31,6 +32,7 @@ _EXPORTS = {
     "AsyncEngine": "async_engine",
     "RequestStream": "async_engine",
     "EngineConfig": "config",
+    "ProcessEngine": "core_process",
     "GrammarError": "guided",
     "GuidedDecoding": "guided",
     "EngineOverloaded": "llm_engine",
@@ -55,6 +57,7 @@ __all__ = [
     "GrammarError",
     "GuidedDecoding",
     "LLMEngine",
+    "ProcessEngine",
     "RequestMetrics",
     "RequestStream",
     "SamplingParams",

@@ -47,8 +47,8 @@ from server.triton.protocol import (
     version_number,
 )
 from server.triton.server import engine_parameters, load_request
-from shared.checkpoints import TOKENIZER_FILE, CheckpointError, PolicyRegistry
-from shared.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from shared.checkpoints import PolicyRegistry
+from shared.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +306,7 @@ class TritonBackend:
 
     def _policy_files(self, version: str) -> tuple[Tokenizer, int]:
         manifest = self.registry.manifest(version)
-        try:
-            tokenizer = load_tokenizer(self.registry.path(version) / TOKENIZER_FILE)
-        except (TokenizerError, OSError) as e:
-            raise CheckpointError(version, str(e), TOKENIZER_FILE) from None
-        return tokenizer, int(manifest["config"]["max_seq_len"])
+        return self.registry.tokenizer(version), int(manifest["config"]["max_seq_len"])
 
     async def _parameters(self) -> dict[str, Any]:
         """The model config parameters Triton runs with now (its registry path, engine

@@ -1,5 +1,6 @@
 """End-to-end serving flows: candidates + ranking, cut streams logged incomplete, overload 429,
-admin activation reaching the next request — on SQLite and PostgreSQL."""
+admin activation reaching the next request — on SQLite and PostgreSQL, and with the engine
+core in a process of its own."""
 
 from __future__ import annotations
 
@@ -20,13 +21,21 @@ from tests.conftest import LiveServer, live_app, ok_or_429
 MESSAGES = [{"role": "user", "content": "Sort these numbers: 5, 3, 9."}]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        ("sqlite", "engine"),
+        pytest.param(("postgres", "engine"), marks=pytest.mark.postgres),
+        ("sqlite", "process"),
+    ],
+    ids=["sqlite", "postgres", "process"],
+)
 def server(request: pytest.FixtureRequest, tmp_path: Path, tiny_seed_dir: Path):
-    url = "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    db, backend = request.param
+    url = "" if db == "sqlite" else request.getfixturevalue("postgres_url")
     settings = Settings(
         data_dir=tmp_path, database_url=url, kv_cache_memory_mb=16, policy_poll_seconds=0.2
     )
-    app = create_app(settings, seed_dir=tiny_seed_dir)
+    app = create_app(settings, seed_dir=tiny_seed_dir, backend=backend)
     with LiveServer(app) as live:
         live.state = app.state.palmchat
         live.key = create_key(live.state.db, "alice")
@@ -90,11 +99,12 @@ def test_client_gone_mid_sse_is_logged_incomplete_and_frees_the_engine(server) -
     assert answer["incomplete"] is True
 
 
+@pytest.mark.parametrize("backend", ["engine", "process"])
 async def test_burst_over_the_queue_bound_gets_429_and_the_server_recovers(
-    tmp_path: Path, tiny_seed_dir: Path
+    tmp_path: Path, tiny_seed_dir: Path, backend: str
 ) -> None:
     small = dict(kv_cache_memory_mb=1, max_waiting=2)
-    with live_app(tmp_path, tiny_seed_dir, user="alice", **small) as live:
+    with live_app(tmp_path, tiny_seed_dir, user="alice", backend=backend, **small) as live:
         client = openai.AsyncOpenAI(
             base_url=f"{live.url}/v1", api_key=live.key, max_retries=0, timeout=120
         )

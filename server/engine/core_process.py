@@ -1,0 +1,408 @@
+"""The engine core in a process of its own, as vLLM's engine core runs: the gateway's event
+loop and the step loop then never wait for one interpreter's lock.
+
+The child process owns an :class:`LLMEngine` and runs its step loop; between steps it applies
+the commands the gateway sent (add, abort, load a version, stop) and after each step sends the
+step's deltas back, with the engine's waiting count and, a few times a second, its stats. The
+gateway side (:class:`ProcessEngine`) reads that pipe from its event loop (``add_reader``, no
+thread) and feeds each request's stream; a writer thread sends commands, so a busy child never
+blocks the loop. Both ends speak pickled tuples over a ``multiprocessing`` pipe.
+
+Admission is checked on the gateway side with what the child reported (the waiting queue, the
+context length and the KV pool of the version serving new requests), so an overloaded engine
+refuses a request at submission, as the in-process engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
+from server.engine.outputs import AsyncClosing, Delta, DeltaStream
+from server.engine.sampling import SamplingParams
+from server.engine.stats import EngineStats
+from shared.checkpoints import CheckpointError, Policy, PolicyRegistry
+from shared.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY_S = 0.25  # how often a busy child sends its stats (the metrics' scrape reads them)
+IDLE_WAIT_S = 0.05
+READ_BATCH = 64  # messages the gateway reads before it lets other callbacks run
+START_TIMEOUT_S = 300.0  # spawning imports torch and loads the policy: slow on a small CPU
+
+# exceptions that cross the pipe keep their type (the API maps them to 429, 400, 503)
+_ERRORS: dict[str, type[Exception]] = {
+    "EngineOverloaded": EngineOverloaded,
+    "ValueError": ValueError,
+}
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What the gateway needs of the version serving new requests."""
+
+    version: str
+    max_seq_len: int
+    kv_blocks: int
+    block_size: int
+
+
+def _info(engine: LLMEngine) -> PolicyInfo:
+    worker = engine.current
+    return PolicyInfo(
+        engine.version,
+        worker.policy.config.max_seq_len,
+        worker.blocks.num_blocks,
+        worker.blocks.block_size,
+    )
+
+
+def _wire_error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, CheckpointError):
+        return "CheckpointError", f"{exc.version}\0{exc.reason}\0{exc.file or ''}"
+    name = type(exc).__name__
+    return (name if name in _ERRORS else "RuntimeError"), str(exc)
+
+
+def _from_wire(name: str, message: str) -> Exception:
+    if name == "CheckpointError":
+        version, reason, file = message.split("\0")
+        return CheckpointError(version, reason, file or None)
+    return _ERRORS.get(name, RuntimeError)(message)
+
+
+def _light_stats(engine: LLMEngine) -> EngineStats:
+    stats = engine.stats()
+    stats.recent.clear()  # the gateway times requests from their final deltas
+    return stats
+
+
+# -- the child ------------------------------------------------------------------------------
+def _core_main(conn: Connection, root: str, version: str | None, config: EngineConfig) -> None:
+    """The child process: build the engine, say ready, then step and serve commands until
+    told to stop or the gateway goes away."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(message)s")
+    try:
+        engine = LLMEngine.from_registry(PolicyRegistry(Path(root)), version, config)
+    except Exception as exc:
+        conn.send(("failed", *_wire_error(exc)))
+        return
+    conn.send(("ready", _info(engine), _light_stats(engine)))
+    applied = 0  # sequences of the add commands applied so far
+    last_stats = 0.0
+    changed = False  # anything since the stats last sent
+    loader = ThreadPoolExecutor(1, thread_name_prefix="palmchat-core-loader")
+    loading: dict[int, Future[Policy]] = {}  # load calls -> the version being read
+    while True:
+        busy = engine.has_work()
+        out: list[Any] = []
+        try:
+            while conn.poll(0 if busy else IDLE_WAIT_S):
+                message = conn.recv()
+                kind = message[0]
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    _, request_id, prompt, params = message
+                    applied += params.n
+                    try:
+                        engine.add_request(prompt, params, request_id)
+                    except Exception as exc:
+                        out.append(("error", request_id, *_wire_error(exc)))
+                elif kind == "abort":
+                    out.append(("deltas", engine.abort(message[1])))
+                elif kind == "load":
+                    _, call, wanted = message
+                    if wanted == engine.version or engine.reuse_worker(wanted):
+                        out.append(("reply", call, None, _info(engine)))
+                    else:  # read and verify off the step loop, as the in-process front does
+                        loading[call] = loader.submit(engine.load_verified, wanted)
+                busy = changed = True
+            for call, future in list(loading.items()):
+                if future.done():
+                    del loading[call]
+                    try:  # the worker is built here, between two steps
+                        engine.add_worker(build_worker(future.result(), engine.config))
+                        out.append(("reply", call, None, _info(engine)))
+                    except Exception as exc:
+                        out.append(("reply", call, _wire_error(exc), None))
+                    changed = True
+        except (EOFError, OSError):  # the gateway is gone
+            return
+        deltas: list[Delta] = []
+        if engine.has_work():
+            changed = True
+            try:
+                deltas = engine.step()
+            except Exception as exc:  # a bug or a device error: fail what is in flight
+                log.exception("engine step failed")
+                for request_id in list(engine.requests):
+                    engine.abort(request_id)
+                    out.append(("error", request_id, *_wire_error(exc)))
+        now = time.monotonic()
+        stats = None
+        if changed and (now - last_stats >= STATS_EVERY_S or not engine.has_work()):
+            stats, last_stats, changed = _light_stats(engine), now, False
+        if deltas or out or stats is not None:
+            try:
+                conn.send(("step", deltas, out, engine.num_waiting, applied, stats))
+            except (EOFError, OSError):
+                return
+
+
+# -- the gateway's side ---------------------------------------------------------------------
+class ProcessStream(DeltaStream):
+    """One request's deltas, fed by the gateway's reader of the child's pipe."""
+
+    def __init__(self, engine: ProcessEngine, request_id: str, n: int) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self._open = n
+        self._closed = False
+
+    async def __anext__(self) -> Delta:
+        if self._open == 0:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._open = 0
+            raise item
+        if item.finished:
+            self._open -= 1
+        return item
+
+    def cancel(self) -> None:
+        if self._open and not self._closed:
+            self._closed = True
+            self._engine.abort(self.request_id)
+
+
+class ProcessEngine(AsyncClosing):
+    """The :class:`~server.api.serving.Backend` calls, served by an engine core process.
+
+    Create it with :meth:`start` from the event loop that will use it."""
+
+    def __init__(self, registry: PolicyRegistry, config: EngineConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or EngineConfig()
+        self._streams: dict[str, tuple[ProcessStream, int]] = {}  # id -> (stream, open)
+        self._calls: dict[int, asyncio.Future[PolicyInfo]] = {}
+        self._ids = itertools.count()
+        self._sent = 0  # sequences of the add commands sent so far
+        self._applied = 0  # ... and applied by the child, as of its latest message
+        self._waiting = 0
+        self._stats = EngineStats()
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._dead: Exception | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, version: str | None = None) -> ProcessEngine:
+        """Spawn the core on ``version`` (default: the newest) and wait until it serves."""
+        ctx = mp.get_context("spawn")  # no fork: the gateway has threads and torch state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_core_main,
+            args=(child, str(self.registry.root), version, self.config),
+            name="palmchat-engine-core",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        ready = await asyncio.wait_for(asyncio.to_thread(self._conn.recv), START_TIMEOUT_S)
+        if ready[0] == "failed":
+            self._proc.join(timeout=10)
+            raise _from_wire(ready[1], ready[2])
+        _, self._info, self._stats = ready
+        self._tokenizer = await asyncio.to_thread(self.registry.tokenizer, self._info.version)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._writer = threading.Thread(target=self._write, name="palmchat-core-writer")
+        self._writer.daemon = True
+        self._writer.start()
+        return self
+
+    # -- the Backend calls ----------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self._info.version
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._info.max_seq_len
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> ProcessStream:
+        """Queue a request (from the event loop :meth:`start` ran on). Raises
+        :class:`EngineOverloaded` when the waiting queue is full and ``ValueError`` for a prompt
+        the engine cannot take, as the in-process engine does."""
+        params = params or SamplingParams()
+        if self._dead is not None:
+            raise RuntimeError(f"the engine core is not running: {self._dead}")
+        prompt = list(prompt_ids)
+        self._check_admission(len(prompt))
+        request_id = request_id or f"preq-{next(self._ids)}"
+        stream = ProcessStream(self, request_id, params.n)
+        self._streams[request_id] = (stream, params.n)
+        self._sent += params.n
+        self._outbox.put(("add", request_id, prompt, params))
+        return stream
+
+    def _check_admission(self, num_prompt_tokens: int) -> None:
+        if self._waiting + self._sent - self._applied >= self.config.max_waiting:
+            raise EngineOverloaded(
+                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
+            )
+        info = self._info
+        if not 1 <= num_prompt_tokens < info.max_seq_len:
+            raise ValueError(
+                f"prompt must have 1 to {info.max_seq_len - 1} tokens, got {num_prompt_tokens}"
+            )
+        if -(-(num_prompt_tokens + 1) // info.block_size) > info.kv_blocks:
+            raise ValueError(
+                f"prompt of {num_prompt_tokens} tokens does not fit a KV cache of "
+                f"{info.kv_blocks} blocks x {info.block_size} tokens"
+            )
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._streams and self._dead is None:
+            self._outbox.put(("abort", request_id))
+
+    async def load_policy(self, version: str) -> str:
+        """Serve ``version`` to new requests (the child loads and verifies it between steps;
+        ``CheckpointError`` if it fails, and the current version stays)."""
+        if version == self.version:
+            return version
+        if self._dead is not None:
+            raise RuntimeError(f"the engine core is not running: {self._dead}")
+        assert self._loop is not None
+        call = next(self._ids)
+        done: asyncio.Future[PolicyInfo] = self._loop.create_future()
+        self._calls[call] = done
+        self._outbox.put(("load", call, version))
+        info = await done
+        # the tokenizer is read here, off the loop
+        self._tokenizer = await asyncio.to_thread(self.registry.tokenizer, info.version)
+        self._info = info
+        return info.version
+
+    async def aclose(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):  # already removed when the child died
+                self._loop.remove_reader(self._conn.fileno())
+        await asyncio.to_thread(self.shutdown)
+        self._gone(RuntimeError("the engine core was shut down"))
+
+    def shutdown(self) -> None:
+        """Stop the child (from any thread; :meth:`aclose` also fails what is still open)."""
+        self._outbox.put(("stop",))
+        self._outbox.put(None)
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+    # -- the pipe ---------------------------------------------------------------------------
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the child is gone; the reader reports it
+                return
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(READ_BATCH):  # then let the loop run; it calls again if more wait
+                if not self._conn.poll():
+                    break
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            assert self._loop is not None
+            self._loop.remove_reader(self._conn.fileno())
+            code = self._proc.exitcode
+            self._gone(RuntimeError(f"the engine core exited (code {code})"))
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        _, deltas, out, waiting, applied, stats = message
+        self._waiting, self._applied = waiting, applied
+        if stats is not None:
+            self._stats = stats
+        grouped: dict[str, list[Delta | BaseException]] = defaultdict(list)
+        for d in deltas:
+            grouped[d.request_id].append(d)
+        for item in out:
+            if item[0] == "deltas":
+                for d in item[1]:
+                    grouped[d.request_id].append(d)
+            elif item[0] == "error":
+                grouped[item[1]].append(_from_wire(item[2], item[3]))
+            elif item[0] == "reply":
+                done = self._calls.pop(item[1], None)
+                if done is not None and not done.done():
+                    if item[2] is None:
+                        done.set_result(item[3])
+                    else:
+                        done.set_exception(_from_wire(*item[2]))
+        for request_id, items in grouped.items():
+            entry = self._streams.get(request_id)
+            if entry is None:
+                continue
+            stream, still_open = entry
+            for x in items:
+                stream._queue.put_nowait(x)
+                if isinstance(x, BaseException):
+                    still_open = 0
+                elif x.finished:
+                    still_open -= 1
+            if still_open <= 0:
+                del self._streams[request_id]
+            else:
+                self._streams[request_id] = (stream, still_open)
+
+    def _gone(self, exc: Exception) -> None:
+        """The child is gone: every open stream and pending call fails with ``exc``."""
+        if self._dead is None:
+            self._dead = exc
+        for stream, _ in self._streams.values():
+            stream._queue.put_nowait(exc)
+        self._streams.clear()
+        for done in self._calls.values():
+            if not done.done():
+                done.set_exception(exc)
+        self._calls.clear()
+
+
+__all__ = ["ProcessEngine", "ProcessStream"]
