@@ -18,7 +18,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
 from server.engine.outputs import AsyncClosing, Delta, DeltaStream
@@ -29,10 +29,15 @@ from shared.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-class RequestStream(DeltaStream):
-    """One request's deltas from the engine thread, through an asyncio queue."""
+class Aborts(Protocol):
+    def abort(self, request_id: str) -> None: ...
 
-    def __init__(self, engine: AsyncEngine, request_id: str, n: int) -> None:
+
+class RequestStream(DeltaStream):
+    """One request's deltas, through an asyncio queue that the engine's front fills (the
+    engine thread's, or the reader of an engine core process); cancelling aborts it there."""
+
+    def __init__(self, engine: Aborts, request_id: str, n: int) -> None:
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()

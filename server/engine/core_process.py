@@ -31,9 +31,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from server.engine.async_engine import RequestStream
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
-from server.engine.outputs import AsyncClosing, Delta, DeltaStream
+from server.engine.outputs import AsyncClosing, Delta
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
 from shared.checkpoints import CheckpointError, Policy, PolicyRegistry
@@ -167,37 +168,6 @@ def _core_main(conn: Connection, root: str, version: str | None, config: EngineC
 
 
 # -- the gateway's side ---------------------------------------------------------------------
-class ProcessStream(DeltaStream):
-    """One request's deltas, fed by the gateway's reader of the child's pipe."""
-
-    def __init__(self, engine: ProcessEngine, request_id: str, n: int) -> None:
-        self.request_id = request_id
-        self._engine = engine
-        self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        self._open = n
-        self._closed = False
-
-    async def __anext__(self) -> Delta:
-        if self._open == 0:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if isinstance(item, BaseException):
-            self._open = 0
-            raise item
-        if item.finished:
-            self._open -= 1
-        return item
-
-    def cancel(self) -> None:
-        if self._open and not self._closed:
-            self._closed = True
-            self._engine.abort(self.request_id)
-
-
 class ProcessEngine(AsyncClosing):
     """The :class:`~server.api.serving.Backend` calls, served by an engine core process.
 
@@ -206,7 +176,7 @@ class ProcessEngine(AsyncClosing):
     def __init__(self, registry: PolicyRegistry, config: EngineConfig | None = None) -> None:
         self.registry = registry
         self.config = config or EngineConfig()
-        self._streams: dict[str, tuple[ProcessStream, int]] = {}  # id -> (stream, open)
+        self._streams: dict[str, tuple[RequestStream, int]] = {}  # id -> (stream, open)
         self._calls: dict[int, asyncio.Future[PolicyInfo]] = {}
         self._ids = itertools.count()
         self._sent = 0  # sequences of the add commands sent so far
@@ -263,7 +233,7 @@ class ProcessEngine(AsyncClosing):
         prompt_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> ProcessStream:
+    ) -> RequestStream:
         """Queue a request (from the event loop :meth:`start` ran on). Raises
         :class:`EngineOverloaded` when the waiting queue is full and ``ValueError`` for a prompt
         the engine cannot take, as the in-process engine does."""
@@ -273,7 +243,7 @@ class ProcessEngine(AsyncClosing):
         prompt = list(prompt_ids)
         self._check_admission(len(prompt))
         request_id = request_id or f"preq-{next(self._ids)}"
-        stream = ProcessStream(self, request_id, params.n)
+        stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (stream, params.n)
         self._sent += params.n
         self._outbox.put(("add", request_id, prompt, params))
@@ -382,7 +352,7 @@ class ProcessEngine(AsyncClosing):
                 continue
             stream, still_open = entry
             for x in items:
-                stream._queue.put_nowait(x)
+                stream._put(x)
                 if isinstance(x, BaseException):
                     still_open = 0
                 elif x.finished:
@@ -397,7 +367,7 @@ class ProcessEngine(AsyncClosing):
         if self._dead is None:
             self._dead = exc
         for stream, _ in self._streams.values():
-            stream._queue.put_nowait(exc)
+            stream._put(exc)
         self._streams.clear()
         for done in self._calls.values():
             if not done.done():
@@ -405,4 +375,4 @@ class ProcessEngine(AsyncClosing):
         self._calls.clear()
 
 
-__all__ = ["ProcessEngine", "ProcessStream"]
+__all__ = ["ProcessEngine"]

@@ -72,3 +72,11 @@ def run_with_arrivals(
             outputs.setdefault(d.request_id, []).extend(d.token_ids)
         steps += 1
     return [(prompt, outputs[rid]) for rid, prompt in ids.items()]
+
+
+async def collect_deltas(stream) -> dict[int, list]:
+    """Every delta of a stream, by candidate index, in order."""
+    by_index: dict[int, list] = {}
+    async for d in stream:
+        by_index.setdefault(d.index, []).append(d)
+    return by_index

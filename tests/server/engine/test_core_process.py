@@ -8,7 +8,7 @@ import os
 import signal
 
 import pytest
-from conftest import VOCAB, greedy_reference, random_policy
+from conftest import VOCAB, collect_deltas, greedy_reference, random_policy
 
 from server.engine import (
     EngineConfig,
@@ -24,13 +24,6 @@ PROMPT = [87, 104, 97, 116, 32, 105, 115]
 CONFIG = EngineConfig(num_blocks=256, block_size=4, num_threads=1)
 
 
-async def _collect(stream) -> dict[int, list]:
-    by_index: dict[int, list] = {}
-    async for d in stream:
-        by_index.setdefault(d.index, []).append(d)
-    return by_index
-
-
 async def _until(predicate, timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -44,8 +37,8 @@ async def test_greedy_streams_match_the_model_and_report_stats(registry: PolicyR
         assert core.version == "v1" and core.tokenizer.vocab_size == VOCAB
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         streams = [core.generate(PROMPT, params) for _ in range(3)]
-        results = await asyncio.gather(*(_collect(s) for s in streams))
-        n2 = await _collect(core.generate(PROMPT, SamplingParams(n=2, max_tokens=5, seed=1)))
+        results = await asyncio.gather(*(collect_deltas(s) for s in streams))
+        n2 = await collect_deltas(core.generate(PROMPT, SamplingParams(n=2, max_tokens=5, seed=1)))
         await _until(lambda: core.stats().running == 0)
         stats = core.stats()
     want = greedy_reference(registry.load("v1").model.eval(), PROMPT, 16, None)
@@ -83,11 +76,11 @@ async def test_a_hot_swap_serves_new_requests_and_a_corrupt_version_is_refused(
         running = core.generate(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
         first = await running.__anext__()
         assert await core.load_policy(v2) == v2 and core.version == v2
-        swapped = await _collect(core.generate(PROMPT, params))
+        swapped = await collect_deltas(core.generate(PROMPT, params))
         with pytest.raises(CheckpointError, match="sha256|truncated"):
             await core.load_policy(v3)
         assert core.version == v2
-        rest = await _collect(running)
+        rest = await collect_deltas(running)
     assert first.policy_version == "v1" and all(d.policy_version == "v1" for d in rest[0])
     assert rest[0][-1].finish_reason is FinishReason.LENGTH
     ids = [t for d in swapped[0] for t in d.token_ids]
@@ -107,7 +100,7 @@ async def test_admission_is_refused_at_submission_as_in_process(registry: Policy
         with pytest.raises(EngineOverloaded):
             core.generate(PROMPT, long)
         for s in streams:
-            await _collect(s)
+            await collect_deltas(s)
 
 
 async def test_a_dead_core_fails_open_streams_and_new_requests(registry: PolicyRegistry):
@@ -117,7 +110,7 @@ async def test_a_dead_core_fails_open_streams_and_new_requests(registry: PolicyR
         await stream.__anext__()
         os.kill(core._proc.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match="engine core exited"):
-            await _collect(stream)
+            await collect_deltas(stream)
         with pytest.raises(RuntimeError, match="not running"):
             core.generate(PROMPT, SamplingParams(max_tokens=1))
     finally:

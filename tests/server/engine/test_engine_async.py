@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import VOCAB, greedy_reference, random_policy
+from conftest import VOCAB, collect_deltas, greedy_reference, random_policy
 
 from server.engine import AsyncEngine, EngineOverloaded, FinishReason, SamplingParams
 from shared.checkpoints import CheckpointError
@@ -14,13 +14,6 @@ from shared.tokenizer import ByteTokenizer
 
 END = 260
 PROMPTS = [[72, 105, 33], [87, 104, 97, 116, 32, 105, 115], [49, 43, 49, 61], [65] * 13]
-
-
-async def _collect(stream) -> dict[int, list]:
-    by_index: dict[int, list] = {}
-    async for d in stream:
-        by_index.setdefault(d.index, []).append(d)
-    return by_index
 
 
 async def _wait_until(predicate, timeout: float = 10.0) -> None:
@@ -34,7 +27,7 @@ async def test_stream_yields_deltas_whose_text_and_ids_add_up(make_engine):
     engine = make_engine()
     async with AsyncEngine(engine) as front:
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-        deltas = (await _collect(front.generate(PROMPTS[1], params)))[0]
+        deltas = (await collect_deltas(front.generate(PROMPTS[1], params)))[0]
     ids = [t for d in deltas for t in d.token_ids]
     assert ids == greedy_reference(engine.current.runner.model, PROMPTS[1], 16, None)
     assert "".join(d.text for d in deltas) == ByteTokenizer(VOCAB).decode(ids)
@@ -65,7 +58,7 @@ async def test_cancelling_a_stream_frees_its_blocks_at_the_next_step(make_engine
         await _wait_until(lambda: front.stats().running == 0)
         assert front.stats().kv_blocks_used == 0
         assert front.stats().requests_cancelled == 2
-        rest = await _collect(other)
+        rest = await collect_deltas(other)
         assert rest[0][-1].finish_reason is FinishReason.CANCELLED
         assert sum(len(d.token_ids) for d in rest[0]) < 500
 
@@ -97,10 +90,12 @@ async def test_hot_swap_mid_stream_keeps_each_request_on_its_version_and_drops_n
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     async with AsyncEngine(engine) as front:
         old = [front.generate(p, params) for p in PROMPTS]
-        old_tasks = [asyncio.create_task(_collect(s)) for s in old]
+        old_tasks = [asyncio.create_task(collect_deltas(s)) for s in old]
         await _wait_until(lambda: front.stats().generated_tokens >= 20)
         assert await front.load_policy("v2") == "v2"
-        new_tasks = [asyncio.create_task(_collect(front.generate(p, params))) for p in PROMPTS]
+        new_tasks = [
+            asyncio.create_task(collect_deltas(front.generate(p, params))) for p in PROMPTS
+        ]
         old_out = await asyncio.gather(*old_tasks)
         new_out = await asyncio.gather(*new_tasks)
         await _wait_until(lambda: front.stats().policy_versions == ["v2"])
@@ -132,8 +127,8 @@ async def test_a_corrupt_version_is_refused_and_the_current_one_keeps_serving(
         with pytest.raises(CheckpointError, match=version):
             await front.load_policy(version)
         assert front.version == "v1"
-        out = await _collect(stream)
-        later = await _collect(front.generate(PROMPTS[1], SamplingParams(max_tokens=5)))
+        out = await collect_deltas(stream)
+        later = await collect_deltas(front.generate(PROMPTS[1], SamplingParams(max_tokens=5)))
     assert out[0][-1].finish_reason is not None
     assert {d.policy_version for d in out[0] + later[0]} == {"v1"}
 
@@ -152,7 +147,7 @@ async def test_overflowing_the_waiting_queue_raises_overloaded(make_engine):
         await _wait_until(lambda: front.stats().requests_cancelled == len(streams))
         assert front.stats().waiting == 0
         # room again: accepted
-        out = await _collect(front.generate(PROMPTS[1], SamplingParams(max_tokens=2)))
+        out = await collect_deltas(front.generate(PROMPTS[1], SamplingParams(max_tokens=2)))
     assert out[0][-1].finish_reason is not None
 
 
@@ -160,8 +155,8 @@ async def test_stats_count_tokens_blocks_and_prefix_hits(make_engine):
     async with AsyncEngine(make_engine(block_size=4)) as front:
         system = list(range(40, 60))
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-        await _collect(front.generate(system + [70, 71], params))
-        await _collect(front.generate(system + [80], params))
+        await collect_deltas(front.generate(system + [70, 71], params))
+        await collect_deltas(front.generate(system + [80], params))
         await _wait_until(lambda: front.stats().requests_finished == 2)
         stats = front.stats()
     assert stats.generated_tokens == 12
