@@ -187,7 +187,11 @@ def trainer(
     ] = False,
     algo: Annotated[str, typer.Option(help="Policy update: dpo, ppo or kto.")] = "dpo",
     min_new: Annotated[
-        int, typer.Option(min=1, help="--watch: new feedback items that trigger a round.")
+        int,
+        typer.Option(
+            min=1,
+            help="--watch: new feedback items (thumbs, rankings, labels) that trigger a round.",
+        ),
     ] = 32,
     poll: Annotated[float, typer.Option(min=0.1, help="--watch: seconds between polls.")] = 10.0,
     max_rounds: Annotated[

@@ -46,7 +46,16 @@ from shared.feedback_reader import (
     thread_nodes,
 )
 from shared.moderation import REFUSAL_REPLY, is_refusal
-from shared.schema import Conversation, Feedback, Message, Ranking, TrainerState, User, utcnow
+from shared.schema import (
+    Conversation,
+    Feedback,
+    Label,
+    Message,
+    Ranking,
+    TrainerState,
+    User,
+    utcnow,
+)
 
 WATERMARK_KEY = "feedback_watermark"
 
@@ -61,12 +70,14 @@ class Watermark:
     feedback_at: datetime | None = None
     feedback_id: int = 0
     ranking_id: int = 0
+    label_id: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "feedback_at": self.feedback_at.isoformat() if self.feedback_at else None,
             "feedback_id": self.feedback_id,
             "ranking_id": self.ranking_id,
+            "label_id": self.label_id,
         }
 
     @classmethod
@@ -78,6 +89,7 @@ class Watermark:
             datetime.fromisoformat(at) if at else None,
             int(data.get("feedback_id", 0)),
             int(data.get("ranking_id", 0)),
+            int(data.get("label_id", 0)),  # watermarks from before labels lack it
         )
 
 
@@ -117,10 +129,11 @@ class Pending:
     n_rankings: int
     watermark: Watermark  # the watermark after consuming these
     oldest_at: datetime | None  # when the oldest unconsumed item was given (feedback lag)
+    n_labels: int = 0  # labels (harmful, untrue...) count as feedback items too
 
     @property
     def total(self) -> int:
-        return self.n_feedback + self.n_rankings
+        return self.n_feedback + self.n_rankings + self.n_labels
 
 
 def _usable_votes():
@@ -132,7 +145,8 @@ def _usable_votes():
 
 
 def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -> Pending:
-    """New votes and rankings past ``watermark`` that are at least ``settle_seconds`` old."""
+    """New votes, rankings and labels past ``watermark`` that are at least ``settle_seconds``
+    old."""
     cutoff = utcnow() - timedelta(seconds=settle_seconds)
     votes = _usable_votes().where(Feedback.updated_at <= cutoff)
     if watermark.feedback_at is not None:
@@ -152,15 +166,27 @@ def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -
             .where(col(Ranking.id) > watermark.ranking_id)
             .where(Ranking.created_at <= cutoff)
         ).one()
+        label_n, label_max, label_min_at = s.exec(
+            select(func.count(col(Label.id)), func.max(Label.id), func.min(Label.created_at))
+            .where(col(Label.id) > watermark.label_id)
+            .where(Label.created_at <= cutoff)
+        ).one()
     at, fid = watermark.feedback_at, watermark.feedback_id
     if rows:
         fid, at = rows[-1][0], rows[-1][1]
-    oldest = [t for t in (rows[0][1] if rows else None, rank_min_at) if t is not None]
+    firsts = (rows[0][1] if rows else None, rank_min_at, label_min_at)
+    oldest = [t for t in firsts if t is not None]
     return Pending(
         n_feedback=len(rows),
         n_rankings=int(rank_n or 0),
-        watermark=Watermark(at, fid, max(watermark.ranking_id, int(rank_max or 0))),
+        watermark=Watermark(
+            at,
+            fid,
+            max(watermark.ranking_id, int(rank_max or 0)),
+            max(watermark.label_id, int(label_max or 0)),
+        ),
         oldest_at=min(oldest) if oldest else None,
+        n_labels=int(label_n or 0),
     )
 
 

@@ -64,6 +64,7 @@ class FeedbackCounts:
     pairs: int
     thumbs: int
     logged_prompts: int
+    new_labels: int | None = None
 
     @classmethod
     def of(cls, plan: RoundPlan, data: FeedbackData, pend: Pending | None) -> FeedbackCounts:
@@ -74,6 +75,7 @@ class FeedbackCounts:
             pairs=len(data.pairs),
             thumbs=len(data.thumbs),
             logged_prompts=len(data.prompts),
+            new_labels=pend.n_labels if pend else None,
         )
 
 

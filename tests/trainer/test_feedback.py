@@ -130,6 +130,24 @@ def test_watermark_resume_never_double_counts(data_dir) -> None:
     assert thumbs == {"Sure! 4.": 1, "4": 1, "Of course! 4.": 1}
 
 
+def test_labels_count_toward_a_round_once_and_an_old_watermark_still_reads(data_dir) -> None:
+    engine = data_dir.ctx.engine
+    _completion(data_dir, "a", ["Sure! Here is how.", "I can't help with that."])
+    record_labels(engine, user_id=data_dir.user_id, completion_id="a", choice_index=0,
+                  labels=["harmful", "untrue"])  # fmt: skip
+    first = pending(engine, load_watermark(engine))
+    assert (first.n_feedback, first.n_rankings, first.n_labels, first.total) == (0, 0, 2, 2)
+    with session(engine) as s:
+        save_watermark(s, first.watermark)
+    assert pending(engine, load_watermark(engine)).total == 0
+    record_labels(engine, user_id=data_dir.user_id, completion_id="a", choice_index=1,
+                  labels=["refusal_was_wrong"])  # fmt: skip
+    assert pending(engine, load_watermark(engine)).n_labels == 1
+    # a watermark saved before labels were counted reads as "every label is new"
+    old = {k: v for k, v in first.watermark.to_json().items() if k != "label_id"}
+    assert pending(engine, Watermark.from_json(old)).n_labels == 3
+
+
 def test_feedback_younger_than_the_settle_time_waits_for_the_next_poll(data_dir) -> None:
     _completion(data_dir, "a", ["4"])
     _vote(data_dir, "a", 0, 1)
