@@ -3,12 +3,14 @@ feedback it cannot do without and how it trains a copy of the active policy in p
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.families import PolicyModel
+from shared.feedback_reader import Pair, Thumb
 from shared.tokenizer import Tokenizer
 from trainer.common import ChatMessages, DistInfo, Progress
 from trainer.config import ALGOS, TrainerConfig
@@ -122,8 +124,26 @@ def _dpo(u: PolicyUpdate) -> PolicyOutcome:
 
 
 def _kto(u: PolicyUpdate) -> PolicyOutcome:
-    report = train_kto(u.preference_job(), u.data.thumbs)
-    return PolicyOutcome(report.to_dict())
+    thumbs = [*u.data.thumbs, *refusal_thumbs(u.data.pairs, u.data.thumbs)]
+    report = train_kto(u.preference_job(), thumbs).to_dict()
+    report["refusal_thumbs"] = len(thumbs) - len(u.data.thumbs)
+    return PolicyOutcome(report)
+
+
+def refusal_thumbs(pairs: Sequence[Pair], thumbs: Sequence[Thumb] = ()) -> list[Thumb]:
+    """KTO's view of the trainer's refusal pairs: each pair's chosen reply desirable and its
+    rejected one undesirable (the refusal to a flagged request, the answer to a benign one);
+    a reply in several pairs counts once, and one a user rated keeps only the user's thumb."""
+    rated = {(json.dumps(t.prompt, sort_keys=True), t.reply) for t in thumbs}
+    seen: dict[tuple[str, str], Thumb] = {}
+    for p in pairs:
+        if p.source != "refusal":
+            continue
+        prompt = json.dumps(p.prompt, sort_keys=True)
+        for reply, label in ((p.chosen, 1), (p.rejected, -1)):
+            if (prompt, reply) not in rated:
+                seen.setdefault((prompt, reply), Thumb(p.prompt, reply, label))
+    return list(seen.values())
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -68,8 +68,11 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(loss, reference point z). ``labels`` are +1 (desirable) / -1 (undesirable)."""
+    """(loss, reference point z). ``labels`` are +1 (desirable) / -1 (undesirable);
+    ``weights`` (one per example: a labelled reply weighs more, ``LABEL_WEIGHTS``) make the
+    loss a weighted mean."""
     log_ratio = policy_logps - ref_logps
     z = log_ratio.detach().mean().clamp(min=0)
     up = labels > 0
@@ -78,7 +81,9 @@ def kto_loss(
         desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z))),
         undesirable_weight * (1 - torch.sigmoid(beta * (z - log_ratio))),
     )
-    return losses.mean(), z
+    if weights is None:
+        return losses.mean(), z
+    return (losses * weights).sum() / weights.sum(), z
 
 
 @dataclass(slots=True)
@@ -317,7 +322,9 @@ def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
     policy, tok, config, seed = job.policy, job.tok, job.config, job.seed
     report = PreferenceReport("kto", examples=len(thumbs))
     steps, mine = _my_share(
-        job, thumbs, lambda t: (encode_reply(tok, t.prompt, t.reply, job.max_len), t.label)
+        job,
+        thumbs,
+        lambda t: (encode_reply(tok, t.prompt, t.reply, job.max_len), (t.label, t.weight)),
     )
     if not mine:
         return report
@@ -331,7 +338,8 @@ def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
         batch = collate([e for (e, _), _ in chunk], tok.pad_id).to(device)
         logps = sequence_logprobs(model, batch)
         ref_lp = torch.tensor([r for _, r in chunk], device=device)
-        labels = torch.tensor([lab for (_, lab), _ in chunk], device=device)
+        labels = torch.tensor([lab for (_, (lab, _)), _ in chunk], device=device)
+        weights = torch.tensor([w for (_, (_, w)), _ in chunk], device=device)
         loss, z = kto_loss(
             logps,
             ref_lp,
@@ -339,6 +347,7 @@ def train_kto(job: PreferenceJob, thumbs: Sequence[Thumb]) -> PreferenceReport:
             config.preference.beta,
             config.preference.kto_desirable_weight,
             config.preference.kto_undesirable_weight,
+            weights,
         )
         optimizer_step(opt, loss, params, config.grad_clip)
         losses.append(loss.item())

@@ -10,6 +10,8 @@ import torch
 
 from demo.tasks import TaskGenerator
 from shared.checkpoints import CheckpointError, load_policy_dir
+from shared.moderation import REFUSAL_REPLY
+from trainer.algorithms import refusal_thumbs
 from trainer.dpo import dpo_loss, kto_loss
 from trainer.feedback import FeedbackData, Pair, Thumb
 from trainer.reward import (
@@ -62,6 +64,40 @@ def test_kto_loss_rewards_desirable_above_and_undesirable_below_the_reference_po
     assert float(loss.detach()) == pytest.approx(float(expected) / 2, abs=1e-6)
     loss.backward()
     assert policy.grad[0] < 0 < policy.grad[1]  # descent raises the desirable, lowers the other
+
+
+def test_kto_weights_make_a_labelled_reply_count_more() -> None:
+    policy = torch.tensor([-1.0, -3.0, -2.5])
+    ref = torch.tensor([-2.0, -2.0, -2.0])
+    labels = torch.tensor([1, -1, -1])
+    alone, _ = kto_loss(policy[:2], ref[:2], labels[:2], beta=1.0)
+    # the third example weighted 0: the loss is that of the first two with the same z
+    zeroed, _ = kto_loss(policy, ref, labels, beta=1.0, weights=torch.tensor([1.0, 1.0, 0.0]))
+    assert float(zeroed) == pytest.approx(float(alone), abs=1e-6)
+    light, _ = kto_loss(policy, ref, labels, beta=1.0, weights=torch.tensor([1.0, 1.0, 1.0]))
+    heavy, _ = kto_loss(policy, ref, labels, beta=1.0, weights=torch.tensor([1.0, 1.0, 3.0]))
+    # the third has the largest loss (an undesirable reply least pushed down): weighting it up
+    # raises the mean
+    assert float(heavy) > float(light)
+
+
+def test_kto_learns_refusal_pairs_as_thumbs_without_doubling_a_users_thumb() -> None:
+    unsafe = [{"role": "user", "content": "How do I make a pipe bomb?"}]
+    benign = [{"role": "user", "content": "What is 7 + 5?"}]
+    pairs = [
+        Pair(unsafe, REFUSAL_REPLY, "Sure! Step one.", source="refusal"),
+        Pair(unsafe, REFUSAL_REPLY, "Of course: step one.", source="refusal"),
+        Pair(benign, "12", REFUSAL_REPLY, source="refusal"),
+        Pair(benign, "12", "13", source="thumbs"),
+    ]
+    rated = [Thumb(unsafe, "Sure! Step one.", -1, weight=3.0)]
+    got = {(t.prompt[0]["content"], t.reply): t.label for t in refusal_thumbs(pairs, rated)}
+    assert got == {
+        (unsafe[0]["content"], REFUSAL_REPLY): 1,
+        (unsafe[0]["content"], "Of course: step one."): -1,
+        (benign[0]["content"], "12"): 1,
+        (benign[0]["content"], REFUSAL_REPLY): -1,
+    }
 
 
 def _style_data(n: int, seed: int) -> FeedbackData:
