@@ -3,10 +3,12 @@ loop and the step loop then never wait for one interpreter's lock.
 
 The child process owns an :class:`LLMEngine` and runs its step loop; between steps it applies
 the commands the gateway sent (add, abort, load a version, stop) and after each step sends the
-step's deltas back, with the engine's waiting count and, a few times a second, its stats. The
-gateway side (:class:`ProcessEngine`) reads that pipe from its event loop (``add_reader``, no
-thread) and feeds each request's stream; a writer thread sends commands, so a busy child never
-blocks the loop. Both ends speak pickled tuples over a ``multiprocessing`` pipe.
+step's deltas back, with the engine's waiting count and, a few times a second, its stats. On
+the gateway side (:class:`ProcessEngine`) a writer thread sends the commands, so a busy child
+never blocks the event loop, and a reader thread hands what comes back to the loop, a batch of
+messages per wake-up. Each direction is a pipe of its own, read and written with blocking
+calls (an fd the event loop watched would be made non-blocking by uvloop, and a large message
+could then be read half). Both ends speak pickled tuples.
 
 Admission is checked on the gateway side with what the child reported (the waiting queue, the
 context length and the KV pool of the version serving new requests), so an overloaded engine
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STATS_EVERY_S = 0.25  # how often a busy child sends its stats (the metrics' scrape reads them)
 IDLE_WAIT_S = 0.05
-READ_BATCH = 64  # messages the gateway reads before it lets other callbacks run
+READ_BATCH = 64  # messages the reader hands to the event loop at most in one callback
 START_TIMEOUT_S = 300.0  # spawning imports torch and loads the policy: slow on a small CPU
 
 # exceptions that cross the pipe keep their type (the API maps them to 429, 400, 503)
@@ -95,16 +97,18 @@ def _light_stats(engine: LLMEngine) -> EngineStats:
 
 
 # -- the child ------------------------------------------------------------------------------
-def _core_main(conn: Connection, root: str, version: str | None, config: EngineConfig) -> None:
-    """The child process: build the engine, say ready, then step and serve commands until
-    told to stop or the gateway goes away."""
+def _core_main(
+    commands: Connection, events: Connection, root: str, version: str | None, config: EngineConfig
+) -> None:
+    """The child process: build the engine, say ready, then step and serve ``commands`` until
+    told to stop or the gateway goes away; what it has to say goes to ``events``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(message)s")
     try:
         engine = LLMEngine.from_registry(PolicyRegistry(Path(root)), version, config)
     except Exception as exc:
-        conn.send(("failed", *_wire_error(exc)))
+        events.send(("failed", *_wire_error(exc)))
         return
-    conn.send(("ready", _info(engine), _light_stats(engine)))
+    events.send(("ready", _info(engine), _light_stats(engine)))
     applied = 0  # sequences of the add commands applied so far
     last_stats = 0.0
     changed = False  # anything since the stats last sent
@@ -114,8 +118,8 @@ def _core_main(conn: Connection, root: str, version: str | None, config: EngineC
         busy = engine.has_work()
         out: list[Any] = []
         try:
-            while conn.poll(0 if busy else IDLE_WAIT_S):
-                message = conn.recv()
+            while commands.poll(0 if busy else IDLE_WAIT_S):
+                message = commands.recv()
                 kind = message[0]
                 if kind == "stop":
                     return
@@ -162,7 +166,7 @@ def _core_main(conn: Connection, root: str, version: str | None, config: EngineC
             stats, last_stats, changed = _light_stats(engine), now, False
         if deltas or out or stats is not None:
             try:
-                conn.send(("step", deltas, out, engine.num_waiting, applied, stats))
+                events.send(("step", deltas, out, engine.num_waiting, applied, stats))
             except (EOFError, OSError):
                 return
 
@@ -185,31 +189,32 @@ class ProcessEngine(AsyncClosing):
         self._stats = EngineStats()
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._dead: Exception | None = None
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, version: str | None = None) -> ProcessEngine:
         """Spawn the core on ``version`` (default: the newest) and wait until it serves."""
         ctx = mp.get_context("spawn")  # no fork: the gateway has threads and torch state
-        self._conn, child = ctx.Pipe()
+        child_commands, self._commands = ctx.Pipe(duplex=False)
+        self._events, child_events = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
             target=_core_main,
-            args=(child, str(self.registry.root), version, self.config),
+            args=(child_commands, child_events, str(self.registry.root), version, self.config),
             name="palmchat-engine-core",
             daemon=True,
         )
         self._proc.start()
-        child.close()
-        ready = await asyncio.wait_for(asyncio.to_thread(self._conn.recv), START_TIMEOUT_S)
+        child_commands.close()
+        child_events.close()
+        ready = await asyncio.wait_for(asyncio.to_thread(self._events.recv), START_TIMEOUT_S)
         if ready[0] == "failed":
             self._proc.join(timeout=10)
             raise _from_wire(ready[1], ready[2])
         _, self._info, self._stats = ready
         self._tokenizer = await asyncio.to_thread(self.registry.tokenizer, self._info.version)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
-        self._writer = threading.Thread(target=self._write, name="palmchat-core-writer")
-        self._writer.daemon = True
-        self._writer.start()
+        for target, name in ((self._write, "writer"), (self._read, "reader")):
+            threading.Thread(target=target, name=f"palmchat-core-{name}", daemon=True).start()
         return self
 
     # -- the Backend calls ----------------------------------------------------------------
@@ -288,9 +293,7 @@ class ProcessEngine(AsyncClosing):
         return info.version
 
     async def aclose(self) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(Exception):  # already removed when the child died
-                self._loop.remove_reader(self._conn.fileno())
+        self._closing = True
         await asyncio.to_thread(self.shutdown)
         self._gone(RuntimeError("the engine core was shut down"))
 
@@ -309,21 +312,31 @@ class ProcessEngine(AsyncClosing):
     def _write(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
-                self._conn.send(message)
+                self._commands.send(message)
             except (OSError, ValueError):  # the child is gone; the reader reports it
                 return
 
-    def _on_readable(self) -> None:
-        try:
-            for _ in range(READ_BATCH):  # then let the loop run; it calls again if more wait
-                if not self._conn.poll():
-                    break
-                self._dispatch(self._conn.recv())
-        except (EOFError, OSError):
-            assert self._loop is not None
-            self._loop.remove_reader(self._conn.fileno())
-            code = self._proc.exitcode
-            self._gone(RuntimeError(f"the engine core exited (code {code})"))
+    def _read(self) -> None:
+        """The reader thread: block on the child's pipe and hand each batch to the loop."""
+        assert self._loop is not None
+        loop = self._loop
+        while True:
+            try:
+                batch = [self._events.recv()]
+                while len(batch) < READ_BATCH and self._events.poll():
+                    batch.append(self._events.recv())
+            except (EOFError, OSError):  # the child exited (or was stopped)
+                self._proc.join(timeout=5)
+                exc = RuntimeError(f"the engine core exited (code {self._proc.exitcode})")
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                    loop.call_soon_threadsafe(self._gone, exc)
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._dispatch_all, batch)
+
+    def _dispatch_all(self, batch: list[tuple[Any, ...]]) -> None:
+        for message in batch:
+            self._dispatch(message)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         _, deltas, out, waiting, applied, stats = message
@@ -363,9 +376,10 @@ class ProcessEngine(AsyncClosing):
                 self._streams[request_id] = (stream, still_open)
 
     def _gone(self, exc: Exception) -> None:
-        """The child is gone: every open stream and pending call fails with ``exc``."""
+        """The child is gone: every open stream and pending call fails with ``exc`` (on the
+        event loop)."""
         if self._dead is None:
-            self._dead = exc
+            self._dead = RuntimeError("the engine core was shut down") if self._closing else exc
         for stream, _ in self._streams.values():
             stream._put(exc)
         self._streams.clear()
