@@ -144,6 +144,16 @@ def _usable_votes():
     )
 
 
+def _past(s: Session, table: type[Ranking] | type[Label], last_id: int, cutoff: datetime):
+    """(count, largest id, oldest created_at) of ``table``'s rows past ``last_id`` made by
+    ``cutoff``."""
+    return s.exec(
+        select(func.count(col(table.id)), func.max(table.id), func.min(table.created_at))
+        .where(col(table.id) > last_id)
+        .where(table.created_at <= cutoff)
+    ).one()
+
+
 def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -> Pending:
     """New votes, rankings and labels past ``watermark`` that are at least ``settle_seconds``
     old."""
@@ -161,16 +171,8 @@ def pending(engine: Engine, watermark: Watermark, settle_seconds: float = 0.0) -
         )
     with session(engine) as s:
         rows = s.exec(votes.order_by(col(Feedback.updated_at), col(Feedback.id))).all()
-        rank_n, rank_max, rank_min_at = s.exec(
-            select(func.count(col(Ranking.id)), func.max(Ranking.id), func.min(Ranking.created_at))
-            .where(col(Ranking.id) > watermark.ranking_id)
-            .where(Ranking.created_at <= cutoff)
-        ).one()
-        label_n, label_max, label_min_at = s.exec(
-            select(func.count(col(Label.id)), func.max(Label.id), func.min(Label.created_at))
-            .where(col(Label.id) > watermark.label_id)
-            .where(Label.created_at <= cutoff)
-        ).one()
+        rank_n, rank_max, rank_min_at = _past(s, Ranking, watermark.ranking_id, cutoff)
+        label_n, label_max, label_min_at = _past(s, Label, watermark.label_id, cutoff)
     at, fid = watermark.feedback_at, watermark.feedback_id
     if rows:
         fid, at = rows[-1][0], rows[-1][1]

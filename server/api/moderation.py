@@ -100,16 +100,12 @@ class LocalModerator:
     def _score_pending(self) -> None:
         """Score every check queued this turn: one classifier call per (version, min_words)."""
         pending, self._pending = self._pending, []
-        groups: dict[tuple[int, int], list[tuple[Sequence[str], asyncio.Future[Any]]]] = {}
-        classifiers: dict[int, Classifier] = {}
+        groups: dict[tuple[Classifier, int], list[tuple[Sequence[str], asyncio.Future[Any]]]] = {}
         for classifier, texts, min_words, done in pending:
-            classifiers[id(classifier)] = classifier
-            groups.setdefault((id(classifier), min_words), []).append((texts, done))
-        for (key, min_words), items in groups.items():
+            groups.setdefault((classifier, min_words), []).append((texts, done))
+        for (classifier, min_words), items in groups.items():
             try:
-                verdicts = classifiers[key].classify(
-                    [t for texts, _ in items for t in texts], min_words
-                )
+                verdicts = classifier.classify([t for texts, _ in items for t in texts], min_words)
             except Exception as exc:  # every caller of the batch gets the error
                 for _, done in items:
                     if not done.done():

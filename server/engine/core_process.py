@@ -35,7 +35,7 @@ from typing import Any
 
 from server.engine.async_engine import RequestStream
 from server.engine.config import EngineConfig
-from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker
+from server.engine.llm_engine import EngineOverloaded, LLMEngine, build_worker, check_admission
 from server.engine.outputs import AsyncClosing, Delta
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineStats
@@ -246,29 +246,21 @@ class ProcessEngine(AsyncClosing):
         if self._dead is not None:
             raise RuntimeError(f"the engine core is not running: {self._dead}")
         prompt = list(prompt_ids)
-        self._check_admission(len(prompt))
+        info = self._info
+        check_admission(
+            len(prompt),
+            self._waiting + self._sent - self._applied,
+            self.config.max_waiting,
+            info.max_seq_len,
+            info.kv_blocks,
+            info.block_size,
+        )
         request_id = request_id or f"preq-{next(self._ids)}"
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (stream, params.n)
         self._sent += params.n
         self._outbox.put(("add", request_id, prompt, params))
         return stream
-
-    def _check_admission(self, num_prompt_tokens: int) -> None:
-        if self._waiting + self._sent - self._applied >= self.config.max_waiting:
-            raise EngineOverloaded(
-                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
-            )
-        info = self._info
-        if not 1 <= num_prompt_tokens < info.max_seq_len:
-            raise ValueError(
-                f"prompt must have 1 to {info.max_seq_len - 1} tokens, got {num_prompt_tokens}"
-            )
-        if -(-(num_prompt_tokens + 1) // info.block_size) > info.kv_blocks:
-            raise ValueError(
-                f"prompt of {num_prompt_tokens} tokens does not fit a KV cache of "
-                f"{info.kv_blocks} blocks x {info.block_size} tokens"
-            )
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams and self._dead is None:
@@ -325,7 +317,9 @@ class ProcessEngine(AsyncClosing):
                 batch = [self._events.recv()]
                 while len(batch) < READ_BATCH and self._events.poll():
                     batch.append(self._events.recv())
-            except (EOFError, OSError):  # the child exited (or was stopped)
+            except (EOFError, OSError):  # the child exited
+                if self._closing:  # stopped: aclose fails what is still open
+                    return
                 self._proc.join(timeout=5)
                 exc = RuntimeError(f"the engine core exited (code {self._proc.exitcode})")
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
@@ -379,7 +373,7 @@ class ProcessEngine(AsyncClosing):
         """The child is gone: every open stream and pending call fails with ``exc`` (on the
         event loop)."""
         if self._dead is None:
-            self._dead = RuntimeError("the engine core was shut down") if self._closing else exc
+            self._dead = exc
         for stream, _ in self._streams.values():
             stream._put(exc)
         self._streams.clear()

@@ -99,6 +99,27 @@ def build_worker(policy: Policy, config: EngineConfig) -> PolicyWorker:
     return PolicyWorker(policy, blocks, scheduler, ModelRunner(model, cache, config.seed, graphs))
 
 
+def check_admission(
+    num_prompt_tokens: int,
+    queued: int,
+    max_waiting: int,
+    max_seq_len: int,
+    num_blocks: int,
+    block_size: int,
+) -> None:
+    """``EngineOverloaded`` when ``queued`` sequences already wait, ``ValueError`` for a prompt
+    that leaves no room in the context or could never fit the KV pool (both engine fronts)."""
+    if queued >= max_waiting:
+        raise EngineOverloaded(f"waiting queue is full ({max_waiting} sequences); retry later")
+    if not 1 <= num_prompt_tokens < max_seq_len:
+        raise ValueError(f"prompt must have 1 to {max_seq_len - 1} tokens, got {num_prompt_tokens}")
+    if -(-(num_prompt_tokens + 1) // block_size) > num_blocks:
+        raise ValueError(
+            f"prompt of {num_prompt_tokens} tokens does not fit a KV cache of "
+            f"{num_blocks} blocks x {block_size} tokens"
+        )
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -190,20 +211,15 @@ class LLMEngine:
         """Refuse a request before it queues: ``EngineOverloaded`` when ``queued`` sequences
         already wait (the limit is ``max_waiting``), ``ValueError`` for a prompt that leaves
         no room in the model's context or could never fit the KV pool."""
-        if queued >= self.config.max_waiting:
-            raise EngineOverloaded(
-                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
-            )
         worker = self.current
-        limit = worker.policy.config.max_seq_len
-        if not 1 <= num_prompt_tokens < limit:
-            raise ValueError(f"prompt must have 1 to {limit - 1} tokens, got {num_prompt_tokens}")
-        blocks = worker.blocks
-        if blocks.blocks_needed(num_prompt_tokens + 1) > blocks.num_blocks:
-            raise ValueError(
-                f"prompt of {num_prompt_tokens} tokens does not fit a KV cache of "
-                f"{blocks.num_blocks} blocks x {blocks.block_size} tokens"
-            )
+        check_admission(
+            num_prompt_tokens,
+            queued,
+            self.config.max_waiting,
+            worker.policy.config.max_seq_len,
+            worker.blocks.num_blocks,
+            worker.blocks.block_size,
+        )
 
     def add_request(
         self,
