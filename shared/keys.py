@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -61,24 +62,40 @@ def create_key(engine: Engine, user_name: str, *, admin: bool = False) -> str:
 
 def resolve_key(engine: Engine, key: str) -> Principal | None:
     """The principal for a live key, or None for an unknown or revoked one."""
-    if not key or len(key) > 200:
-        return None
-    digest = ApiKey.hash_key(key)
-    with session(engine) as s:
-        row = s.exec(
-            select(ApiKey, User)
-            .join(User, col(User.id) == col(ApiKey.user_id))
-            .where(ApiKey.key_hash == digest)
-        ).first()
-        if row is None:
-            return None
-        api_key, user = row
-        if not hmac.compare_digest(api_key.key_hash, digest) or api_key.revoked_at is not None:
-            return None
-        assert user.id is not None and api_key.id is not None  # rows read from the table
-        return Principal(
-            user_id=user.id, user_name=user.name, key_id=api_key.id, is_admin=api_key.is_admin
-        )
+    return resolve_keys(engine, [key])[0]
+
+
+def resolve_keys(engine: Engine, keys: Sequence[str]) -> list[Principal | None]:
+    """:func:`resolve_key` for each of ``keys``, in one query."""
+    digests = [ApiKey.hash_key(k) if k and len(k) <= 200 else None for k in keys]
+    wanted = {d for d in digests if d is not None}
+    found: dict[str, tuple[str, Principal]] = {}  # by stored hash: (it, its principal)
+    if wanted:
+        with session(engine) as s:
+            rows = s.exec(
+                select(ApiKey, User)
+                .join(User, col(User.id) == col(ApiKey.user_id))
+                .where(col(ApiKey.key_hash).in_(wanted))
+            ).all()
+            for api_key, user in rows:
+                if api_key.revoked_at is not None:
+                    continue
+                assert user.id is not None and api_key.id is not None  # rows read from the table
+                found[api_key.key_hash] = (
+                    api_key.key_hash,
+                    Principal(
+                        user_id=user.id,
+                        user_name=user.name,
+                        key_id=api_key.id,
+                        is_admin=api_key.is_admin,
+                    ),
+                )
+    out: list[Principal | None] = []
+    for digest in digests:
+        stored, principal = found.get(digest or "", ("", None))
+        # found by the hash (the index did the lookup), compared again in constant time
+        out.append(principal if digest and hmac.compare_digest(stored, digest) else None)
+    return out
 
 
 def revoke_key(engine: Engine, prefix: str) -> int:

@@ -114,7 +114,7 @@ class ApiKey(SQLModel, table=True):
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _new_conversation_id() -> str:
+def conversation_uuid() -> str:
     return str(uuid.uuid4())
 
 
@@ -123,7 +123,7 @@ class Conversation(SQLModel, table=True):
 
     __tablename__ = "conversations"
 
-    id: str = Field(default_factory=_new_conversation_id, primary_key=True)
+    id: str = Field(default_factory=conversation_uuid, primary_key=True)
     user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
     title: str = ""
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -24,11 +24,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import bindparam, case, func, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -36,7 +37,7 @@ from sqlmodel import Session, col, select
 
 from shared.db import session
 from shared.messages import MessageError, normalise_message
-from shared.schema import Conversation, Feedback, Message, Ranking, utcnow
+from shared.schema import Conversation, Feedback, Message, Ranking, conversation_uuid, utcnow
 
 TITLE_MAX = 60
 REASON_MAX = 2000
@@ -204,6 +205,53 @@ def log_completion(
     creates (default: a fresh UUID), so a caller that queues the write can tell the client
     the id before it is stored.
     """
+    prepared = _checked_completion(
+        engine,
+        user_id=user_id,
+        completion_id=completion_id,
+        messages=messages,
+        choices=choices,
+        prompt_tokens=prompt_tokens,
+        policy_version=policy_version,
+        sampling_params=sampling_params,
+        latency_ms=latency_ms,
+        incomplete=incomplete,
+        conversation_id=conversation_id,
+        new_conversation_id=new_conversation_id,
+        end_user=end_user,
+    )
+    try:
+        with session(engine) as s:
+            return _file_completion(s, **prepared)
+    except IntegrityError:
+        # A concurrent retry of the same completion won the race.
+        with session(engine) as s:
+            existing = s.exec(
+                select(Message.conversation_id).where(Message.completion_id == completion_id)
+            ).first()
+            if existing is None:
+                raise
+            return _existing_conversation(s, existing, completion_id, user_id)
+
+
+def log_completions(engine: Engine, calls: Sequence[Mapping[str, Any]]) -> list[str]:
+    """:func:`log_completion` for each of ``calls`` (its keyword arguments), in one
+    transaction: all are stored or, on the first error, none (the caller may then write them
+    one at a time, so that only the bad one fails)."""
+    prepared = [_checked_completion(engine, **call) for call in calls]
+    with session(engine) as s:
+        return [_file_completion(s, **p) for p in prepared]
+
+
+def _checked_completion(
+    engine: Engine,
+    *,
+    messages: list[dict[str, Any]],
+    choices: list[LoggedChoice],
+    end_user: str | None = None,
+    **rest: Any,
+) -> dict[str, Any]:
+    """``log_completion``'s arguments checked (:class:`Invalid`) and made storable."""
     if not choices:
         raise Invalid("a completion needs at least one choice")
     if len({c.index for c in choices}) != len(choices):
@@ -215,69 +263,104 @@ def log_completion(
         messages = [{**m, "content": storable(engine, m["content"])} for m in messages]
         choices = [replace(c, text=storable(engine, c.text)) for c in choices]
         end_user = storable(engine, end_user) if end_user is not None else None
-    try:
-        with session(engine) as s:
-            existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()
-            if existing is not None:
-                return _existing_conversation(s, existing, user_id)
-            if conversation_id is None:
-                conv = Conversation(user_id=user_id, title=_title(messages))
-                if new_conversation_id is not None:
-                    conv.id = new_conversation_id
-                s.add(conv)
-                s.flush()
-                parent_id, new = None, messages
-            else:
-                conv = _own_conversation(s, user_id, conversation_id)
-                parent_id, new = _file_along_path(s, conv, messages)
-                conv.updated_at = utcnow()
-                s.add(conv)
-            for m in new:
-                row = Message(
-                    conversation_id=conv.id,
-                    parent_id=parent_id,
-                    role=m["role"],
-                    content=m["content"],
-                )
-                s.add(row)
-                s.flush()
-                parent_id = row.id
-            for c in sorted(choices, key=lambda c: c.index):
-                s.add(
-                    Message(
-                        conversation_id=conv.id,
-                        parent_id=parent_id,
-                        role="assistant",
-                        content=c.text,
-                        policy_version=policy_version,
-                        sampling_params=sampling_params,
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=c.completion_tokens,
-                        completion_id=completion_id,
-                        choice_index=c.index,
-                        finish_reason=c.finish_reason,
-                        logprobs=c.logprobs,
-                        latency_ms=latency_ms,
-                        incomplete=incomplete,
-                        moderation=c.moderation,
-                        end_user=end_user,
-                    )
-                )
-            s.flush()
-            return conv.id
-    except IntegrityError:
-        # A concurrent retry of the same completion won the race.
-        with session(engine) as s:
-            existing = s.exec(select(Message).where(Message.completion_id == completion_id)).first()
-            if existing is None:
-                raise
-            return _existing_conversation(s, existing, user_id)
+    return {"messages": messages, "choices": choices, "end_user": end_user, **rest}
 
 
-def _existing_conversation(s: Session, message: Message, user_id: int) -> str:
-    conv = s.get(Conversation, message.conversation_id)
+_MESSAGES = Message.__table__  # type: ignore[attr-defined]  # SQLModel sets it
+_CONVERSATION_OF = (
+    select(_MESSAGES.c.conversation_id)
+    .where(_MESSAGES.c.completion_id == bindparam("completion_id"))
+    .limit(1)
+)
+_INSERT_CONVERSATION = insert(Conversation.__table__)  # type: ignore[attr-defined]
+_INSERT_MESSAGE = insert(_MESSAGES)
+_INSERT_MESSAGE_ID = insert(_MESSAGES).returning(_MESSAGES.c.id)
+
+
+def _file_completion(
+    s: Session,
+    *,
+    user_id: int,
+    completion_id: str,
+    messages: list[dict[str, str]],
+    choices: list[LoggedChoice],
+    prompt_tokens: int | None,
+    policy_version: str | None,
+    sampling_params: dict[str, Any],
+    latency_ms: float | None,
+    incomplete: bool = False,
+    conversation_id: str | None = None,
+    new_conversation_id: str | None = None,
+    end_user: str | None = None,
+) -> str:
+    """Add a checked completion to ``s``; its conversation's id. Rows go in as Core
+    inserts: the ORM's unit of work cost several times the statements themselves, and every
+    chat request pays it (docs/decisions.md, "Database calls are grouped")."""
+    conn = s.connection()
+    existing = conn.execute(_CONVERSATION_OF, {"completion_id": completion_id}).scalar()
+    if existing is not None:
+        return _existing_conversation(s, existing, completion_id, user_id)
+    now = utcnow()
+    if conversation_id is None:
+        conv_id = new_conversation_id or conversation_uuid()
+        conn.execute(
+            _INSERT_CONVERSATION,
+            {
+                "id": conv_id,
+                "user_id": user_id,
+                "title": _title(messages),
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        parent_id, new = None, messages
+    else:
+        conv = _own_conversation(s, user_id, conversation_id)
+        parent_id, new = _file_along_path(s, conv, messages)
+        conv.updated_at = now
+        s.add(conv)
+        s.flush()
+        conv_id = conv.id
+    for m in new:
+        row = {"conversation_id": conv_id, "parent_id": parent_id, "created_at": now}
+        parent_id = conn.execute(_INSERT_MESSAGE_ID, row | m).scalar_one()
+    assistant = {
+        "conversation_id": conv_id,
+        "parent_id": parent_id,
+        "role": "assistant",
+        "policy_version": policy_version,
+        "sampling_params": sampling_params,
+        "prompt_tokens": prompt_tokens,
+        "completion_id": completion_id,
+        "latency_ms": latency_ms,
+        "incomplete": incomplete,
+        "end_user": end_user,
+        "created_at": now,
+    }
+    conn.execute(
+        _INSERT_MESSAGE,
+        [
+            assistant
+            | {
+                "content": c.text,
+                "completion_tokens": c.completion_tokens,
+                "choice_index": c.index,
+                "finish_reason": c.finish_reason,
+                "logprobs": c.logprobs,
+                "moderation": c.moderation,
+            }
+            for c in sorted(choices, key=lambda c: c.index)
+        ],
+    )
+    return conv_id
+
+
+def _existing_conversation(
+    s: Session, conversation_id: str, completion_id: str, user_id: int
+) -> str:
+    conv = s.get(Conversation, conversation_id)
     if conv is None or conv.user_id != user_id:
-        raise Invalid(f"completion id {message.completion_id} is already used")
+        raise Invalid(f"completion id {completion_id} is already used")
     return conv.id
 
 

@@ -7,19 +7,19 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.requests import HTTPConnection
 from sqlalchemy.engine import Engine
 
+from server.api.batching import GroupRunner
 from server.api.limits import Quota, RateLimiter
 from server.api.protocol import APIError
 from server.api.spool import WriteSpool, is_unavailable
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
-from shared.keys import Principal, resolve_key
+from shared.keys import Principal, resolve_keys
 
 if TYPE_CHECKING:
     from server.api.metrics import Metrics
@@ -79,6 +79,16 @@ class AppState:
     policy_sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     moderation: ModerationHook | None = None  # the chat hook and /v1/moderations' classifier
 
+    # writes of a kind that concurrent requests make in one transaction (server.api.writes)
+    write_groups: dict[str, GroupRunner[Any, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # every request's key is looked up again (a revoked key stops at once), concurrent
+        # requests' keys in one query
+        self.key_lookup: GroupRunner[str, Principal | None] = GroupRunner(
+            lambda keys: resolve_keys(self.db, keys)
+        )
+
     def check_rate(self, principal: Principal) -> Quota | None:
         """429 when ``principal``'s key is over its rate limit; else its quota (None: no
         limit)."""
@@ -87,8 +97,14 @@ class AppState:
         return None
 
 
-def get_state(connection: HTTPConnection) -> AppState:
+def state_of(connection: HTTPConnection) -> AppState:
     return connection.app.state.palmchat
+
+
+async def get_state(connection: HTTPConnection) -> AppState:
+    """The dependency: async, as FastAPI runs a plain function's dependency on a worker
+    thread, a thread hop per request for an attribute read."""
+    return state_of(connection)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -111,7 +127,7 @@ async def authenticate(state: AppState, key: str | None) -> Principal:
             code="invalid_api_key",
         )
     try:
-        principal = await run_in_threadpool(resolve_key, state.db, key)
+        principal = await state.key_lookup(key)
     except Exception as e:
         if not is_unavailable(e):
             raise
@@ -134,7 +150,7 @@ async def authenticate(state: AppState, key: str | None) -> Principal:
 
 
 async def get_principal(request: Request) -> Principal:
-    state = get_state(request)
+    state = state_of(request)
     principal = await authenticate(state, bearer_token(request.headers.get("authorization")))
     request.state.principal = principal
     quota = state.check_rate(principal)

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,14 @@ class SpoolError(Exception):
 # --------------------------------------------------------------------------- appliers
 
 
-def _log_completion(engine: Engine, args: Mapping[str, Any]) -> str:
+def _completion_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = dict(args)
     kwargs["choices"] = [store.LoggedChoice(**c) for c in kwargs["choices"]]
-    return store.log_completion(engine, **kwargs)
+    return kwargs
+
+
+def _log_completion(engine: Engine, args: Mapping[str, Any]) -> str:
+    return store.log_completion(engine, **_completion_kwargs(args))
 
 
 APPLIERS: dict[str, Callable[[Engine, Mapping[str, Any]], Any]] = {
@@ -107,7 +111,36 @@ APPLIERS: dict[str, Callable[[Engine, Mapping[str, Any]], Any]] = {
     "ranking": lambda engine, args: store.record_ranking(engine, **args),
     "labels": lambda engine, args: record_labels(engine, **args),
 }
+# appliers of many writes of a kind in one transaction, all or none (see apply_many)
+BATCH_APPLIERS: dict[str, Callable[[Engine, Sequence[Mapping[str, Any]]], list[Any]]] = {
+    "completion": lambda engine, calls: store.log_completions(
+        engine, [_completion_kwargs(args) for args in calls]
+    ),
+}
 PERMANENT_ERRORS = (store.NotFound, store.Invalid)
+_UNAVAILABLE = object()  # a write_many entry not applied: to be spooled
+
+
+def apply_many(engine: Engine, kind: str, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Apply ``calls`` of ``kind``: one entry per call, its result or the exception it alone
+    raised. In one transaction when the kind has a batch applier; when that fails for a
+    reason other than unavailability, each call again on its own, so that only a bad call
+    fails. Raises when the database is unavailable for the batch."""
+    apply = APPLIERS[kind]
+    batch = BATCH_APPLIERS.get(kind)
+    if batch is not None and len(calls) > 1:
+        try:
+            return batch(engine, calls)
+        except Exception as e:
+            if is_unavailable(e):
+                raise
+    out: list[Any] = []
+    for args in calls:
+        try:
+            out.append(apply(engine, args))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 # --------------------------------------------------------------------------- spool
@@ -278,16 +311,35 @@ class WriteSpool:
         unavailable or earlier writes are still spooled. Returns only once the write is
         committed or durably spooled; store errors (NotFound, Invalid...) of a direct write
         propagate; :class:`SpoolError` when it can be neither committed nor spooled."""
-        apply = APPLIERS[kind]
+        result = self.write_many(kind, [args])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def write_many(self, kind: str, calls: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """:meth:`write` for each of ``calls`` (:func:`apply_many`): one entry per call, a
+        :class:`Written` or the exception that call alone raised."""
+        results: list[Any] = [_UNAVAILABLE] * len(calls)
         if not self._queue:
             try:
-                return Written(apply(self.engine, args))
+                results = apply_many(self.engine, kind, calls)
             except Exception as e:
                 if not is_unavailable(e):
                     raise
-                log.warning("database unavailable (%s); spooling a %s write", _reason(e), kind)
-        self._append(kind, args)
-        return Written(queued=True)
+                log.warning("database unavailable (%s); spooling %s writes", _reason(e), kind)
+        out: list[Any] = []
+        for args, result in zip(calls, results, strict=True):
+            if isinstance(result, Exception) and is_unavailable(result):
+                log.warning("database unavailable (%s); spooling a %s write", _reason(result), kind)
+            elif result is not _UNAVAILABLE:
+                out.append(result if isinstance(result, Exception) else Written(result))
+                continue
+            try:
+                self._append(kind, args)
+                out.append(Written(queued=True))
+            except SpoolError as e:
+                out.append(e)
+        return out
 
     def _append(self, kind: str, args: Mapping[str, Any]) -> None:
         record: dict[str, Any] = {"kind": kind, "accepted_at": utcnow().isoformat(), "args": args}

@@ -9,21 +9,36 @@ thumb or ranking is answered ``202`` with ``"queued": true`` (its row id is not 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from server.api.batching import GroupRunner
 from server.api.deps import AppState
 from server.api.protocol import FeedbackRequest, LabelRequest, RankingRequest
-from server.api.spool import APPLIERS, Written
+from server.api.spool import APPLIERS, BATCH_APPLIERS, Written, apply_many
 from shared.keys import Principal
 
 
 async def write(state: AppState, kind: str, args: Mapping[str, Any]) -> Written:
-    """Commit or spool one write (off the event loop)."""
+    """Commit or spool one write (off the event loop); conversation-log writes of concurrent
+    requests go in one transaction (:class:`~server.api.batching.GroupRunner`)."""
+    if kind in BATCH_APPLIERS:
+        runner = state.write_groups.get(kind)
+        if runner is None:
+            runner = state.write_groups[kind] = GroupRunner(partial(_write_many, state, kind))
+        return await runner(args)
     if state.spool is None:
         return Written(await run_in_threadpool(APPLIERS[kind], state.db, args))
     return await run_in_threadpool(state.spool.write, kind, args)
+
+
+def _write_many(state: AppState, kind: str, calls: list[Mapping[str, Any]]) -> list[Any]:
+    if state.spool is not None:
+        return state.spool.write_many(kind, calls)
+    results = apply_many(state.db, kind, calls)
+    return [r if isinstance(r, Exception) else Written(r) for r in results]
 
 
 def count_feedback(state: AppState, row: Mapping[str, Any]) -> None:

@@ -23,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server.api import serving, writes
-from server.api.deps import authenticate, bearer_token, get_state
+from server.api.deps import authenticate, bearer_token, state_of
 from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest, LabelRequest
 from server.api.spool import SpoolError, is_unavailable
 from shared import store
@@ -72,7 +72,7 @@ def _validation_error(e: ValidationError) -> APIError:
 class ChatSocket:
     def __init__(self, ws: WebSocket, principal: Principal) -> None:
         self.ws, self.principal = ws, principal
-        self.state = get_state(ws)
+        self.state = state_of(ws)
         self.tasks: dict[str, asyncio.Task] = {}
         self.send_lock = asyncio.Lock()
         self.counter = 0
@@ -264,7 +264,7 @@ async def _receive_json(ws: WebSocket) -> dict[str, Any] | None:
 
 @router.websocket("/v1/chat/ws")
 async def chat_ws(ws: WebSocket) -> None:
-    state = get_state(ws)
+    state = state_of(ws)
     await ws.accept()
     key = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("api_key")
     try:

@@ -304,3 +304,42 @@ def test_a_stopped_server_closes_its_engine_and_its_spool(tmp_path: Path, tiny_s
         ).raise_for_status()  # fmt: skip
         assert state.engine is not None and state.spool is not None and state.spool.running
     assert state.engine is None and not state.spool.running
+
+
+async def test_concurrent_requests_each_get_their_own_keys_answer(server) -> None:
+    """Keys of concurrent requests are looked up together: each request still gets the
+    answer for its own key (a live key of either user, a revoked one, an unknown one), and
+    each user's chats are logged as theirs."""
+    import asyncio
+
+    from shared.keys import create_key, revoke_key
+
+    db = server.state.db
+    bob = create_key(db, "bob")
+    revoked = create_key(db, "mallory")
+    assert revoke_key(db, revoked[:8]) == 1
+    keys = [server.key, bob, revoked, "pc-unknown-key", server.key, bob] * 4
+    body = {"model": "palmchat", "max_tokens": 2, "temperature": 0}
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+
+        async def chat(i: int, key: str) -> tuple[int, str | None]:
+            r = await http.post(
+                "/v1/chat/completions",
+                json=body | {"messages": [{"role": "user", "content": f"chat {i}"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            if r.status_code != 200:
+                return r.status_code, r.json()["error"]["code"]
+            conv = r.json()["conversation_id"]
+            log = await http.get(
+                f"/v1/conversations/{conv}", headers={"Authorization": f"Bearer {key}"}
+            )
+            return log.status_code, log.json()["messages"][0]["content"]
+
+        results = await asyncio.gather(*(chat(i, k) for i, k in enumerate(keys)))
+    for i, (key, result) in enumerate(zip(keys, results, strict=True)):
+        if key in (server.key, bob):
+            assert result == (200, f"chat {i}")
+        else:
+            assert result == (401, "invalid_api_key")

@@ -172,3 +172,41 @@ def test_unavailability_is_told_apart_from_bad_requests(db: Engine) -> None:
         make_engine(DOWN_URL).connect()
     assert is_unavailable(down.value)
     assert not is_unavailable(NotFound("x")) and not is_unavailable(ValueError("x"))
+
+
+def _conversation_messages(engine: Engine, conv: str) -> list[tuple[str, str]]:
+    with session(engine) as s:
+        rows = s.exec(select(Message).where(Message.conversation_id == conv).order_by(Message.id))
+        return [(m.role, m.content) for m in rows]
+
+
+def test_a_group_of_completions_is_written_together_and_a_bad_one_fails_alone(
+    tmp_path: Path, db: Engine
+) -> None:
+    spool = WriteSpool(tmp_path / "spool", db)
+    convs = [f"c0ffee00-0000-4000-8000-00000000001{i}" for i in range(3)]
+    calls = [_completion(f"chatcmpl-g{i}", conv) for i, conv in enumerate(convs)]
+    # someone else's conversation (user 2 does not even exist): refused, the others stored
+    stranger = _completion("chatcmpl-x", convs[0]) | {"user_id": 2, "conversation_id": convs[0]}
+    results = spool.write_many("completion", [calls[0], stranger, *calls[1:]])
+    assert isinstance(results[1], NotFound)
+    assert [r.result for i, r in enumerate(results) if i != 1] == convs
+    for conv in convs:
+        assert _conversation_messages(db, conv) == [("user", "3 + 3?"), ("assistant", "6")]
+    # written again (a retried request): the same conversations, nothing doubled
+    again = spool.write_many("completion", calls)
+    assert [r.result for r in again] == convs
+    assert _conversation_messages(db, convs[0]) == [("user", "3 + 3?"), ("assistant", "6")]
+
+
+def test_a_group_is_spooled_whole_while_the_database_is_down(tmp_path: Path, db: Engine) -> None:
+    down = WriteSpool(tmp_path / "spool", make_engine(DOWN_URL))
+    down.start()
+    convs = [f"c0ffee00-0000-4000-8000-00000000002{i}" for i in range(4)]
+    calls = [_completion(f"chatcmpl-d{i}", conv) for i, conv in enumerate(convs)]
+    assert all(r.queued for r in down.write_many("completion", calls))
+    assert down.backlog == 4
+    down.stop(timeout=0.5)  # still down: the writes stay on disk for the next process
+    _replay_all(WriteSpool(tmp_path / "spool", db))
+    for conv in convs:
+        assert _conversation_messages(db, conv) == [("user", "3 + 3?"), ("assistant", "6")]
