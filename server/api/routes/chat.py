@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from sse_starlette.sse import EventSourceResponse
+from fastapi import APIRouter, Response
 
 from server.api import serving
 from server.api.deps import AppState, CurrentUser, State
 from server.api.protocol import (
     APIError,
     ChatCompletionRequest,
-    ChatCompletionResponse,
     ModelCard,
     ModelList,
+    json_response,
 )
 from server.api.sse import sse_response
 
@@ -53,10 +52,10 @@ async def retrieve_model(model: str, state: State, _: CurrentUser) -> ModelCard:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, state: State, user: CurrentUser
-) -> ChatCompletionResponse | EventSourceResponse:
+) -> Response:
     completion = await serving.prepare(state, body, user)
     if not body.stream:
-        return await serving.complete(state, completion)
+        return json_response(await serving.complete(state, completion))
 
     # the first chunk is awaited before answering: a full queue is a 429, not a broken 200
     return await sse_response(serving.stream_chunks(state, completion))
