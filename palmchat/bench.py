@@ -157,6 +157,14 @@ def bench_api(
             "(TTFT); 0 skips it.",
         ),
     ] = 5,
+    stream_rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Interleaved rounds of the long streams (engine alone, through the API with "
+            "the engine in process, with the engine core in a process of its own).",
+        ),
+    ] = 5,
 ) -> None:
     """Concurrent SSE streams through uvicorn vs the engine alone (same run): tokens/s, TTFT.
 
@@ -186,5 +194,6 @@ def bench_api(
         short_rounds=short_rounds,
         client_process=client_process,
         moderation_rounds=moderation_rounds,
+        stream_rounds=stream_rounds,
     )
     console.print_json(json.dumps(results))

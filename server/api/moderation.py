@@ -248,12 +248,14 @@ class Screen:
     released: list[str] = field(default_factory=list)
     checked: list[int] = field(default_factory=list)
     held: list[list[Delta]] = field(default_factory=list)
+    held_text: list[str] = field(default_factory=list)  # the held deltas' text
     decisions: list[Decision | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.released = [""] * self.n
         self.checked = [-1] * self.n  # length of the text the last check covered
         self.held = [[] for _ in range(self.n)]
+        self.held_text = [""] * self.n
         self.decisions = [None] * self.n
 
     @property
@@ -270,7 +272,8 @@ class Screen:
             if stopped[i]:
                 continue
             self.held[i].append(delta)
-            text = self.released[i] + "".join(d.text for d in self.held[i])
+            self.held_text[i] += delta.text
+            text = self.released[i] + self.held_text[i]
             due = (
                 delta.finish_reason is not None
                 or self.checked[i] < 0
@@ -296,10 +299,11 @@ class Screen:
                     if all(stopped):
                         return  # the caller cancels the engine request
                     continue
-            for d in self.held[i]:
-                self.released[i] += d.text
+            self.released[i] = text
+            self.held_text[i] = ""
+            held, self.held[i] = self.held[i], []
+            for d in held:
                 yield d
-            self.held[i].clear()
 
 
 def _worst(old: Decision | None, new: Decision) -> Decision:
