@@ -222,7 +222,7 @@ def log_completion(
     )
     try:
         with session(engine) as s:
-            return _file_completion(s, **prepared)
+            return _file_completion(s, prepared)
     except IntegrityError:
         # A concurrent retry of the same completion won the race.
         with session(engine) as s:
@@ -240,7 +240,7 @@ def log_completions(engine: Engine, calls: Sequence[Mapping[str, Any]]) -> list[
     one at a time, so that only the bad one fails)."""
     prepared = [_checked_completion(engine, **call) for call in calls]
     with session(engine) as s:
-        return [_file_completion(s, **p) for p in prepared]
+        return [_file_completion(s, p) for p in prepared]
 
 
 def _checked_completion(
@@ -275,34 +275,24 @@ _CONVERSATION_OF = (
 _INSERT_CONVERSATION = insert(Conversation.__table__)  # type: ignore[attr-defined]
 _INSERT_MESSAGE = insert(_MESSAGES)
 _INSERT_MESSAGE_ID = insert(_MESSAGES).returning(_MESSAGES.c.id)
+# what every candidate of a request is stored with, as the caller gave it
+_PER_REQUEST = ("policy_version", "sampling_params", "prompt_tokens", "latency_ms")
 
 
-def _file_completion(
-    s: Session,
-    *,
-    user_id: int,
-    completion_id: str,
-    messages: list[dict[str, str]],
-    choices: list[LoggedChoice],
-    prompt_tokens: int | None,
-    policy_version: str | None,
-    sampling_params: dict[str, Any],
-    latency_ms: float | None,
-    incomplete: bool = False,
-    conversation_id: str | None = None,
-    new_conversation_id: str | None = None,
-    end_user: str | None = None,
-) -> str:
-    """Add a checked completion to ``s``; its conversation's id. Rows go in as Core
-    inserts: the ORM's unit of work cost several times the statements themselves, and every
-    chat request pays it (docs/decisions.md, "Database calls are grouped")."""
+def _file_completion(s: Session, call: Mapping[str, Any]) -> str:
+    """Add a completion (``log_completion``'s arguments, checked) to ``s``; its
+    conversation's id. Rows go in as Core inserts: the ORM's unit of work cost several times
+    the statements themselves, and every chat request pays it (docs/decisions.md, "Database
+    calls are grouped")."""
+    user_id, completion_id, messages = call["user_id"], call["completion_id"], call["messages"]
+    conversation_id = call.get("conversation_id")
     conn = s.connection()
     existing = conn.execute(_CONVERSATION_OF, {"completion_id": completion_id}).scalar()
     if existing is not None:
         return _existing_conversation(s, existing, completion_id, user_id)
     now = utcnow()
     if conversation_id is None:
-        conv_id = new_conversation_id or conversation_uuid()
+        conv_id = call.get("new_conversation_id") or conversation_uuid()
         conn.execute(
             _INSERT_CONVERSATION,
             {
@@ -328,14 +318,11 @@ def _file_completion(
         "conversation_id": conv_id,
         "parent_id": parent_id,
         "role": "assistant",
-        "policy_version": policy_version,
-        "sampling_params": sampling_params,
-        "prompt_tokens": prompt_tokens,
         "completion_id": completion_id,
-        "latency_ms": latency_ms,
-        "incomplete": incomplete,
-        "end_user": end_user,
+        "incomplete": call.get("incomplete", False),
+        "end_user": call.get("end_user"),
         "created_at": now,
+        **{k: call[k] for k in _PER_REQUEST},
     }
     conn.execute(
         _INSERT_MESSAGE,
@@ -349,7 +336,7 @@ def _file_completion(
                 "logprobs": c.logprobs,
                 "moderation": c.moderation,
             }
-            for c in sorted(choices, key=lambda c: c.index)
+            for c in sorted(call["choices"], key=lambda c: c.index)
         ],
     )
     return conv_id
