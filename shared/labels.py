@@ -11,7 +11,8 @@ from sqlmodel import col, select
 
 from shared.db import session
 from shared.schema import LABELS, Label, Message, utcnow
-from shared.store import REASON_MAX, Invalid, NotFound, own_choices, upsert
+from shared.store import REASON_MAX, Invalid, NotFound
+from shared.votes import own_choices, upsert
 
 
 def record_labels(

@@ -17,7 +17,8 @@ from shared.checkpoints import CheckpointError, PolicyRegistry
 from shared.db import session
 from shared.moderation import is_refusal
 from shared.schema import Label, Message, Policy, utcnow
-from shared.store import NotFound, feedback_summary
+from shared.store import NotFound
+from shared.votes import feedback_summary
 
 
 def active_version(engine: Engine) -> str | None:

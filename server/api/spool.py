@@ -62,7 +62,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from shared import store
+from shared import store, votes
 from shared.checkpoints import fsync_path
 from shared.db import DatabaseError
 from shared.labels import record_labels
@@ -107,8 +107,8 @@ def _log_completion(engine: Engine, args: Mapping[str, Any]) -> str:
 APPLIERS: dict[str, Callable[[Engine, Mapping[str, Any]], Any]] = {
     # args of log_completion, with ``choices`` as dicts of LoggedChoice fields
     "completion": _log_completion,
-    "feedback": lambda engine, args: store.record_feedback(engine, **args),
-    "ranking": lambda engine, args: store.record_ranking(engine, **args),
+    "feedback": lambda engine, args: votes.record_feedback(engine, **args),
+    "ranking": lambda engine, args: votes.record_ranking(engine, **args),
     "labels": lambda engine, args: record_labels(engine, **args),
 }
 # appliers of many writes of a kind in one transaction, all or none (see apply_many)

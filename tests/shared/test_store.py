@@ -18,13 +18,11 @@ from shared.store import (
     NotFound,
     continuation_prompt,
     delete_conversation,
-    feedback_summary,
     get_conversation,
     list_conversations,
     log_completion,
-    record_feedback,
-    record_ranking,
 )
+from shared.votes import feedback_summary, record_feedback, record_ranking
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 HELLO = {"role": "user", "content": "Hello there"}

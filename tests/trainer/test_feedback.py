@@ -12,7 +12,8 @@ from shared.feedback_reader import LABEL_WEIGHTS, export_kto, export_messages, e
 from shared.labels import record_labels
 from shared.moderation import REFUSAL_REPLY
 from shared.schema import Feedback, Message, User
-from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
+from shared.store import LoggedChoice, log_completion
+from shared.votes import record_feedback, record_ranking
 from trainer.feedback import (
     Watermark,
     is_heldout,

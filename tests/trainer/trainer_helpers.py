@@ -19,8 +19,9 @@ from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.db import session
 from shared.schema import User
-from shared.store import LoggedChoice, log_completion, record_feedback, record_ranking
+from shared.store import LoggedChoice, log_completion
 from shared.tokenizer import apply_chat_template
+from shared.votes import record_feedback, record_ranking
 from trainer.config import TrainerConfig
 from trainer.loop import TrainerContext
 
