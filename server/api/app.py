@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp
 
 from server.api import chat_log, redact, request_id, writes
+from server.api.appliers import is_unavailable
 from server.api.deps import AppState, State
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit, RateLimiter
@@ -49,7 +50,7 @@ from server.api.routes import (
     ws,
 )
 from server.api.serving import Backend
-from server.api.spool import WriteSpool, is_unavailable
+from server.api.spool import WriteSpool
 from server.engine import AsyncEngine, EngineConfig, LLMEngine, ProcessEngine
 from shared.bootstrap import SEED_DIR, prepare
 from shared.checkpoints import CheckpointError

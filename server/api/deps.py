@@ -13,10 +13,11 @@ from fastapi import Depends, Request
 from fastapi.requests import HTTPConnection
 from sqlalchemy.engine import Engine
 
+from server.api.appliers import is_unavailable
 from server.api.batching import GroupRunner
 from server.api.limits import Quota, RateLimiter
 from server.api.protocol import APIError
-from server.api.spool import WriteSpool, is_unavailable
+from server.api.spool import WriteSpool
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_keys

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.appliers import is_unavailable
 from server.api.protocol import APIError
-from server.api.spool import SpoolError, is_unavailable
+from server.api.spool import SpoolError
 from shared.db import DatabaseError
 from shared.store import Invalid, NotFound
 

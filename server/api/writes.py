@@ -14,10 +14,11 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from server.api.appliers import APPLIERS, BATCH_APPLIERS, apply_many
 from server.api.batching import GroupRunner
 from server.api.deps import AppState
 from server.api.protocol import FeedbackRequest, LabelRequest, RankingRequest
-from server.api.spool import APPLIERS, BATCH_APPLIERS, Written, apply_many
+from server.api.spool import Written
 from shared.keys import Principal
 
 

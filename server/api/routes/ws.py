@@ -23,9 +23,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server.api import serving, writes
+from server.api.appliers import is_unavailable
 from server.api.deps import authenticate, bearer_token, state_of
 from server.api.protocol import APIError, ChatCompletionRequest, FeedbackRequest, LabelRequest
-from server.api.spool import SpoolError, is_unavailable
+from server.api.spool import SpoolError
 from shared import store
 from shared.keys import Principal
 

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from server.api.spool import APPLIED_SUFFIX, REJECTED_FILE, WriteSpool, is_unavailable
+from server.api.appliers import is_unavailable
+from server.api.spool import APPLIED_SUFFIX, REJECTED_FILE, WriteSpool
 from shared.db import init_db, make_engine, session
 from shared.schema import Feedback, Message, Ranking, User
 from shared.store import LoggedChoice, NotFound, log_completion
