@@ -91,17 +91,19 @@ class AsyncEngine(AsyncClosing):
         prompt_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> RequestStream:
-        """Queue a request; iterate the returned stream for its deltas. Must be called from a
-        running event loop. Raises :class:`EngineOverloaded` when the waiting queue is full
-        (counting requests submitted but not yet queued) and ``ValueError`` for a prompt the
-        engine cannot take."""
+        """Queue a request on ``version`` (None: the current one); iterate the returned stream
+        for its deltas. Must be called from a running event loop. Raises
+        :class:`EngineOverloaded` when the waiting queue is full (counting requests submitted
+        but not yet queued) and ``ValueError`` for a prompt the engine cannot take or a
+        version it does not serve."""
         params = params or SamplingParams()
         if self._stop:
             raise RuntimeError("the engine is shut down")
         prompt = list(prompt_ids)
         with self._lock:
-            self.engine.check_admission(len(prompt), self._waiting + self._pending)
+            self.engine.check_admission(len(prompt), self._waiting + self._pending, version)
             self._pending += params.n
         request_id = request_id or f"areq-{next(self._ids)}"
         stream = RequestStream(self, request_id, params.n)
@@ -109,7 +111,7 @@ class AsyncEngine(AsyncClosing):
 
         def add() -> None:
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, version)
             except Exception as exc:  # overloaded or invalid: the stream raises it
                 self._deliver({request_id: [exc]})
             finally:
@@ -124,21 +126,26 @@ class AsyncEngine(AsyncClosing):
         self._submit(lambda: self._deliver(self._group(self.engine.abort(request_id))))
 
     # -- policies ---------------------------------------------------------------------------
-    async def load_policy(self, version: str) -> str:
-        """Load and verify ``version`` off the loop thread, then make it serve new requests.
-        A version that fails verification raises ``CheckpointError``; the current one stays."""
+    async def load_policy(self, version: str, *, beside: bool = False) -> str:
+        """Load and verify ``version`` off the loop thread, then make it serve new requests
+        (with ``beside``: only requests that name it, :meth:`LLMEngine.load_policy`). A
+        version that fails verification raises ``CheckpointError``; the current one stays."""
         if version == self.engine.version:
             return version
-        if await self._on_loop(lambda: self.engine.reuse_worker(version)):
+        if await self._on_loop(lambda: self.engine.reuse_worker(version, beside=beside)):
             return version
         # Reading and verifying the files happens off the loop; building the worker (dtype and
         # layout changes, KV pool allocation) happens on the engine thread between two steps,
         # so no tensor work of the new policy ever runs alongside a step of the old one.
         policy = await asyncio.to_thread(self.engine.load_verified, version)
         await self._on_loop(
-            lambda: self.engine.add_worker(build_worker(policy, self.engine.config))
+            lambda: self.engine.add_worker(build_worker(policy, self.engine.config), beside=beside)
         )
         return version
+
+    async def release(self, version: str) -> None:
+        """Stop serving ``version`` beside the current one (:meth:`LLMEngine.release`)."""
+        await self._on_loop(lambda: self.engine.release(version))
 
     async def _on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result."""

@@ -114,6 +114,7 @@ def _core_main(
     changed = False  # anything since the stats last sent
     loader = ThreadPoolExecutor(1, thread_name_prefix="palmchat-core-loader")
     loading: dict[int, Future[Policy]] = {}  # load calls -> the version being read
+    besides: dict[int, bool] = {}  # load calls -> whether it is served beside the current one
     while True:
         busy = engine.has_work()
         out: list[Any] = []
@@ -124,26 +125,31 @@ def _core_main(
                 if kind == "stop":
                     return
                 if kind == "add":
-                    _, request_id, prompt, params = message
+                    _, request_id, prompt, params, version = message
                     applied += params.n
                     try:
-                        engine.add_request(prompt, params, request_id)
+                        engine.add_request(prompt, params, request_id, version)
                     except Exception as exc:
                         out.append(("error", request_id, *_wire_error(exc)))
                 elif kind == "abort":
                     out.append(("deltas", engine.abort(message[1])))
                 elif kind == "load":
-                    _, call, wanted = message
-                    if wanted == engine.version or engine.reuse_worker(wanted):
+                    _, call, wanted, beside = message
+                    if wanted == engine.version or engine.reuse_worker(wanted, beside=beside):
                         out.append(("reply", call, None, _info(engine)))
                     else:  # read and verify off the step loop, as the in-process front does
                         loading[call] = loader.submit(engine.load_verified, wanted)
+                        besides[call] = beside
+                elif kind == "release":
+                    engine.release(message[1])
                 busy = changed = True
             for call, future in list(loading.items()):
                 if future.done():
                     del loading[call]
                     try:  # the worker is built here, between two steps
-                        engine.add_worker(build_worker(future.result(), engine.config))
+                        engine.add_worker(
+                            build_worker(future.result(), engine.config), beside=besides.pop(call)
+                        )
                         out.append(("reply", call, None, _info(engine)))
                     except Exception as exc:
                         out.append(("reply", call, _wire_error(exc), None))
@@ -186,6 +192,7 @@ class ProcessEngine(AsyncClosing):
         self._sent = 0  # sequences of the add commands sent so far
         self._applied = 0  # ... and applied by the child, as of its latest message
         self._waiting = 0
+        self.beside: set[str] = set()  # versions the child serves beside the current one
         self._stats = EngineStats()
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._dead: Exception | None = None
@@ -238,13 +245,19 @@ class ProcessEngine(AsyncClosing):
         prompt_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> RequestStream:
-        """Queue a request (from the event loop :meth:`start` ran on). Raises
-        :class:`EngineOverloaded` when the waiting queue is full and ``ValueError`` for a prompt
-        the engine cannot take, as the in-process engine does."""
+        """Queue a request on ``version`` (None: the current one), from the event loop
+        :meth:`start` ran on. Raises :class:`EngineOverloaded` when the waiting queue is full
+        and ``ValueError`` for a prompt the engine cannot take or a version it does not
+        serve, as the in-process engine does."""
         params = params or SamplingParams()
         if self._dead is not None:
             raise RuntimeError(f"the engine core is not running: {self._dead}")
+        if version == self.version:
+            version = None
+        if version is not None and version not in self.beside:
+            raise ValueError(f"policy {version} is not being served")
         prompt = list(prompt_ids)
         info = self._info
         check_admission(
@@ -259,16 +272,17 @@ class ProcessEngine(AsyncClosing):
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = (stream, params.n)
         self._sent += params.n
-        self._outbox.put(("add", request_id, prompt, params))
+        self._outbox.put(("add", request_id, prompt, params, version))
         return stream
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams and self._dead is None:
             self._outbox.put(("abort", request_id))
 
-    async def load_policy(self, version: str) -> str:
-        """Serve ``version`` to new requests (the child loads and verifies it between steps;
-        ``CheckpointError`` if it fails, and the current version stays)."""
+    async def load_policy(self, version: str, *, beside: bool = False) -> str:
+        """Serve ``version`` to new requests, or with ``beside`` only to requests that name it
+        (the child loads and verifies it between steps; ``CheckpointError`` if it fails, and
+        the current version stays)."""
         if version == self.version:
             return version
         if self._dead is not None:
@@ -277,12 +291,22 @@ class ProcessEngine(AsyncClosing):
         call = next(self._ids)
         done: asyncio.Future[PolicyInfo] = self._loop.create_future()
         self._calls[call] = done
-        self._outbox.put(("load", call, version))
+        self._outbox.put(("load", call, version, beside))
         info = await done
+        if beside:
+            self.beside.add(version)
+            return version
+        self.beside.discard(version)
         # the tokenizer is read here, off the loop
         self._tokenizer = await asyncio.to_thread(self.registry.tokenizer, info.version)
         self._info = info
         return info.version
+
+    async def release(self, version: str) -> None:
+        """Stop serving ``version`` beside the current one; requests on it finish first."""
+        self.beside.discard(version)
+        if self._dead is None:
+            self._outbox.put(("release", version))
 
     async def aclose(self) -> None:
         self._closing = True

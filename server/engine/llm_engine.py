@@ -132,6 +132,9 @@ class LLMEngine:
             torch.set_num_threads(self.config.threads())
         self.registry = registry
         self.workers: dict[str, PolicyWorker] = {}
+        # versions served beside the current one to requests that name them (a canary):
+        # loaded until released, drained or not
+        self.beside: set[str] = set()
         self._retired = _Retired()  # counters of unloaded policy versions
         self.current = self.add_worker(build_worker(policy, self.config))
         self.texts: dict[Sequence, TextState] = {}
@@ -160,11 +163,18 @@ class LLMEngine:
     def version(self) -> str:
         return self.current.version
 
-    def add_worker(self, worker: PolicyWorker) -> PolicyWorker:
+    def add_worker(self, worker: PolicyWorker, *, beside: bool = False) -> PolicyWorker:
+        """Serve ``worker``'s version to new requests, or with ``beside`` only to those that
+        name it (:meth:`add_request`'s ``version``), the current version staying."""
         if worker.version in self.workers:
             raise ValueError(f"policy {worker.version} is already loaded")
         self.workers[worker.version] = worker
+        if beside:
+            self.beside.add(worker.version)
+            log.info("serving policy %s beside %s", worker.version, self.current.version)
+            return worker
         self.current = worker
+        self.beside.discard(worker.version)
         log.info("serving policy %s for new requests", worker.version)
         self._drop_drained_workers()  # a replaced version with nothing in flight goes now
         return worker
@@ -182,22 +192,36 @@ class LLMEngine:
             raise ValueError(f"policy {version} is already loaded")
         return build_worker(self.load_verified(version), self.config)
 
-    def reuse_worker(self, version: str) -> bool:
-        """Serve an already-loaded version again (e.g. a rollback before the old one drained)."""
+    def reuse_worker(self, version: str, *, beside: bool = False) -> bool:
+        """Serve an already-loaded version again (e.g. a rollback before the old one drained,
+        or the promotion of a version served beside); with ``beside``, keep it loaded for the
+        requests that name it."""
         worker = self.workers.get(version)
         if worker is None:
             return False
+        if beside:
+            if worker is not self.current:
+                self.beside.add(version)
+            return True
         self.current = worker
+        self.beside.discard(version)
         log.info("serving policy %s for new requests (still loaded)", version)
         self._drop_drained_workers()
         return True
 
-    def load_policy(self, version: str) -> str:
-        """Serve ``version`` to new requests; in-flight ones finish on theirs."""
-        if version == self.version or self.reuse_worker(version):
+    def load_policy(self, version: str, *, beside: bool = False) -> str:
+        """Serve ``version`` to new requests (in-flight ones finish on theirs), or with
+        ``beside`` only to requests that name it, the current version staying."""
+        if version == self.version or self.reuse_worker(version, beside=beside):
             return version
-        self.add_worker(self.prepare_policy(version))
+        self.add_worker(self.prepare_policy(version), beside=beside)
         return version
+
+    def release(self, version: str) -> None:
+        """Stop serving a version beside the current one: requests in flight on it finish,
+        then it is unloaded; new ones naming it are refused."""
+        self.beside.discard(version)
+        self._drop_drained_workers()
 
     # -- requests ---------------------------------------------------------------------------
     @property
@@ -207,11 +231,23 @@ class LLMEngine:
     def has_work(self) -> bool:
         return any(len(w.scheduler) for w in self.workers.values())
 
-    def check_admission(self, num_prompt_tokens: int, queued: int) -> None:
+    def serving(self, version: str | None = None) -> PolicyWorker:
+        """The worker new requests naming ``version`` go to (None: the current one);
+        ``ValueError`` for a version that is neither current nor served beside it."""
+        if version is None or version == self.current.version:
+            return self.current
+        if version not in self.beside:
+            raise ValueError(f"policy {version} is not being served")
+        return self.workers[version]
+
+    def check_admission(
+        self, num_prompt_tokens: int, queued: int, version: str | None = None
+    ) -> None:
         """Refuse a request before it queues: ``EngineOverloaded`` when ``queued`` sequences
         already wait (the limit is ``max_waiting``), ``ValueError`` for a prompt that leaves
-        no room in the model's context or could never fit the KV pool."""
-        worker = self.current
+        no room in the model's context or could never fit the KV pool, or for a version not
+        served."""
+        worker = self.serving(version)
         check_admission(
             num_prompt_tokens,
             queued,
@@ -226,13 +262,16 @@ class LLMEngine:
         prompt_ids: Seq[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> str:
+        """Queue a request on ``version`` (None: the current one; else one served beside it,
+        :meth:`load_policy`)."""
         params = params or SamplingParams()
-        self.check_admission(len(prompt_ids), self.num_waiting)
+        self.check_admission(len(prompt_ids), self.num_waiting, version)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        worker, now = self.current, time.perf_counter()
+        worker, now = self.serving(version), time.perf_counter()
         seqs = [
             Sequence(request_id, i, list(prompt_ids), params, worker.version, arrival=now)
             for i in range(params.n)
@@ -369,7 +408,9 @@ class LLMEngine:
 
     def _drop_drained_workers(self) -> None:
         for version, worker in list(self.workers.items()):
-            if worker is not self.current and not len(worker.scheduler):
+            if worker is self.current or version in self.beside:
+                continue
+            if not len(worker.scheduler):
                 self._retired.queries += worker.blocks.stats.queries
                 self._retired.hits += worker.blocks.stats.hits
                 self._retired.preemptions += worker.scheduler.num_preemptions
