@@ -32,7 +32,7 @@ SQLModel.metadata.naming_convention = {
 }
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-POLICY_STATUSES: tuple[str, ...] = ("candidate", "active", "retired", "rejected")
+POLICY_STATUSES: tuple[str, ...] = ("candidate", "active", "retired", "rejected", "canary")
 RUN_STATUSES: tuple[str, ...] = ("running", "published", "rejected", "failed")
 # what a user may say about an answer beyond a thumb (Open-Assistant's labels, and a refusal
 # that should not have been one)
@@ -258,6 +258,11 @@ class Policy(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     activated_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     retired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # a canary: the share of users it serves beside the active version, and since when
+    canary_share: float | None = None
+    canary_started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # how its rollout ended: the decision, who or what made it, and the evidence
+    decision: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
 
 
 class TrainingRun(SQLModel, table=True):
