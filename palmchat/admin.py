@@ -66,6 +66,69 @@ def policies_rollback(data_dir: DataDir = None) -> None:
     typer.echo(f"active: {new} (was {old})")
 
 
+@policies_app.command("canary")
+def policies_canary(
+    version: Annotated[str, typer.Argument(help="Version to roll out, e.g. v3.")],
+    share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of users served VERSION (0 < share < 1).")
+    ] = 0.1,
+    data_dir: DataDir = None,
+) -> None:
+    """Serve VERSION to a share of users beside the active version (a canary rollout).
+
+    Each user stays on one version; run again with another share to change it. Running
+    servers follow within seconds."""
+    from shared.bootstrap import prepare
+    from shared.checkpoints import CheckpointError
+    from shared.rollout.state import start_canary
+    from shared.store import Invalid, NotFound
+
+    prepared = prepare(settings_for(data_dir))
+    try:
+        canary = start_canary(prepared.engine, prepared.registry, version, share)
+    except (CheckpointError, NotFound, Invalid) as e:
+        fail(str(e))
+    typer.echo(f"canary: {canary.version} for {canary.share:.0%} of users")
+
+
+@policies_app.command("promote")
+def policies_promote(
+    version: Annotated[str, typer.Argument(help="The canary version to make active.")],
+    reason: Annotated[str, typer.Option(help="Why, recorded with the decision.")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """End VERSION's canary by making it the active version (the old one is retired)."""
+    from shared.bootstrap import prepare
+    from shared.rollout.state import promote_canary
+    from shared.store import Invalid, NotFound
+
+    prepared = prepare(settings_for(data_dir))
+    try:
+        previous = promote_canary(prepared.engine, version, {"by": "cli", "reason": reason})
+    except (NotFound, Invalid) as e:
+        fail(str(e))
+    typer.echo(f"active: {version} (was {previous or version})")
+
+
+@policies_app.command("abort")
+def policies_abort(
+    version: Annotated[str, typer.Argument(help="The canary version to reject.")],
+    reason: Annotated[str, typer.Option(help="Why, recorded with the decision.")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """End VERSION's canary: it is rejected and every user gets the active version again."""
+    from shared.bootstrap import prepare
+    from shared.rollout.state import abort_canary
+    from shared.store import Invalid, NotFound
+
+    prepared = prepare(settings_for(data_dir))
+    try:
+        abort_canary(prepared.engine, version, {"by": "cli", "reason": reason})
+    except (NotFound, Invalid) as e:
+        fail(str(e))
+    typer.echo(f"rejected: {version}")
+
+
 @policies_app.command("verify")
 def policies_verify(
     version: Annotated[str, typer.Argument(help="Version to check, e.g. v3.")],

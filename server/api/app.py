@@ -59,6 +59,7 @@ from shared.db import ping
 from shared.keys import local_principal
 from shared.moderation import ModerationRegistry
 from shared.policies import active_version
+from shared.rollout.state import Canary, canary_of
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,27 @@ async def _sync_policy(state: AppState) -> None:
                 log.error("refusing to serve %s: %s; keeping %s", wanted, e, engine.version)
             except Exception:  # the table already says what to serve; the watcher retries
                 log.exception("hot-swap to %s failed; keeping %s", wanted, engine.version)
+        await _sync_canary(state, engine, await run_in_threadpool(canary_of, state.db))
+
+
+async def _sync_canary(state: AppState, engine: Backend, canary: Canary | None) -> None:
+    """Serve the table's canary beside the active version (or nothing, once it ended)."""
+    for version in engine.serving_beside:
+        if canary is None or version != canary.version:
+            await engine.release(version)
+            log.info("canary %s no longer served", version)
+    if canary is not None and canary.version != engine.version:
+        if canary.version not in engine.serving_beside:
+            try:
+                await engine.load_policy(canary.version, beside=True)
+                log.info("serving canary %s to %.0f%% of users", canary.version, canary.share * 100)
+            except Exception as e:  # a damaged version, or a backend without canaries
+                log.error("cannot serve canary %s: %s", canary.version, e)
+                canary = None
+    else:
+        canary = None
+    state.canary = canary
+    state.metrics.canary_share.set(canary.share if canary is not None else 0.0)
 
 
 def _serving(state: AppState) -> str | None:

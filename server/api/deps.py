@@ -21,6 +21,7 @@ from server.api.spool import WriteSpool
 from shared.checkpoints import PolicyRegistry
 from shared.config import Settings
 from shared.keys import Principal, resolve_keys
+from shared.rollout.state import Canary
 
 if TYPE_CHECKING:
     from server.api.metrics import Metrics
@@ -79,6 +80,7 @@ class AppState:
     on_policy_change: Callable[[], Awaitable[None]] | None = None
     policy_sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     moderation: ModerationHook | None = None  # the chat hook and /v1/moderations' classifier
+    canary: Canary | None = None  # the canary the engine serves beside the active version
 
     # writes of a kind that concurrent requests make in one transaction (server.api.writes)
     write_groups: dict[str, GroupRunner[Any, Any]] = field(default_factory=dict)

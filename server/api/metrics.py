@@ -123,6 +123,11 @@ class Metrics:
             "1 while a moderation classifier answers, 0 after a failed check or with none.",
             registry=r,
         )
+        self.canary_share = Gauge(
+            "palmchat_canary_share",
+            "The share of users this gateway serves the canary version (0: no canary).",
+            registry=r,
+        )
         r.register(EngineCollector(get_engine))
 
     def count(self, endpoint: str, status: int, code: str | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ from server.api.structured import guided_decoding
 from server.engine import Delta as EngineDelta
 from server.engine import DeltaStream, EngineOverloaded, EngineStats, SamplingParams
 from shared.keys import Principal
+from shared.rollout.state import routes_to_canary
 from shared.store import NotFound, continuation_prompt, is_full_history
 from shared.tokenizer import Tokenizer, apply_chat_template
 
@@ -69,6 +70,8 @@ class EngineRun:
     tokenizer: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
+    # the version it is routed to (None: the one serving new requests; a canary's otherwise)
+    version: str | None = None
     policy_version: str = ""
     candidates: list[CandidateState] = field(default_factory=list)
     # moderation: the input's decision (a blocked request never reaches the engine) and the
@@ -130,16 +133,24 @@ class Backend(Protocol):
     @property
     def max_seq_len(self) -> int: ...
 
+    @property
+    def serving_beside(self) -> Collection[str]:
+        """Versions served beside the current one to requests that name them (a canary)."""
+        ...
+
     def generate(
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> DeltaStream: ...
 
     def stats(self) -> EngineStats: ...
 
-    async def load_policy(self, version: str) -> str: ...
+    async def load_policy(self, version: str, *, beside: bool = False) -> str: ...
+
+    async def release(self, version: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -316,9 +327,21 @@ def prepare_completion(
         prompt_ids=prompt_ids,
         params=params,
         tokenizer=tok,
+        version=routed_version(state, who, req.user),
         candidates=[CandidateState() for _ in range(req.n)],
         conversation_id=req.conversation_id,
     )
+
+
+def routed_version(state: AppState, who: Principal, end_user: str | None) -> str | None:
+    """The canary for the users it draws (:func:`shared.rollout.state.routes_to_canary`: by
+    the request's ``user`` field when given, else by API key), None (the active version)
+    for everyone else."""
+    canary = state.canary
+    if canary is None or canary.version not in _engine(state).serving_beside:
+        return None
+    user = f"user:{end_user}" if end_user else f"key:{who.key_id}"
+    return canary.version if routes_to_canary(canary, user) else None
 
 
 async def run_engine(state: AppState, c: EngineRun) -> AsyncGenerator[EngineDelta, None]:
@@ -331,7 +354,9 @@ async def run_engine(state: AppState, c: EngineRun) -> AsyncGenerator[EngineDelt
         if c.blocked:
             deltas = _replay(refusal_deltas(c.id, len(c.candidates), engine.version))
         else:
-            stream = engine.generate(c.prompt_ids, c.params, request_id=c.id)
+            if c.version is not None and c.version not in engine.serving_beside:
+                c.version = None  # the canary ended since the request was routed
+            stream = engine.generate(c.prompt_ids, c.params, request_id=c.id, version=c.version)
             deltas = stream if c.screen is None else c.screen.run(stream)
         async for delta in deltas:
             cand = c.candidates[delta.index]

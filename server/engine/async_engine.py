@@ -165,6 +165,10 @@ class AsyncEngine(AsyncClosing):
         return self.engine.version
 
     @property
+    def serving_beside(self) -> frozenset[str]:
+        return frozenset(self.engine.beside)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer of the version that serves new requests."""
         return self.engine.current.policy.tokenizer

@@ -302,6 +302,10 @@ class ProcessEngine(AsyncClosing):
         self._info = info
         return info.version
 
+    @property
+    def serving_beside(self) -> frozenset[str]:
+        return frozenset(self.beside)
+
     async def release(self, version: str) -> None:
         """Stop serving ``version`` beside the current one; requests on it finish first."""
         self.beside.discard(version)

@@ -240,11 +240,15 @@ class TritonBackend:
         prompt_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        version: str | None = None,
     ) -> TritonStream:
         """Start a request on Triton (must be called on the connected loop); iterate the
-        returned stream. Overload shows up as :class:`EngineOverloaded` from the stream."""
+        returned stream. Overload shows up as :class:`EngineOverloaded` from the stream.
+        Only the serving version can be named (no version is served beside it here)."""
         import tritonclient.grpc as grpcclient
 
+        if version is not None and version != self.version:
+            raise ValueError(f"policy {version} is not being served")
         params = params or SamplingParams()
         request_id = request_id or f"treq-{next(self._ids)}"
         inputs = _inputs(grpcclient, prompt_ids, params_to_json(params))
@@ -256,10 +260,20 @@ class TritonBackend:
         ``STATS_INTERVAL_S`` ago (a background task polls them)."""
         return self._stats
 
-    async def load_policy(self, version: str) -> str:
+    @property
+    def serving_beside(self) -> frozenset[str]:
+        return frozenset()
+
+    async def release(self, version: str) -> None:
+        """Nothing is served beside the current version through Triton."""
+
+    async def load_policy(self, version: str, *, beside: bool = False) -> str:
         """Serve ``version``: load it as Triton model version N next to the serving one, then
         send new requests to it. A bad version raises ``CheckpointError`` (the registry's
-        files) or :class:`TritonError` (Triton could not load it); the current one stays."""
+        files) or :class:`TritonError` (Triton could not load it); the current one stays.
+        Serving a version beside the current one (a canary) is not supported here."""
+        if beside:
+            raise NotImplementedError("canary rollouts are not supported with --backend triton")
         async with self._swap:
             if version == self._version:
                 return version

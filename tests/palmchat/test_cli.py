@@ -101,3 +101,28 @@ def test_up_migrates_once_quietly_and_names_the_port_it_bound(tmp_path: Path) ->
     text = "".join(lines)
     assert "alembic.runtime.plugins" not in text
     assert text.count("migrating ") == 1, text
+
+
+def test_a_canary_is_started_promoted_and_refused_from_the_command_line(tmp_path: Path) -> None:
+    from shared.checkpoints import PolicyRegistry
+    from shared.config import Settings
+
+    dd = ["--data-dir", str(tmp_path)]
+    assert runner.invoke(app, ["policies", "list", *dd]).exit_code == 0  # installs the seed
+    registry = PolicyRegistry(Settings(data_dir=tmp_path).registry_dir)
+    v2 = registry.install(registry.path("v1"), parent="v1")
+    v3 = registry.install(registry.path("v1"), parent="v1")
+
+    done = runner.invoke(app, ["policies", "canary", v2, "--share", "0.2", *dd])
+    assert done.exit_code == 0 and f"canary: {v2} for 20% of users" in done.output
+    rows = runner.invoke(app, ["policies", "list", *dd]).output.splitlines()
+    assert [r.split("\t")[:2] for r in rows[1:3]] == [["v1", "active"], [v2, "canary"]]
+    refused = runner.invoke(app, ["policies", "canary", v3, *dd])
+    assert refused.exit_code == 2 and f"{v2} is already in canary" in refused.output
+    done = runner.invoke(app, ["policies", "promote", v2, "--reason", "better", *dd])
+    assert done.exit_code == 0 and f"active: {v2} (was v1)" in done.output
+    assert runner.invoke(app, ["policies", "canary", v3, "--share", "0.5", *dd]).exit_code == 0
+    assert f"rejected: {v3}" in runner.invoke(app, ["policies", "abort", v3, *dd]).output
+    refused = runner.invoke(app, ["policies", "promote", v3, *dd])
+    assert refused.exit_code == 2 and "not in canary" in refused.output
+    assert "Traceback" not in refused.output

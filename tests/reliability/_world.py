@@ -61,6 +61,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/feedback/export"): ADMIN,
     ("POST", "/v1/policies/{version}/activate"): ADMIN,
     ("POST", "/v1/policies/rollback"): ADMIN,
+    ("POST", "/v1/policies/{version}/canary"): ADMIN,
+    ("POST", "/v1/policies/{version}/promote"): ADMIN,
+    ("POST", "/v1/policies/{version}/abort"): ADMIN,
 }
 
 
@@ -217,6 +220,9 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
     url = {
         "/v1/conversations/{conversation_id}": f"/v1/conversations/{w.bob_conv}",
         "/v1/policies/{version}/activate": "/v1/policies/v1/activate",
+        "/v1/policies/{version}/canary": "/v1/policies/v1/canary",
+        "/v1/policies/{version}/promote": "/v1/policies/v1/promote",
+        "/v1/policies/{version}/abort": "/v1/policies/v1/abort",
         "/static/{name:path}": "/static/chat.js",
         "/docs/assets/{name}": "/docs/assets/swagger-ui.css",
         "/v1/models/{model:path}": "/v1/models/palmchat",
@@ -236,6 +242,7 @@ def target(w: World, route: tuple[str, str]) -> tuple[str, str, Any]:
         ("POST", "/v1/completions"): {"model": "palmchat", "prompt": "hi", "max_tokens": 2},
         ("POST", "/tokenize"): {"prompt": "hi"},
         ("POST", "/detokenize"): {"tokens": [5]},
+        ("POST", "/v1/policies/{version}/canary"): {"share": 0.5},
     }.get(route)
     return method, url, body
 
