@@ -103,3 +103,96 @@ def test_routing_is_sticky_per_user_and_near_the_share() -> None:
     # another rollout draws its own users
     other = [routes_to_canary(Canary("v3", 0.1, None), u) for u in users]  # type: ignore[arg-type]
     assert other != first
+
+
+def _answers(engine: Engine, version: str, ups: int, downs: int, tokens: int = 12) -> None:
+    """``ups + downs`` logged answers of ``version``, thumbed by their user."""
+    from itertools import count
+
+    from shared.store import LoggedChoice, log_completion
+    from shared.votes import record_feedback
+
+    ids = _answers.__dict__.setdefault("ids", count())
+    for rating in [1] * ups + [-1] * downs:
+        cid = f"chatcmpl-{version}-{next(ids)}"
+        log_completion(
+            engine,
+            user_id=1,
+            completion_id=cid,
+            messages=[{"role": "user", "content": "What is 2 + 2?"}],
+            choices=[LoggedChoice(0, "4" * tokens, "stop", tokens)],
+            prompt_tokens=9,
+            policy_version=version,
+            sampling_params={},
+            latency_ms=1.0,
+        )
+        record_feedback(engine, user_id=1, completion_id=cid, choice_index=0, rating=rating)
+
+
+@pytest.fixture
+def rated(world) -> tuple[Engine, PolicyRegistry]:
+    from shared.keys import create_key
+
+    engine, registry = world
+    create_key(engine, "rater")  # user 1
+    return engine, registry
+
+
+def test_live_thumbs_roll_a_worse_canary_back_and_promote_a_better_one(rated) -> None:
+    from shared.rollout.live import decide_canary
+
+    engine, registry = rated
+    _answers(engine, "v1", 40, 0)  # before the canary: not its evidence
+    start_canary(engine, registry, "v2", 0.5)
+    _answers(engine, "v1", 20, 10)
+    _answers(engine, "v2", 10, 20)
+    decision, evidence = decide_canary(engine)
+    assert (evidence.active.ups, evidence.active.downs) == (20, 10)
+    assert (evidence.candidate.ups, evidence.candidate.downs) == (10, 20)
+    assert decision.decision == "continue" and canary_of(engine) is not None  # too few yet
+    _answers(engine, "v1", 84, 36)  # 70% up in all
+    _answers(engine, "v2", 36, 84)  # 30% up
+    decision, _ = decide_canary(engine)
+    assert decision.decision == "rollback" and canary_of(engine) is None
+    row = _row(engine, "v2")
+    assert row.status == "rejected" and row.decision["by"] == "rollout"
+    assert row.decision["evidence"]["canary"]["ups"] == 46
+
+    start_canary(engine, registry, "v3", 0.5)
+    _answers(engine, "v1", 60, 90)  # 40% up
+    _answers(engine, "v3", 112, 38)  # 75% up
+    decision, evidence = decide_canary(engine)
+    assert evidence.active.n == 150  # counted since this canary started
+    assert decision.decision == "promote" and active_version(engine) == "v3"
+    assert _row(engine, "v3").decision["action"] == "promote"
+
+
+def test_a_canary_liked_more_but_far_wordier_is_not_promoted(rated) -> None:
+    from shared.rollout.live import decide_canary
+
+    engine, registry = rated
+    start_canary(engine, registry, "v2", 0.5)
+    _answers(engine, "v1", 60, 90, tokens=10)
+    _answers(engine, "v2", 112, 38, tokens=40)  # liked, and four times as long
+    decision, evidence = decide_canary(engine)
+    assert evidence.canary_summary.mean_answer_length == 40.0
+    assert decision.decision == "rollback" and [v.guard for v in decision.vetoes] == ["length"]
+    assert _row(engine, "v2").status == "rejected" and active_version(engine) == "v1"
+
+
+def test_a_canary_liked_more_but_less_correct_on_its_gate_is_not_promoted(rated) -> None:
+    from shared.rollout.live import decide_canary
+
+    engine, registry = rated
+    start_canary(engine, registry, "v2", 0.5)
+    with session(engine) as s:  # what its promotion gate measured, on the same prompts
+        row = s.get(Policy, "v2")
+        row.metrics = {
+            "gate": {"active": {"correct_rate": 0.70}, "candidate": {"correct_rate": 0.55}}
+        }
+        s.add(row)
+    _answers(engine, "v1", 60, 90)
+    _answers(engine, "v2", 112, 38)
+    decision, _ = decide_canary(engine)
+    assert decision.decision == "rollback" and [v.guard for v in decision.vetoes] == ["correctness"]
+    assert active_version(engine) == "v1"
