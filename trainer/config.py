@@ -254,6 +254,11 @@ class TrainerConfig:
     settle_seconds: float = 1.0  # feedback newer than this is left for the next poll
     max_train_items: int = 4000  # newest feedback rows / rankings used for training
     publish_rejected: bool = True  # keep a rejected candidate's files (status "rejected")
+    # direct: a candidate that passes the gate becomes the active version; canary: it is
+    # served to canary_share of users beside the active one, and the live evidence promotes
+    # or rolls it back (shared.rollout.live, decided at every --watch poll)
+    rollout: str = "direct"
+    canary_share: float = 0.1
     # a flagged request's reply (unless a user liked it) loses to the refusal in a pair
     # (trainer.feedback.refusal_pairs); 0 = none, N = at most N such pairs a prompt
     refusal_pairs: int = 4
@@ -292,6 +297,10 @@ class TrainerConfig:
         _check(self, ("temperature", "grad_clip"), lambda v: v > 0, "> 0")
         if self.refusal_pairs < 0:
             raise ValueError("refusal_pairs must be >= 0")
+        if self.rollout not in ("direct", "canary"):
+            raise ValueError(f"rollout must be 'direct' or 'canary', got {self.rollout!r}")
+        if not 0 < self.canary_share < 1:
+            raise ValueError("canary_share must be between 0 and 1 (exclusive)")
         if self.lora_rank < -1 or self.lora_auto_rank < 1 or self.threads < 0:
             raise ValueError("lora_rank must be >= -1, lora_auto_rank >= 1 and threads >= 0")
         if self.poll_seconds <= 0 or self.settle_seconds < 0:

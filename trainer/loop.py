@@ -35,6 +35,7 @@ import torch
 from shared.config import Settings
 from shared.families import PolicyModel
 from shared.policies import active_version
+from shared.rollout.live import decide_canary
 from shared.tokenizer import Tokenizer
 from trainer.algorithms import ALGORITHMS, PolicyUpdate
 from trainer.common import (
@@ -352,6 +353,23 @@ class OnlineTrainer:
         return rm, version
 
     # -- the loop ---------------------------------------------------------------------------
+    def decide_canary(self) -> None:
+        """With ``rollout=canary``: promote or roll back the running canary once its live
+        evidence decides (:func:`shared.rollout.live.decide_canary`)."""
+        if self.config.rollout != "canary":
+            return
+        try:
+            decided = decide_canary(self.ctx.engine)
+        except Exception:  # a database hiccup: decided at the next poll
+            log.exception("canary decision failed; retrying at the next poll")
+            return
+        if decided is not None and decided[0].decision in ("promote", "rollback"):
+            decision, evidence = decided
+            log.info(
+                "canary %s: %s (%s)", evidence.canary.version, decision.decision, decision.reason
+            )
+            self.metrics.observe_canary_decision(decision.decision)
+
     def watch(
         self,
         *,
@@ -367,6 +385,7 @@ class OnlineTrainer:
         while True:
             decision = {"stop": stop.is_set(), "go": False}
             if self.info.is_main and not decision["stop"]:
+                self.decide_canary()
                 pend = self.pending()
                 self.metrics.observe_pending(pend)
                 decision["go"] = pend.total >= self.config.min_new_feedback

@@ -48,6 +48,14 @@ class TrainerMetrics:
             "feedback_lag_seconds", "Age of the oldest feedback item not yet trained on."
         )
         self.active_version = gauge("active_version", "Number N of the active policy vN.")
+        self.canary_decisions = Counter(
+            "palmchat_trainer_canary_decisions",
+            "Canary rollouts ended by their live evidence, by decision (promote, rollback).",
+            ["decision"],
+            registry=r,
+        )
+        for decision in ("promote", "rollback"):  # exposed from the start, so rates are 0
+            self.canary_decisions.labels(decision)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
@@ -61,6 +69,9 @@ class TrainerMetrics:
         self.pending.set(pending.total)
         lag = (utcnow() - pending.oldest_at).total_seconds() if pending.oldest_at else 0.0
         self.lag.set(max(lag, 0.0))
+
+    def observe_canary_decision(self, decision: str) -> None:
+        self.canary_decisions.labels(decision).inc()
 
     def observe_round(self, result: RoundResult) -> None:
         self.rounds.labels(result.status).inc()

@@ -20,6 +20,7 @@ from sqlmodel import select
 from shared.db import session
 from shared.families import PolicyModel
 from shared.policies import activate_row, active_version, add_version_row
+from shared.rollout.state import begin_canary_row
 from shared.schema import Policy, TrainingRun, utcnow
 from shared.tokenizer import Tokenizer
 from trainer.config import TrainerConfig
@@ -135,7 +136,13 @@ def commit_round(
             policy.float().cpu(),
             tok,
             parent=base,
-            metrics={**metrics, "status": "active" if passed else "rejected", "reasons": reasons},
+            metrics={
+                **metrics,
+                "status": ("canary" if config.rollout == "canary" else "active")
+                if passed
+                else "rejected",
+                "reasons": reasons,
+            },
             recipe={
                 "trainer": config.to_dict(),
                 "run_id": run_id,
@@ -155,7 +162,10 @@ def commit_round(
     with session(engine) as s:
         if passed:
             assert version is not None  # published above
-            activate_row(s, version)
+            if config.rollout == "canary":  # served beside the active one until decided
+                begin_canary_row(s, version, config.canary_share)
+            else:
+                activate_row(s, version)
         run = s.get(TrainingRun, run_id)
         assert run is not None  # written when the round began
         run.status = "published" if passed else "rejected"
@@ -167,10 +177,10 @@ def commit_round(
         save_watermark(s, watermark)
         if kl_coef is not None:
             set_state(s, KL_COEF_KEY, kl_coef)
-    outcome = "active" if passed else "rejected"
+    outcome = ("canary" if config.rollout == "canary" else "active") if passed else "rejected"
     phase("publish", 1, 1, f"{version or 'not published'} {outcome}")
     if passed:
-        log.info("round %d: %s published and active (parent %s)", run_id, version, base)
+        log.info("round %d: %s published and %s (parent %s)", run_id, version, outcome, base)
     else:
         log.info("round %d: candidate %s rejected: %s", run_id, version, "; ".join(reasons))
     return RoundResult(
@@ -178,7 +188,7 @@ def commit_round(
         run_id=run_id,
         base_version=base,
         candidate_version=version,
-        active_version=version if passed else now_active,
+        active_version=version if passed and config.rollout == "direct" else now_active,
         reward_model_version=metrics["reward_model"].get("version"),
         n_feedback=metrics["feedback"]["new"],
         n_pairs=metrics["feedback"]["pairs"],

@@ -26,6 +26,7 @@ from shared.store import Invalid, NotFound
 __all__ = [
     "Canary",
     "abort_canary",
+    "begin_canary_row",
     "canary_of",
     "promote_canary",
     "routes_to_canary",
@@ -78,6 +79,30 @@ def start_canary(engine: Engine, registry: PolicyRegistry, version: str, share: 
         s.add(row)
         assert row.canary_started_at is not None
         return Canary(version, share, row.canary_started_at)
+
+
+def begin_canary_row(s: Session, version: str, share: float) -> str | None:
+    """In the caller's transaction (the trainer's publish), make ``version``, whose row
+    exists and whose files were verified, the canary; a canary still running is aborted as
+    superseded. Returns that superseded version."""
+    superseded = None
+    for row in s.exec(select(Policy).where(Policy.status == "canary")).all():
+        if row.version != version:
+            superseded = row.version
+            row.status, row.canary_share = "rejected", None
+            row.decision = {
+                "by": "trainer",
+                "action": "abort",
+                "reason": f"superseded by {version}",
+                "at": utcnow().isoformat(),
+            }
+            s.add(row)
+    target = s.get(Policy, version)
+    if target is None:
+        raise NotFound(f"no policy version {version!r}")
+    target.status, target.canary_share, target.canary_started_at = "canary", share, utcnow()
+    s.add(target)
+    return superseded
 
 
 def promote_canary(engine: Engine, version: str, decision: dict[str, Any]) -> str | None:

@@ -437,3 +437,28 @@ def test_preference_reference_must_be_active_or_the_kl_reference() -> None:
     assert TrainerConfig().preference.reference == "active"
     with pytest.raises(ValueError, match="pref_reference"):
         TrainerConfig.from_flat(pref_reference="v1")
+
+
+def test_with_canary_rollout_a_passing_candidate_waits_beside_the_active_one(data_dir) -> None:
+    from shared.rollout.state import canary_of
+
+    add_feedback(data_dir, n_prompts=8)
+    cfg = tiny_config(algo="dpo", gate_min_reward_gain=-1e9, rollout="canary", canary_share=0.25)
+    trainer = OnlineTrainer(data_dir.ctx, cfg)
+    result = trainer.run_round()
+    assert result.status == "published", result.reasons
+    engine = data_dir.ctx.engine
+    assert active_version(engine) == "v1" and result.active_version == "v1"
+    canary = canary_of(engine)
+    assert canary is not None and (canary.version, canary.share) == ("v2", 0.25)
+    # the next passing candidate supersedes it
+    add_feedback(data_dir, n_prompts=8, seed=1)
+    assert trainer.run_round().status == "published"
+    assert canary_of(engine).version == "v3" and active_version(engine) == "v1"
+    superseded = _policies(data_dir)["v2"]
+    assert superseded.status == "rejected" and "superseded by v3" in superseded.decision["reason"]
+    # with too little live evidence, a poll leaves it running
+    trainer.decide_canary()
+    assert canary_of(engine).version == "v3"
+    with pytest.raises(ValueError, match="rollout"):
+        TrainerConfig(rollout="sideways")
