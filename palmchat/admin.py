@@ -98,15 +98,7 @@ def policies_promote(
     data_dir: DataDir = None,
 ) -> None:
     """End VERSION's canary by making it the active version (the old one is retired)."""
-    from shared.bootstrap import prepare
-    from shared.rollout.state import promote_canary
-    from shared.store import Invalid, NotFound
-
-    prepared = prepare(settings_for(data_dir))
-    try:
-        previous = promote_canary(prepared.engine, version, {"by": "cli", "reason": reason})
-    except (NotFound, Invalid) as e:
-        fail(str(e))
+    previous = _end_canary("promote", version, reason, data_dir)
     typer.echo(f"active: {version} (was {previous or version})")
 
 
@@ -117,16 +109,21 @@ def policies_abort(
     data_dir: DataDir = None,
 ) -> None:
     """End VERSION's canary: it is rejected and every user gets the active version again."""
+    _end_canary("abort", version, reason, data_dir)
+    typer.echo(f"rejected: {version}")
+
+
+def _end_canary(action: str, version: str, reason: str, data_dir: Path | None) -> str | None:
     from shared.bootstrap import prepare
-    from shared.rollout.state import abort_canary
+    from shared.rollout.state import abort_canary, promote_canary
     from shared.store import Invalid, NotFound
 
     prepared = prepare(settings_for(data_dir))
+    end = promote_canary if action == "promote" else abort_canary
     try:
-        abort_canary(prepared.engine, version, {"by": "cli", "reason": reason})
+        return end(prepared.engine, version, {"by": "cli", "reason": reason})
     except (NotFound, Invalid) as e:
         fail(str(e))
-    typer.echo(f"rejected: {version}")
 
 
 @policies_app.command("verify")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +81,12 @@ async def collect_deltas(stream) -> dict[int, list]:
     async for d in stream:
         by_index.setdefault(d.index, []).append(d)
     return by_index
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait (polling) until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)

@@ -9,7 +9,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 import pytest
-from conftest import VOCAB, collect_deltas, greedy_reference, random_policy
+from conftest import VOCAB, collect_deltas, greedy_reference, random_policy, until
 
 from server.engine import AsyncEngine, EngineConfig, LLMEngine, ProcessEngine, SamplingParams
 from shared.checkpoints import PolicyRegistry
@@ -32,14 +32,6 @@ async def front(kind: str, registry: PolicyRegistry):
 
 def _ids(by_index: dict[int, list]) -> list[int]:
     return [t for d in by_index[0] for t in d.token_ids]
-
-
-async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("kind", ["in-process", "process"])
@@ -73,11 +65,11 @@ async def test_a_version_beside_the_current_serves_the_requests_that_name_it(
         rest = [d async for d in running]
         assert {d.policy_version for d in [first, *rest]} == {v2}
         assert sum(len(d.token_ids) for d in [first, *rest]) == 40
-        await _until(lambda: engine.stats().policy_versions == ["v1"])
+        await until(lambda: engine.stats().policy_versions == ["v1"])
 
         # served beside again, then promoted: it serves every new request, v1 drains away
         await engine.load_policy(v2, beside=True)
         assert await engine.load_policy(v2) == v2 and engine.version == v2
         promoted = await collect_deltas(engine.generate(PROMPT, GREEDY))
         assert _ids(promoted) == want[v2]
-        await _until(lambda: engine.stats().policy_versions == [v2])
+        await until(lambda: engine.stats().policy_versions == [v2])

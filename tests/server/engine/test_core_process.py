@@ -8,7 +8,7 @@ import os
 import signal
 
 import pytest
-from conftest import VOCAB, collect_deltas, greedy_reference, random_policy
+from conftest import VOCAB, collect_deltas, greedy_reference, random_policy, until
 
 from server.engine import (
     EngineConfig,
@@ -24,14 +24,6 @@ PROMPT = [87, 104, 97, 116, 32, 105, 115]
 CONFIG = EngineConfig(num_blocks=256, block_size=4, num_threads=1)
 
 
-async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_greedy_streams_match_the_model_and_report_stats(registry: PolicyRegistry):
     async with await ProcessEngine(registry, CONFIG).start() as core:
         assert core.version == "v1" and core.tokenizer.vocab_size == VOCAB
@@ -39,7 +31,7 @@ async def test_greedy_streams_match_the_model_and_report_stats(registry: PolicyR
         streams = [core.generate(PROMPT, params) for _ in range(3)]
         results = await asyncio.gather(*(collect_deltas(s) for s in streams))
         n2 = await collect_deltas(core.generate(PROMPT, SamplingParams(n=2, max_tokens=5, seed=1)))
-        await _until(lambda: core.stats().running == 0)
+        await until(lambda: core.stats().running == 0)
         stats = core.stats()
     want = greedy_reference(registry.load("v1").model.eval(), PROMPT, 16, None)
     for by_index in results:
@@ -61,7 +53,7 @@ async def test_cancelling_a_stream_frees_its_blocks(registry: PolicyRegistry):
         async for _ in stream:
             break
         await stream.aclose()
-        await _until(lambda: core.stats().running == 0 and core.stats().requests_cancelled == 1)
+        await until(lambda: core.stats().running == 0 and core.stats().requests_cancelled == 1)
         assert core.stats().kv_blocks_used == 0
 
 
