@@ -264,9 +264,10 @@ class WriteSpool:
                 log.warning("database unavailable (%s); spooling %s writes", _reason(e), kind)
         out: list[Any] = []
         for args, result in zip(calls, results, strict=True):
-            if isinstance(result, Exception) and is_unavailable(result):
+            unreachable = isinstance(result, Exception) and is_unavailable(result)
+            if unreachable:
                 log.warning("database unavailable (%s); spooling a %s write", _reason(result), kind)
-            elif result is not _UNAVAILABLE:
+            if not unreachable and result is not _UNAVAILABLE:  # applied, or refused for good
                 out.append(result if isinstance(result, Exception) else Written(result))
                 continue
             try:

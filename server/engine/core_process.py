@@ -192,7 +192,7 @@ class ProcessEngine(AsyncClosing):
         self._sent = 0  # sequences of the add commands sent so far
         self._applied = 0  # ... and applied by the child, as of its latest message
         self._waiting = 0
-        self.beside: set[str] = set()  # versions the child serves beside the current one
+        self._beside: set[str] = set()  # versions the child serves beside the current one
         self._stats = EngineStats()
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._dead: Exception | None = None
@@ -256,7 +256,7 @@ class ProcessEngine(AsyncClosing):
             raise RuntimeError(f"the engine core is not running: {self._dead}")
         if version == self.version:
             version = None
-        if version is not None and version not in self.beside:
+        if version is not None and version not in self._beside:
             raise ValueError(f"policy {version} is not being served")
         prompt = list(prompt_ids)
         info = self._info
@@ -294,9 +294,9 @@ class ProcessEngine(AsyncClosing):
         self._outbox.put(("load", call, version, beside))
         info = await done
         if beside:
-            self.beside.add(version)
+            self._beside.add(version)
             return version
-        self.beside.discard(version)
+        self._beside.discard(version)
         # the tokenizer is read here, off the loop
         self._tokenizer = await asyncio.to_thread(self.registry.tokenizer, info.version)
         self._info = info
@@ -304,11 +304,11 @@ class ProcessEngine(AsyncClosing):
 
     @property
     def serving_beside(self) -> frozenset[str]:
-        return frozenset(self.beside)
+        return frozenset(self._beside)
 
     async def release(self, version: str) -> None:
         """Stop serving ``version`` beside the current one; requests on it finish first."""
-        self.beside.discard(version)
+        self._beside.discard(version)
         if self._dead is None:
             self._outbox.put(("release", version))
 

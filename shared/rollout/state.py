@@ -89,14 +89,8 @@ def begin_canary_row(s: Session, version: str, share: float) -> str | None:
     for row in s.exec(select(Policy).where(Policy.status == "canary")).all():
         if row.version != version:
             superseded = row.version
-            row.status, row.canary_share = "rejected", None
-            row.decision = {
-                "by": "trainer",
-                "action": "abort",
-                "reason": f"superseded by {version}",
-                "at": utcnow().isoformat(),
-            }
-            s.add(row)
+            row.status = "rejected"
+            _end(s, row, "abort", {"by": "trainer", "reason": f"superseded by {version}"})
     target = s.get(Policy, version)
     if target is None:
         raise NotFound(f"no policy version {version!r}")
@@ -110,10 +104,7 @@ def promote_canary(engine: Engine, version: str, decision: dict[str, Any]) -> st
     retired. ``decision`` (who decided, why, the evidence) is recorded with the row. Returns
     the version it replaced."""
     with session(engine) as s:
-        row = _canary_row(s, version)
-        row.decision = {**decision, "action": "promote", "at": utcnow().isoformat()}
-        row.canary_share = None
-        s.add(row)
+        _end(s, _canary_row(s, version), "promote", decision)
         return activate_row(s, version)
 
 
@@ -122,9 +113,8 @@ def abort_canary(engine: Engine, version: str, decision: dict[str, Any]) -> None
     version again; ``decision`` is recorded with the row."""
     with session(engine) as s:
         row = _canary_row(s, version)
-        row.status, row.canary_share = "rejected", None
-        row.decision = {**decision, "action": "abort", "at": utcnow().isoformat()}
-        s.add(row)
+        row.status = "rejected"
+        _end(s, row, "abort", decision)
 
 
 def routes_to_canary(canary: Canary, user: str) -> bool:
@@ -133,6 +123,13 @@ def routes_to_canary(canary: Canary, user: str) -> bool:
     rollout and each rollout draws its own users."""
     digest = hashlib.sha256(f"{canary.version}\0{user}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < canary.share
+
+
+def _end(s: Session, row: Policy, action: str, decision: dict[str, Any]) -> None:
+    """Record how ``row``'s canary ended; it serves no share any more."""
+    row.canary_share = None
+    row.decision = {**decision, "action": action, "at": utcnow().isoformat()}
+    s.add(row)
 
 
 def _canary_row(s: Session, version: str) -> Policy:
